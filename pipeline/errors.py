@@ -1,0 +1,288 @@
+"""Every exception imgedit raises, in one tree, with what each means for a run.
+
+Each API error says three things the runner acts on:
+- `retryable`: another attempt may succeed (connection errors, 408, 409, 429, 5xx, bad bodies);
+- `run_fatal`: no other row can succeed either (401, 402, unknown model), so the run stops;
+- `may_have_charged`: the request reached the server and the answer was lost, so the server
+  may have charged for an edit we never received (a retry then risks a double charge).
+Anything else fails one row. Messages never contain credentials.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import Any
+
+
+class ImgEditError(Exception):
+    """Base of every error imgedit raises on purpose."""
+
+
+# --- input --------------------------------------------------------------------------------
+
+
+class ManifestError(ImgEditError):
+    """The manifest as a whole cannot be used (unreadable, unknown format, no prompt column...).
+
+    Raised before any API call.
+    """
+
+
+class SourceError(ImgEditError):
+    """A source image (or mask) of one row could not be read or is not a usable image."""
+
+    def __init__(self, message: str, *, column: str = "image", uri: str | None = None) -> None:
+        super().__init__(message)
+        self.column = column
+        self.uri = uri
+
+
+class InvalidImageError(ImgEditError):
+    """Bytes that are not a complete, decodable image of a supported format."""
+
+
+class StorageError(ImgEditError):
+    """Reading or writing the output storage failed."""
+
+
+class ConfigError(ImgEditError):
+    """The run's configuration is unusable (bad output URI, missing API base...)."""
+
+
+# --- the edit API ---------------------------------------------------------------------------
+
+
+class APIError(ImgEditError):
+    retryable: bool = False
+    run_fatal: bool = False
+    may_have_charged: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+        self.request_id = request_id
+
+    @property
+    def error_code(self) -> str:
+        """A short, stable code for the results table."""
+        return self.code or type(self).__name__
+
+
+class APIConnectionError(APIError):
+    """The request did not get an answer: refused, reset, dropped mid-response."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, sent: bool = True, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        # A connection refused before the request went out cannot have been charged.
+        self.may_have_charged = sent
+
+
+class APITimeoutError(APIConnectionError):
+    """No complete answer within the client's timeout."""
+
+
+class APIResponseError(APIError):
+    """A 2xx answer we cannot use: not JSON, no `data`, bad base64, not an image.
+
+    The server answered success, so it has most likely charged.
+    """
+
+    retryable = True
+    may_have_charged = True
+
+
+class ResponseTooLargeError(APIResponseError):
+    """A result image (inline or at its URL) is larger than the configured cap."""
+
+
+class UnsafeURLError(APIResponseError):
+    """A result URL on a host we refuse to fetch from (not https, not the API's own host)."""
+
+    retryable = False
+
+
+class DownloadError(APIResponseError):
+    """A result URL could not be downloaded (expired, dropped, truncated)."""
+
+
+class APIStatusError(APIError):
+    """The API answered with an error status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        code: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, status=status, request_id=request_id)
+        self.retry_after = retry_after
+        self.body = dict(body) if body else {}
+
+    def __str__(self) -> str:
+        code = f" {self.code}" if self.code else ""
+        return f"HTTP {self.status}{code}: {self.message}"
+
+
+class BadRequestError(APIStatusError):
+    """400: this row's request is invalid; retrying cannot help."""
+
+
+class ContentPolicyError(BadRequestError):
+    """400 CONTENT_POLICY_VIOLATION: the provider refused this prompt or image."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: the API key is missing or wrong; every row would fail."""
+
+    run_fatal = True
+
+
+class InsufficientBalanceError(APIStatusError):
+    """402: the account cannot pay; every row would fail until it is topped up."""
+
+    run_fatal = True
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the key may not use this model or endpoint; every row would fail."""
+
+    run_fatal = True
+
+
+class NotFoundError(APIStatusError):
+    """404: for the edit endpoint this is MODEL_NOT_FOUND / MODEL_DISABLED: fatal to the run."""
+
+    run_fatal = True
+
+
+class RequestTimeoutError(APIStatusError):
+    """408."""
+
+    retryable = True
+
+
+class ConflictError(APIStatusError):
+    """409."""
+
+    retryable = True
+
+
+class UnprocessableEntityError(APIStatusError):
+    """422: the request is well-formed but refused; retrying cannot help."""
+
+
+class RateLimitError(APIStatusError):
+    """429 RATE_LIMITED; honour `retry_after`."""
+
+    retryable = True
+
+
+class ServerError(APIStatusError):
+    """5xx: the gateway or the provider failed; try again later."""
+
+    retryable = True
+
+
+class ProvidersExhaustedError(ServerError):
+    """502 ALL_PROVIDERS_EXHAUSTED (also what upstream timeouts become)."""
+
+
+_STATUS_CLASSES: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    402: InsufficientBalanceError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    408: RequestTimeoutError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+_CODE_CLASSES: dict[str, type[APIStatusError]] = {
+    "CONTENT_POLICY_VIOLATION": ContentPolicyError,
+    "AUTHENTICATION_FAILED": AuthenticationError,
+    "INSUFFICIENT_BALANCE": InsufficientBalanceError,
+    "RATE_LIMITED": RateLimitError,
+    "ALL_PROVIDERS_EXHAUSTED": ProvidersExhaustedError,
+}
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` (seconds or an HTTP date)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    ms = lowered.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def error_for_status(
+    status: int,
+    body: Any,
+    headers: Mapping[str, str],
+    *,
+    request_id: str | None = None,
+) -> APIStatusError:
+    """Map an error answer (status, decoded JSON body or raw text, headers) to its class."""
+    message = f"HTTP {status}"
+    code: str | None = None
+    err_body: dict[str, Any] = {}
+    if isinstance(body, Mapping):
+        err = body.get("error")
+        if isinstance(err, Mapping):
+            err_body = dict(err)
+            message = str(err.get("message") or message)
+            raw_code = err.get("code") or err.get("type")
+            code = str(raw_code) if raw_code else None
+        elif isinstance(body.get("message"), str):
+            message = str(body["message"])
+    elif isinstance(body, str) and body.strip():
+        message = body.strip()[:500]
+    cls: type[APIStatusError] | None = _CODE_CLASSES.get(code or "")
+    if cls is None:
+        cls = _STATUS_CLASSES.get(status)
+    if cls is None:
+        cls = ServerError if status >= 500 else BadRequestError
+    # A code must not turn a status into something milder or harsher than the status says
+    # for the two run-fatal statuses.
+    if status in (401, 402) and not cls.run_fatal:
+        cls = _STATUS_CLASSES[status]
+    return cls(
+        message,
+        status=status,
+        code=code,
+        request_id=request_id,
+        retry_after=parse_retry_after(headers),
+        body=err_body,
+    )

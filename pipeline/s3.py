@@ -1,0 +1,75 @@
+"""S3 addressing and client construction: `endpoint_url` is the only switch between AWS, MinIO, R2 and moto."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+else:  # boto3-stubs is a dev dependency only
+    S3Client = Any
+
+# Enough connections for a high-concurrency run; botocore's default pool is 10.
+DEFAULT_MAX_POOL_CONNECTIONS = 128
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def is_s3_uri(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def parse_s3_uri(uri: str) -> S3Location:
+    if not is_s3_uri(uri):
+        raise ConfigError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://") :]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"s3 URI without a bucket: {uri!r}")
+    return S3Location(bucket, key)
+
+
+def resolve_endpoint_url(endpoint_url: str | None = None) -> str | None:
+    """The argument, else `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`, else AWS itself."""
+    return (
+        endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or None
+    )
+
+
+def make_s3_client(
+    endpoint_url: str | None = None,
+    *,
+    max_pool_connections: int = DEFAULT_MAX_POOL_CONNECTIONS,
+) -> S3Client:
+    """A boto3 S3 client on boto3's own credential chain, with a pool sized for concurrency.
+
+    Retries use botocore's standard mode, which already backs off on throttling and 5xx.
+    """
+    config = Config(
+        max_pool_connections=max_pool_connections,
+        retries={"max_attempts": 5, "mode": "standard"},
+        # Path-style works on MinIO and moto without DNS for bucket subdomains.
+        s3={"addressing_style": "path"} if resolve_endpoint_url(endpoint_url) else None,
+    )
+    client: S3Client = boto3.session.Session().client(
+        "s3", endpoint_url=resolve_endpoint_url(endpoint_url), config=config
+    )
+    return client
