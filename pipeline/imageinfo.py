@@ -70,7 +70,7 @@ def _looks_complete(fmt: str, data: bytes) -> bool:
     if fmt == "webp":
         if len(data) < 12:
             return False
-        (riff_len,) = struct.unpack("<I", data[4:8])
+        riff_len: int = struct.unpack("<I", data[4:8])[0]
         return len(data) >= riff_len + 8
     if fmt == "avif":
         return _isobmff_complete(data)

@@ -1,4 +1,4 @@
-"""S3 addressing and client construction: `endpoint_url` is the only switch between AWS, MinIO, R2 and moto."""
+"""S3 addressing and clients: `endpoint_url` is the only switch between AWS, MinIO, R2, moto."""
 
 from __future__ import annotations
 
