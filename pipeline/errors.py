@@ -105,7 +105,12 @@ class APIResponseError(APIError):
 
 
 class ResponseTooLargeError(APIResponseError):
-    """A result image (inline or at its URL) is larger than the configured cap."""
+    """A result image (inline or at its URL) is larger than the configured cap.
+
+    Not retried: the same request would most likely produce (and charge) the same again.
+    """
+
+    retryable = False
 
 
 class UnsafeURLError(APIResponseError):

@@ -1,0 +1,187 @@
+"""The `imgedit` command: run a manifest through the flow, validate one, serve the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from prefect.client.schemas.objects import State
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import spec
+from pipeline.emulator import EmulatorProcess, emulator_command
+from pipeline.errors import ImgEditError
+from pipeline.manifest import format_report, validate_manifest
+from pipeline.runner import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY
+
+app = typer.Typer(
+    name="imgedit",
+    help="Apply one image edit to thousands of images: manifest -> edit API -> storage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+EXIT_OK = 0
+EXIT_ROWS_FAILED = 1
+EXIT_CANNOT_RUN = 2
+
+
+@contextlib.contextmanager
+def _maybe_emulator(enabled: bool) -> Iterator[str | None]:
+    if not enabled:
+        yield None
+        return
+    with EmulatorProcess() as emulator:
+        console.print(f"[dim]emulator serving {emulator.base_url}[/dim]")
+        yield emulator.base_url
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"run {summary['run_id']}", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    from pipeline.engine import RunSummary
+
+    for row in RunSummary(**summary).table():
+        table.add_row(str(row["metric"]), str(row["value"]))
+    return table
+
+
+@app.command()
+def run(
+    manifest: Annotated[str, typer.Argument(help="Manifest: local path or s3://, CSV or Parquet")],
+    output: Annotated[
+        str,
+        typer.Option("--output", "-o", help="Output root: a local folder or s3://bucket/prefix"),
+    ],
+    api_base: Annotated[
+        str | None,
+        typer.Option(help="API base URL (default: IMGEDIT_API_BASE, else the Lumenfall gateway)"),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model (default: IMGEDIT_MODEL)")] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Edit requests in flight at once")
+    ] = DEFAULT_CONCURRENCY,
+    strict: Annotated[
+        bool, typer.Option(help="Fail before any API call if any row is invalid")
+    ] = False,
+    emulator: Annotated[
+        bool,
+        typer.Option(help="Start the bundled API emulator on a free loopback port for this run"),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Redo rows whose results already exist")] = False,
+    max_attempts: Annotated[int | None, typer.Option(min=1, help="Attempts per row")] = None,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="Seconds before an attempt counts as lost")
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Rows per Prefect task")
+    ] = DEFAULT_CHUNK_SIZE,
+    response_format: Annotated[
+        str, typer.Option(help="b64_json (inline) or url (downloaded at once)")
+    ] = "b64_json",
+    s3_endpoint_url: Annotated[
+        str | None, typer.Option(help="S3 endpoint URL (MinIO, R2...); default AWS_ENDPOINT_URL_S3")
+    ] = None,
+    run_id: Annotated[str | None, typer.Option(help="Name of the run (default: a new id)")] = None,
+    progress_bar: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)")
+    ] = sys.stderr.isatty(),
+) -> None:
+    """Run the edit-manifest flow on MANIFEST, writing to --output."""
+    if response_format not in spec.RESPONSE_FORMATS:
+        console.print(f"[red]--response-format must be one of {', '.join(spec.RESPONSE_FORMATS)}")
+        raise typer.Exit(EXIT_CANNOT_RUN)
+    output = _absolute_local(output)
+    manifest = _absolute_local(manifest)
+    from flows.edit_manifest import edit_manifest
+    from flows.progress_bar import RunProgressBar
+
+    params: dict[str, Any] = {
+        "manifest": manifest,
+        "output": output,
+        "concurrency": concurrency,
+        "strict": strict,
+        "overwrite": overwrite,
+        "chunk_size": chunk_size,
+        "response_format": response_format,
+        "s3_endpoint_url": s3_endpoint_url,
+        "run_id": run_id,
+    }
+    if model:
+        params["model"] = model
+    if max_attempts:
+        params["max_attempts"] = max_attempts
+    if request_timeout:
+        params["request_timeout"] = request_timeout
+    with _maybe_emulator(emulator) as emulator_base:
+        params["api_base"] = emulator_base or api_base
+        bar = RunProgressBar(console) if progress_bar else contextlib.nullcontext()
+        with bar:
+            state: State[Any] = asyncio.run(_run_flow(edit_manifest, params))
+    if state.is_failed() or state.is_crashed():
+        result = state.result(raise_on_failure=False)
+        message = str(result) if isinstance(result, BaseException) else state.message
+        console.print(f"[red bold]run failed:[/] {message}")
+        raise typer.Exit(EXIT_CANNOT_RUN)
+    summary: dict[str, Any] = state.result()
+    out.print(_summary_table(summary))
+    out.print(f"results table: {summary['results_uri']}")
+    out.print(f"images and sidecars: {summary['output']}/images/, {summary['output']}/jobs/")
+    failed = summary["by_status"].get("failed", 0) + summary["by_status"].get("invalid", 0)
+    if failed:
+        console.print(f"[yellow]{failed} rows failed or were invalid: see the results table")
+        raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+async def _run_flow(flow: Any, params: dict[str, Any]) -> State[Any]:
+    state: State[Any] = await flow(**params, return_state=True)
+    return state
+
+
+def _absolute_local(uri: str) -> str:
+    """Local paths are made absolute so a flow run elsewhere (a worker) means the same place."""
+    if "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+@app.command()
+def validate(
+    manifest: Annotated[str, typer.Argument(help="Manifest: local path or s3://, CSV or Parquet")],
+    s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint URL")] = None,
+) -> None:
+    """Check every row of MANIFEST without calling the API; exit 1 if any row is invalid."""
+    try:
+        report = validate_manifest(manifest, endpoint_url=s3_endpoint_url)
+    except ImgEditError as exc:
+        console.print(f"[red bold]manifest error:[/] {exc}")
+        raise typer.Exit(EXIT_CANNOT_RUN) from None
+    out.print(format_report(report), markup=False, highlight=False)
+    if report.invalid:
+        raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+app.command("emulator", help="Serve the bundled edit-API emulator (for tests, demos, benchmarks).")(
+    emulator_command
+)
+
+
+def main() -> None:
+    # Prefect's client reports nothing anywhere unless asked; this keeps offline runs quiet.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

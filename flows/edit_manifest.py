@@ -1,0 +1,182 @@
+"""The `edit-manifest` Prefect flow: coarse chunk tasks over the async engine in `pipeline`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import acreate_table_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from pipeline import progress, spec
+from pipeline.client import DEFAULT_TIMEOUT_S
+from pipeline.engine import (
+    RunOptions,
+    RunPlan,
+    RunSummary,
+    close_context,
+    finalize_run,
+    iter_chunks,
+    new_run_id,
+    open_context,
+    plan_run,
+)
+from pipeline.errors import ImgEditError
+from pipeline.manifest import open_manifest
+from pipeline.results import utcnow
+from pipeline.retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS
+from pipeline.rows import ParsedRow
+from pipeline.runner import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNKS_IN_FLIGHT,
+    DEFAULT_CONCURRENCY,
+    ChunkStats,
+    RunContext,
+    process_chunk,
+    run_windowed,
+)
+
+SUMMARY_ARTIFACT_KEY = "imgedit-run-summary"
+
+
+class RunAborted(ImgEditError):
+    """The run stopped on a run-fatal API error; its results table says which rows are left."""
+
+
+# Tasks carry live objects (the run context) and large row lists: nothing to cache or persist.
+@task(name="plan-run", cache_policy=NO_CACHE, persist_result=False)
+def plan_task(opts: RunOptions, run_id: str) -> RunPlan:
+    return plan_run(opts, run_id)
+
+
+@task(
+    name="edit-chunk",
+    task_run_name="chunk-{chunk}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+async def edit_chunk_task(ctx: RunContext, chunk: int, rows: Sequence[ParsedRow]) -> ChunkStats:
+    return await process_chunk(ctx, chunk, rows)
+
+
+@task(name="finalize-run", cache_policy=NO_CACHE, persist_result=False)
+def finalize_task(
+    ctx: RunContext, plan: RunPlan, stats: list[ChunkStats], started_at: Any, started: float
+) -> RunSummary:
+    return finalize_run(ctx, plan, stats, started_at=started_at, started=started)
+
+
+@flow(name="edit-manifest", persist_result=False, validate_parameters=True)
+async def edit_manifest(
+    manifest: Annotated[
+        str, Field(description="Manifest URI: local path or s3://, CSV or Parquet")
+    ],
+    output: Annotated[str, Field(description="Output root: a local folder or s3://bucket/prefix")],
+    model: Annotated[str, Field(description="Model name sent to the API")] = spec.DEFAULT_MODEL,
+    api_base: Annotated[
+        str | None,
+        Field(description="API base URL; default IMGEDIT_API_BASE, else the Lumenfall gateway"),
+    ] = None,
+    concurrency: Annotated[
+        int, Field(ge=1, le=1024, description="Edit requests in flight at once")
+    ] = DEFAULT_CONCURRENCY,
+    max_attempts: Annotated[
+        int, Field(ge=1, le=50, description="Attempts per row, the first one included")
+    ] = DEFAULT_MAX_ATTEMPTS,
+    max_retry_seconds: Annotated[
+        float, Field(gt=0, description="Seconds one row may spend retrying")
+    ] = DEFAULT_MAX_RETRY_SECONDS,
+    request_timeout: Annotated[
+        float, Field(gt=0, description="Seconds before an attempt counts as lost")
+    ] = DEFAULT_TIMEOUT_S,
+    chunk_size: Annotated[
+        int, Field(ge=1, le=100_000, description="Rows per Prefect task")
+    ] = DEFAULT_CHUNK_SIZE,
+    chunks_in_flight: Annotated[
+        int, Field(ge=1, le=16, description="Chunk tasks running at once, sharing one limit")
+    ] = DEFAULT_CHUNKS_IN_FLIGHT,
+    response_format: Annotated[
+        Literal["b64_json", "url"],
+        Field(description="How results travel: inline base64, or a URL fetched at once"),
+    ] = "b64_json",
+    overwrite: Annotated[bool, Field(description="Redo rows whose results already exist")] = False,
+    strict: Annotated[
+        bool, Field(description="Fail before any API call if any row is invalid")
+    ] = False,
+    s3_endpoint_url: Annotated[
+        str | None,
+        Field(description="S3 endpoint (MinIO, R2, moto); default AWS_ENDPOINT_URL_S3, else AWS"),
+    ] = None,
+    run_id: Annotated[
+        str | None, Field(description="Name of this run's folder under runs/ (default: a new id)")
+    ] = None,
+) -> dict[str, Any]:
+    """Edit every row of a manifest and store results, sidecars and a results table."""
+    logger = get_run_logger()
+    started, started_at = time.perf_counter(), utcnow()
+    opts = RunOptions(
+        manifest=manifest,
+        output=output,
+        run_id=run_id,
+        api_base=api_base,
+        model=model,
+        concurrency=concurrency,
+        max_attempts=max_attempts,
+        max_retry_seconds=max_retry_seconds,
+        request_timeout=request_timeout,
+        chunk_size=chunk_size,
+        chunks_in_flight=chunks_in_flight,
+        response_format=response_format,
+        overwrite=overwrite,
+        strict=strict,
+        s3_endpoint_url=s3_endpoint_url,
+    )
+    rid = run_id or new_run_id(started_at)
+    plan = plan_task(opts, rid)
+    logger.info(
+        "run %s: %d rows (%d invalid), about %d images, estimated cost USD %.2f",
+        rid,
+        plan.rows,
+        plan.invalid,
+        plan.images,
+        plan.estimated_cost_usd,
+    )
+    progress.publish_plan(rid, plan.rows, plan.estimated_cost_usd)
+    source = open_manifest(manifest, endpoint_url=s3_endpoint_url)
+    ctx = open_context(opts, rid)
+    try:
+        if ctx.done_keys:
+            logger.info(
+                "%d jobs already done in %s: those rows are skipped", len(ctx.done_keys), output
+            )
+        stats = await run_windowed(
+            iter_chunks(source, chunk_size),
+            lambda i, rows: edit_chunk_task(ctx, i, rows),
+            window=chunks_in_flight,
+        )
+        summary = finalize_task(ctx, plan, stats, started_at, started)
+    finally:
+        await close_context(ctx)
+    await acreate_table_artifact(
+        key=SUMMARY_ARTIFACT_KEY,
+        table=summary.table(),
+        description=f"imgedit run {summary.run_id}: {manifest} -> {output}",
+    )
+    logger.info(
+        "run %s done: %s; cost %s %.4f; results %s",
+        summary.run_id,
+        ", ".join(f"{k} {v}" for k, v in summary.by_status.items() if v),
+        summary.currency,
+        summary.cost_usd,
+        summary.results_uri,
+    )
+    if summary.stopped_by:
+        raise RunAborted(
+            f"run {summary.run_id} stopped: {summary.stopped_by}. "
+            f"{summary.skipped_by_reason.get('stopped', 0)} rows were not attempted; fix the "
+            f"cause and run the same command again to continue. Results: {summary.results_uri}"
+        )
+    return summary.to_dict()

@@ -1,0 +1,515 @@
+"""Async client of the OpenAI-compatible `POST /images/edits` API: one attempt a call."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+
+from . import spec
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseError,
+    APITimeoutError,
+    DownloadError,
+    InvalidImageError,
+    ResponseTooLargeError,
+    UnsafeURLError,
+    error_for_status,
+)
+from .imageinfo import ImageInfo, probe
+from .rows import EditParams
+
+ENV_API_BASE = "IMGEDIT_API_BASE"
+ENV_API_KEYS = ("IMGEDIT_API_KEY", "LUMENFALL_API_KEY")
+ENV_MODEL = "IMGEDIT_MODEL"
+
+# The provider's p95 is 4-7 s; a batch can afford to wait far longer than an interactive app
+# before calling an attempt lost, but not the SDK's 600 s.
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_MAX_CONNECTIONS = 64
+# A 1 MP PNG is ~2 MB; 50 MiB leaves room for any of the seven sizes in any format.
+DEFAULT_MAX_IMAGE_BYTES = 50 * 2**20
+# Result URLs live ~60 min: a couple of quick download retries beat re-paying for the edit.
+DOWNLOAD_ATTEMPTS = 3
+DOWNLOAD_BACKOFF_S = 0.5
+
+REQUEST_ID_HEADERS = ("x-lumenfall-request-id", "x-request-id")
+# Form fields the client sets itself; provider extras may not override them.
+RESERVED_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "image",
+        "image[]",
+        "mask",
+        "n",
+        "size",
+        "aspect_ratio",
+        "resolution",
+        "quality",
+        "response_format",
+        "output_format",
+        "output_compression",
+        "seed",
+        "user",
+    }
+)
+
+ResponseFormat = Literal["url", "b64_json"]
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """One uploaded file: the bytes and what to call them in the multipart body."""
+
+    filename: str
+    data: bytes
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    prompt: str
+    images: Sequence[ImagePart]
+    mask: ImagePart | None = None
+    seed: int | None = None
+    params: EditParams = field(default_factory=EditParams)
+    response_format: ResponseFormat = "b64_json"
+
+
+@dataclass(frozen=True)
+class OutputImage:
+    data: bytes
+    info: ImageInfo
+    revised_prompt: str | None
+    url: str | None = None  # where it was downloaded from, for `url` responses
+
+
+@dataclass(frozen=True)
+class EditResponse:
+    id: str | None
+    created: int | None
+    size: str | None  # as the API reports it; each image's `info` has what the bytes say
+    output_format: str | None
+    images: list[OutputImage]
+    cost: float | None
+    currency: str | None
+    provider: str | None
+    executed_model: str | None
+    model: str | None
+    request_id: str | None
+    metadata: dict[str, Any]
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    total_cost_micros: int
+    currency: str
+    model: str | None
+    provider: str | None
+    components: list[dict[str, Any]]
+
+    @property
+    def total_cost_usd(self) -> float:
+        return self.total_cost_micros / spec.MICROS_PER_USD
+
+
+def _env_api_key() -> str | None:
+    for name in ENV_API_KEYS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def form_value(value: Any) -> str:
+    """How a field travels in multipart form data: JSON for bools, lists and objects."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def build_form(request: EditRequest, model: str) -> dict[str, str]:
+    """Every request field as form text; `None` fields are not sent."""
+    p = request.params
+    fields: dict[str, Any] = {
+        "model": model,
+        "prompt": request.prompt,
+        "n": p.n,
+        "size": p.size,
+        "aspect_ratio": p.aspect_ratio,
+        "resolution": p.resolution,
+        "quality": p.quality,
+        "response_format": request.response_format,
+        "output_format": p.output_format,
+        "output_compression": p.output_compression,
+        "seed": request.seed,
+        "user": p.user,
+    }
+    form = {k: form_value(v) for k, v in fields.items() if v is not None}
+    for key, value in p.extra.items():
+        if key in RESERVED_FIELDS:
+            raise ValueError(f"provider extra {key!r} would override a request field")
+        if value is not None:
+            form[key] = form_value(value)
+    return form
+
+
+def build_files(request: EditRequest) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """One file is a part named `image`, several are `image[]` parts (as the OpenAI SDK does)."""
+    if not request.images:
+        raise ValueError("an edit needs at least one image")
+    name = "image" if len(request.images) == 1 else "image[]"
+    files = [(name, (im.filename, im.data, im.content_type)) for im in request.images]
+    if request.mask is not None:
+        m = request.mask
+        files.append(("mask", (m.filename, m.data, m.content_type)))
+    return files
+
+
+class EditClient:
+    """One attempt per call; the runner decides about retries from the error raised.
+
+    Arguments win over the environment: `IMGEDIT_API_BASE`, `IMGEDIT_API_KEY` (or
+    `LUMENFALL_API_KEY`) and `IMGEDIT_MODEL`. The key is sent only to the API base, never
+    to result-download hosts, and never appears in a repr or an error.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get(ENV_API_BASE) or spec.DEFAULT_API_BASE).rstrip(
+            "/"
+        )
+        self.model = model or os.environ.get(ENV_MODEL) or spec.DEFAULT_MODEL
+        self._api_key = api_key or _env_api_key()
+        self.max_image_bytes = max_image_bytes
+        base = urlsplit(self.base_url)
+        if base.scheme not in ("http", "https") or not base.hostname:
+            raise ValueError(f"API base must be an http(s) URL, got {self.base_url!r}")
+        self._base_origin = (base.scheme, base.hostname, base.port)
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        key = "set" if self._api_key else "unset"
+        return f"EditClient(base_url={self.base_url!r}, model={self.model!r}, api_key={key})"
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self._api_key)
+
+    async def __aenter__(self) -> EditClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        data: Mapping[str, str] | None = None,
+        files: Any = None,
+    ) -> httpx.Response:
+        url = f"{self.base_url}/{path.lstrip('/')}"
+        try:
+            return await self._http.request(
+                method, url, params=params, data=data, files=files, headers=self._auth_headers()
+            )
+        except httpx.ConnectTimeout as exc:
+            raise APITimeoutError(f"timed out connecting to {url}", sent=False) from exc
+        except httpx.PoolTimeout as exc:
+            raise APITimeoutError("timed out waiting for a free connection", sent=False) from exc
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"no answer from {url} within the timeout") from exc
+        except httpx.ConnectError as exc:
+            raise APIConnectionError(f"cannot connect to {url}: {exc}", sent=False) from exc
+        except httpx.HTTPError as exc:
+            # Reset or dropped after the request went out: the edit may have run.
+            raise APIConnectionError(f"connection lost: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _request_id(response: httpx.Response, body: Any = None) -> str | None:
+        for name in REQUEST_ID_HEADERS:
+            value = response.headers.get(name)
+            if value:
+                return str(value)
+        if isinstance(body, Mapping) and isinstance(body.get("id"), str):
+            return str(body["id"])
+        return None
+
+    def _raise_for_status(self, response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = response.text
+        raise error_for_status(
+            response.status_code,
+            body,
+            response.headers,
+            request_id=self._request_id(response, body),
+        )
+
+    @staticmethod
+    def _json_object(response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise APIResponseError(
+                f"HTTP {response.status_code} answer is not JSON", status=response.status_code
+            ) from exc
+        if not isinstance(body, dict):
+            raise APIResponseError("answer is JSON but not an object", status=response.status_code)
+        return body
+
+    async def edit(self, request: EditRequest) -> EditResponse:
+        """Send one edit and return it with every result image downloaded and checked."""
+        started = time.perf_counter()
+        response = await self._send(
+            "POST",
+            "images/edits",
+            data=build_form(request, self.model),
+            files=build_files(request),
+        )
+        self._raise_for_status(response)
+        body = self._json_object(response)
+        request_id = self._request_id(response, body)
+        try:
+            images = await self._images(body)
+        except APIError as exc:
+            exc.request_id = exc.request_id or request_id
+            exc.status = exc.status or response.status_code
+            raise
+        meta = body.get("metadata")
+        metadata: dict[str, Any] = dict(meta) if isinstance(meta, Mapping) else {}
+        return EditResponse(
+            id=_opt_str(body.get("id")),
+            created=_opt_int(body.get("created")),
+            size=_opt_str(body.get("size")),
+            output_format=_opt_str(body.get("output_format")),
+            images=images,
+            cost=_opt_float(metadata.get("cost")),
+            currency=_opt_str(metadata.get("cost_currency") or metadata.get("currency")),
+            provider=_opt_str(
+                metadata.get("provider") or response.headers.get("x-lumenfall-provider")
+            ),
+            executed_model=_opt_str(metadata.get("executed_model")),
+            model=_opt_str(metadata.get("model") or response.headers.get("x-lumenfall-model")),
+            request_id=request_id,
+            metadata=metadata,
+            latency_s=time.perf_counter() - started,
+        )
+
+    async def estimate(self, request: EditRequest) -> CostEstimate:
+        """The API's dry run (`?dryRun=true`): validates and prices, edits and charges nothing."""
+        response = await self._send(
+            "POST",
+            "images/edits",
+            params={"dryRun": "true"},
+            data=build_form(request, self.model),
+            files=build_files(request),
+        )
+        self._raise_for_status(response)
+        body = self._json_object(response)
+        micros = body.get("total_cost_micros")
+        if not isinstance(micros, int | float):
+            raise APIResponseError("dry-run answer has no total_cost_micros")
+        components = body.get("components")
+        return CostEstimate(
+            total_cost_micros=int(micros),
+            currency=str(body.get("currency") or spec.CURRENCY),
+            model=_opt_str(body.get("model")),
+            provider=_opt_str(body.get("provider")),
+            components=[dict(c) for c in components if isinstance(c, Mapping)]
+            if isinstance(components, list)
+            else [],
+        )
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        response = await self._send("GET", "models")
+        self._raise_for_status(response)
+        data = self._json_object(response).get("data")
+        return [dict(m) for m in data if isinstance(m, Mapping)] if isinstance(data, list) else []
+
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        response = await self._send("GET", f"models/{model_id}")
+        self._raise_for_status(response)
+        return self._json_object(response)
+
+    async def _images(self, body: Mapping[str, Any]) -> list[OutputImage]:
+        data = body.get("data")
+        if not isinstance(data, list) or not data:
+            raise APIResponseError("answer has no `data` images")
+        out: list[OutputImage] = []
+        for index, item in enumerate(data):
+            if not isinstance(item, Mapping):
+                raise APIResponseError(f"data[{index}] is not an object")
+            revised = _opt_str(item.get("revised_prompt"))
+            b64 = item.get("b64_json")
+            url = item.get("url")
+            if isinstance(b64, str) and b64:
+                raw = self._decode_b64(b64, index)
+                source_url = None
+            elif isinstance(url, str) and url:
+                raw = await self.download(url)
+                source_url = url
+            else:
+                raise APIResponseError(f"data[{index}] has neither b64_json nor url")
+            try:
+                info = probe(raw)
+            except InvalidImageError as exc:
+                raise APIResponseError(f"data[{index}] is not a usable image: {exc}") from exc
+            out.append(OutputImage(raw, info, revised, source_url))
+        return out
+
+    def _decode_b64(self, text: str, index: int) -> bytes:
+        if len(text) * 3 // 4 > self.max_image_bytes:
+            raise ResponseTooLargeError(
+                f"data[{index}] is over the {self.max_image_bytes} byte cap"
+            )
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise APIResponseError(f"data[{index}].b64_json is not valid base64") from exc
+
+    def check_download_url(self, url: str) -> None:
+        """Refuse anything but https, or the API's own origin (the emulator serves http)."""
+        parts = urlsplit(url)
+        if parts.scheme == "https" and parts.hostname:
+            return
+        if (parts.scheme, parts.hostname, parts.port) == self._base_origin:
+            return
+        raise UnsafeURLError(f"refusing to download a result from {parts.scheme}://{parts.netloc}")
+
+    async def download(self, url: str) -> bytes:
+        """Fetch a result URL at once (they expire), within the size cap, with quick retries."""
+        self.check_download_url(url)
+        last: DownloadError | None = None
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(DOWNLOAD_BACKOFF_S * 2 ** (attempt - 1))
+            try:
+                return await self._download_once(url)
+            except DownloadError as exc:
+                last = exc
+                if not exc.retryable:
+                    break
+        assert last is not None
+        raise last
+
+    async def _download_once(self, url: str) -> bytes:
+        where = urlsplit(url).netloc
+        try:
+            async with self._http.stream("GET", url) as response:
+                if response.status_code >= 400:
+                    err = DownloadError(
+                        f"result download from {where} answered HTTP {response.status_code}",
+                        status=response.status_code,
+                    )
+                    # Expired or missing will not come back; a 5xx might.
+                    err.retryable = response.status_code >= 500 or response.status_code == 429
+                    raise err
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > self.max_image_bytes:
+                    raise ResponseTooLargeError(
+                        f"result at {where} is {declared} bytes, over the "
+                        f"{self.max_image_bytes} byte cap"
+                    )
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in response.aiter_bytes():
+                    total += len(chunk)
+                    if total > self.max_image_bytes:
+                        raise ResponseTooLargeError(
+                            f"result at {where} is over the {self.max_image_bytes} byte cap"
+                        )
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.TimeoutException as exc:
+            raise DownloadError(f"timed out downloading a result from {where}") from exc
+        except httpx.HTTPError as exc:
+            raise DownloadError(
+                f"result download from {where} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _opt_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+__all__ = [
+    "CostEstimate",
+    "EditClient",
+    "EditRequest",
+    "EditResponse",
+    "ImagePart",
+    "OutputImage",
+    "build_files",
+    "build_form",
+]

@@ -1,0 +1,316 @@
+"""A whole run without an orchestrator: plan the manifest, edit it chunk by chunk, merge results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import layout, progress, spec
+from .client import EditClient, ResponseFormat
+from .errors import ManifestError
+from .manifest import (
+    Manifest,
+    ValidationReport,
+    format_report,
+    open_manifest,
+    validate_manifest,
+)
+from .results import (
+    STATUSES,
+    merge_tables_to_file,
+    read_parquet_bytes,
+    temp_parquet_path,
+    utcnow,
+)
+from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS, RetryPolicy
+from .rows import ParsedRow
+from .runner import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNKS_IN_FLIGHT,
+    DEFAULT_CONCURRENCY,
+    ChunkStats,
+    RunConfig,
+    RunContext,
+    io_thread_pool,
+    list_done_keys,
+    process_chunk,
+    run_windowed,
+)
+from .sources import SourceLoader
+from .storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a run needs besides credentials (those come from the environment)."""
+
+    manifest: str
+    output: str
+    run_id: str | None = None
+    api_base: str | None = None
+    model: str | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_retry_seconds: float = DEFAULT_MAX_RETRY_SECONDS
+    request_timeout: float = 120.0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunks_in_flight: int = DEFAULT_CHUNKS_IN_FLIGHT
+    response_format: ResponseFormat = "b64_json"
+    overwrite: bool = False
+    strict: bool = False
+    s3_endpoint_url: str | None = None
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(
+            concurrency=self.concurrency,
+            retry=RetryPolicy(max_attempts=self.max_attempts, max_seconds=self.max_retry_seconds),
+            response_format=self.response_format,
+            overwrite=self.overwrite,
+        )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_id: str
+    manifest: str
+    output: str
+    rows: int
+    valid: int
+    invalid: int
+    images: int
+    estimated_cost_usd: float
+    report: ValidationReport
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    manifest: str
+    output: str
+    results_uri: str
+    summary_uri: str
+    rows: int
+    by_status: dict[str, int]
+    skipped_by_reason: dict[str, int]
+    images: int
+    cost_usd: float
+    currency: str
+    possible_double_charges: int
+    possible_double_charge_usd: float
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    elapsed_s: float
+    started_at: str
+    finished_at: str
+    stopped_by: str | None = None
+    estimated_cost_usd: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> list[dict[str, Any]]:
+        """The summary as metric/value rows, for a table artifact or a terminal."""
+        rows: list[dict[str, Any]] = [{"metric": "rows", "value": self.rows}]
+        rows += [{"metric": s, "value": self.by_status.get(s, 0)} for s in STATUSES]
+        rows += [
+            {"metric": f"skipped: {reason}", "value": n}
+            for reason, n in sorted(self.skipped_by_reason.items())
+        ]
+        rows += [
+            {"metric": "images", "value": self.images},
+            {"metric": f"cost ({self.currency})", "value": round(self.cost_usd, 4)},
+            {"metric": "possible double charges", "value": self.possible_double_charges},
+            {
+                "metric": f"possible double charge ({self.currency})",
+                "value": round(self.possible_double_charge_usd, 4),
+            },
+            {"metric": "latency p50 (s)", "value": _round(self.latency_p50_s)},
+            {"metric": "latency p95 (s)", "value": _round(self.latency_p95_s)},
+            {"metric": "elapsed (s)", "value": round(self.elapsed_s, 2)},
+            {"metric": "results", "value": self.results_uri},
+        ]
+        if self.stopped_by:
+            rows.append({"metric": "stopped by", "value": self.stopped_by})
+        return rows
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    now = now or utcnow()
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def plan_run(opts: RunOptions, run_id: str) -> RunPlan:
+    """Validate the whole manifest (streaming, no API call); with `strict`, refuse invalid rows."""
+    report = validate_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url)
+    if opts.strict and report.invalid:
+        raise ManifestError(
+            f"--strict: {report.invalid} of {report.rows} rows are invalid; nothing was sent.\n"
+            + format_report(report)
+        )
+    return RunPlan(
+        run_id=run_id,
+        manifest=opts.manifest,
+        output=opts.output,
+        rows=report.rows,
+        valid=report.valid,
+        invalid=report.invalid,
+        images=report.images,
+        estimated_cost_usd=round(report.images * spec.PRICE_PER_IMAGE_USD, 6),
+        report=report,
+    )
+
+
+def iter_chunks(manifest: Manifest, chunk_size: int) -> Iterator[tuple[int, Sequence[ParsedRow]]]:
+    yield from enumerate(manifest.batches(chunk_size))
+
+
+def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) -> RunContext:
+    """Storage, API client and source loader for a run, and the set of jobs already done."""
+    storage = storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
+    config = opts.run_config()
+    client = EditClient(
+        base_url=opts.api_base,
+        model=opts.model,
+        timeout=opts.request_timeout,
+        max_connections=max(opts.concurrency * 2, 8),
+    )
+    done = set() if opts.overwrite else list_done_keys(storage)
+    if done:
+        log.info("%d jobs already done under %s", len(done), storage.root_uri)
+    io_executor = io_thread_pool(config.concurrency)
+    return RunContext(
+        run_id=run_id,
+        storage=storage,
+        client=client,
+        loader=SourceLoader(endpoint_url=opts.s3_endpoint_url, executor=io_executor),
+        config=config,
+        done_keys=done,
+        io_executor=io_executor,
+    )
+
+
+async def close_context(ctx: RunContext) -> None:
+    await ctx.client.aclose()
+    await ctx.loader.aclose()
+    ctx.close()
+
+
+def finalize_run(
+    ctx: RunContext,
+    plan: RunPlan,
+    stats: Sequence[ChunkStats],
+    *,
+    started_at: datetime,
+    started: float,
+) -> RunSummary:
+    """Merge the chunk parts into the run's results table and write its summary."""
+    storage = ctx.storage
+    path = temp_parquet_path()
+    try:
+        parts = (read_parquet_bytes(storage.get_bytes(s.part_key)) for s in stats if s.part_key)
+        merge_tables_to_file(parts, path)
+        results_uri = storage.put_file(layout.results_key(ctx.run_id), path)
+        table = pq.read_table(
+            path, columns=["status", "reason", "cost", "currency", "n_outputs", "latency_s"]
+        )
+    finally:
+        path.unlink(missing_ok=True)
+    summary = summarize(table, stats)
+    summary.update(
+        run_id=ctx.run_id,
+        manifest=plan.manifest,
+        output=plan.output,
+        results_uri=results_uri,
+        summary_uri=storage.uri_for(layout.summary_key(ctx.run_id)),
+        elapsed_s=time.perf_counter() - started,
+        started_at=started_at.isoformat(),
+        finished_at=utcnow().isoformat(),
+        stopped_by=str(ctx.stop.error) if ctx.stop.error else None,
+        estimated_cost_usd=plan.estimated_cost_usd,
+    )
+    result = RunSummary(**summary)
+    storage.put_bytes(
+        layout.summary_key(ctx.run_id),
+        json.dumps(result.to_dict(), indent=2).encode(),
+        "application/json",
+    )
+    return result
+
+
+def summarize(table: pa.Table, stats: Sequence[ChunkStats]) -> dict[str, Any]:
+    """Counts, cost and latency percentiles from a results table (or its needed columns)."""
+    status = table.column("status")
+    by_status = {s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in STATUSES}
+    skipped = table.filter(pc.equal(status, "skipped"))
+    reasons = pc.value_counts(skipped.column("reason").fill_null("unknown")).to_pylist()
+    succeeded = table.filter(pc.equal(status, "succeeded"))
+    latency = succeeded.column("latency_s").drop_null()
+    p50 = p95 = None
+    if len(latency):
+        q = pc.quantile(latency, q=[0.5, 0.95]).to_pylist()
+        p50, p95 = q[0], q[1]
+    currencies = [c for c in pc.unique(table.column("currency").drop_null()).to_pylist() if c]
+    return {
+        "rows": table.num_rows,
+        "by_status": by_status,
+        "skipped_by_reason": {r["values"]: int(r["counts"]) for r in reasons},
+        "images": int(pc.sum(succeeded.column("n_outputs")).as_py() or 0),
+        "cost_usd": round(float(pc.sum(table.column("cost")).as_py() or 0.0), 6),
+        "currency": currencies[0]
+        if len(currencies) == 1
+        else "/".join(currencies) or spec.CURRENCY,
+        "possible_double_charges": sum(s.possible_double_charges for s in stats),
+        "possible_double_charge_usd": round(sum(s.possible_double_charge_usd for s in stats), 6),
+        "latency_p50_s": p50,
+        "latency_p95_s": p95,
+    }
+
+
+async def run_manifest(opts: RunOptions) -> RunSummary:
+    """Plan, edit and finalize a whole manifest in this process (the engine without Prefect)."""
+    started, started_at = time.perf_counter(), utcnow()
+    run_id = opts.run_id or new_run_id(started_at)
+    plan = plan_run(opts, run_id)
+    progress.publish_plan(run_id, plan.rows, plan.estimated_cost_usd)
+    manifest = open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url)
+    ctx = open_context(opts, run_id)
+    try:
+        stats = await run_windowed(
+            iter_chunks(manifest, opts.chunk_size),
+            lambda i, rows: process_chunk(ctx, i, rows),
+            window=opts.chunks_in_flight,
+        )
+        return finalize_run(ctx, plan, stats, started_at=started_at, started=started)
+    finally:
+        await close_context(ctx)
+
+
+__all__ = [
+    "RunOptions",
+    "RunPlan",
+    "RunSummary",
+    "close_context",
+    "finalize_run",
+    "iter_chunks",
+    "new_run_id",
+    "open_context",
+    "plan_run",
+    "run_manifest",
+]

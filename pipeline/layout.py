@@ -1,0 +1,65 @@
+"""Where things live under an output root: result images, job sidecars, per-run tables.
+
+images/<k[:2]>/<key>-<i>.<ext>     result image i of a job (written first)
+jobs/<k[:2]>/<key>.json            the job's sidecar, written last: it marks the job done
+runs/<run_id>/parts/<chunk>.parquet  results of one chunk (written as each chunk ends)
+runs/<run_id>/results.parquet      the run's results table, one row per manifest row
+runs/<run_id>/summary.json         the run's summary
+"""
+
+from __future__ import annotations
+
+import re
+
+JOBS_PREFIX = "jobs/"
+IMAGES_PREFIX = "images/"
+RUNS_PREFIX = "runs/"
+SIDECAR_SUFFIX = ".json"
+_KEY_RE = re.compile(r"^[0-9a-f]{8,64}$")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _check_key(key: str) -> str:
+    if not _KEY_RE.match(key):
+        raise ValueError(f"not a job key: {key!r}")
+    return key
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID_RE.match(run_id):
+        raise ValueError(f"run id must be letters, digits, '.', '_' or '-': {run_id!r}")
+    return run_id
+
+
+def sidecar_key(job_key: str) -> str:
+    k = _check_key(job_key)
+    return f"{JOBS_PREFIX}{k[:2]}/{k}{SIDECAR_SUFFIX}"
+
+
+def image_key(job_key: str, index: int, ext: str) -> str:
+    k = _check_key(job_key)
+    return f"{IMAGES_PREFIX}{k[:2]}/{k}-{index}.{ext}"
+
+
+def job_key_of_sidecar(key: str) -> str | None:
+    """The job key a listed storage key is the sidecar of, or None."""
+    if not key.startswith(JOBS_PREFIX) or not key.endswith(SIDECAR_SUFFIX):
+        return None
+    name = key.rsplit("/", 1)[-1][: -len(SIDECAR_SUFFIX)]
+    return name if _KEY_RE.match(name) else None
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{RUNS_PREFIX}{check_run_id(run_id)}/"
+
+
+def part_key(run_id: str, chunk: int) -> str:
+    return f"{run_prefix(run_id)}parts/{chunk:06d}.parquet"
+
+
+def results_key(run_id: str) -> str:
+    return f"{run_prefix(run_id)}results.parquet"
+
+
+def summary_key(run_id: str) -> str:
+    return f"{run_prefix(run_id)}summary.json"

@@ -1,0 +1,155 @@
+"""The results table: one row per manifest row, written as per-chunk parts and merged per run."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+Status = Literal["succeeded", "failed", "invalid", "skipped"]
+STATUSES: tuple[Status, ...] = ("succeeded", "failed", "invalid", "skipped")
+
+# Why a row was skipped (the `reason` column).
+SKIP_DONE = "done"  # its sidecar existed before this run: no API call
+SKIP_DUPLICATE = "duplicate"  # another row of this run has the same job key
+SKIP_STOPPED = "stopped"  # a run-fatal error (401, 402...) stopped the run first
+SKIP_BUDGET = "budget"  # starting it would have passed --max-cost
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("id", pa.string()),
+        pa.field("job_key", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("source_uris", pa.list_(pa.string())),
+        pa.field("output_uris", pa.list_(pa.string())),
+        pa.field("sidecar_uri", pa.string()),
+        pa.field("n_requested", pa.int32()),
+        pa.field("n_outputs", pa.int32()),
+        pa.field("requested_size", pa.string()),
+        pa.field("actual_size", pa.string()),
+        pa.field("output_format", pa.string()),
+        pa.field("revised_prompt", pa.string()),
+        pa.field("cost", pa.float64()),
+        pa.field("currency", pa.string()),
+        pa.field("attempts", pa.int32()),
+        pa.field("latency_s", pa.float64()),
+        pa.field("elapsed_s", pa.float64()),
+        pa.field("request_id", pa.string()),
+        pa.field("provider", pa.string()),
+        pa.field("error_code", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("error_column", pa.string()),
+        pa.field("possible_double_charges", pa.int32()),
+        pa.field("possible_double_charge_usd", pa.float64()),
+        pa.field("started_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class ResultRow:
+    """What happened to one manifest row in one run.
+
+    `latency_s` is the successful attempt's request time; `elapsed_s` covers every attempt,
+    backoff and storage write. `possible_double_charges` counts attempts whose answer was
+    lost after the request went out (the API may have charged for them).
+    """
+
+    row: int
+    id: str | None
+    status: Status
+    job_key: str | None = None
+    reason: str | None = None
+    prompt: str | None = None
+    seed: int | None = None
+    source_uris: list[str] = field(default_factory=list)
+    output_uris: list[str] = field(default_factory=list)
+    sidecar_uri: str | None = None
+    n_requested: int | None = None
+    n_outputs: int | None = None
+    requested_size: str | None = None
+    actual_size: str | None = None
+    output_format: str | None = None
+    revised_prompt: str | None = None
+    cost: float | None = None
+    currency: str | None = None
+    attempts: int = 0
+    latency_s: float | None = None
+    elapsed_s: float | None = None
+    request_id: str | None = None
+    provider: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    error_column: str | None = None
+    possible_double_charges: int = 0
+    possible_double_charge_usd: float = 0.0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rows_to_table(rows: Sequence[ResultRow]) -> pa.Table:
+    ordered = sorted(rows, key=lambda r: r.row)
+    return pa.Table.from_pylist([r.as_record() for r in ordered], schema=RESULTS_SCHEMA)
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data), schema=RESULTS_SCHEMA)
+
+
+def merge_tables_to_file(tables: Iterable[pa.Table], path: Path) -> int:
+    """Stream tables (e.g. chunk parts, in order) into one Parquet file; returns its row count."""
+    count = 0
+    with pq.ParquetWriter(path, RESULTS_SCHEMA, compression="zstd") as writer:
+        for table in tables:
+            writer.write_table(table.cast(RESULTS_SCHEMA))
+            count += table.num_rows
+    return count
+
+
+def temp_parquet_path() -> Path:
+    fd, name = tempfile.mkstemp(prefix="imgedit-results-", suffix=".parquet")
+    os.close(fd)
+    return Path(name)
+
+
+__all__ = [
+    "RESULTS_SCHEMA",
+    "SKIP_BUDGET",
+    "SKIP_DONE",
+    "SKIP_DUPLICATE",
+    "SKIP_STOPPED",
+    "STATUSES",
+    "ResultRow",
+    "Status",
+    "merge_tables_to_file",
+    "read_parquet_bytes",
+    "rows_to_table",
+    "table_to_parquet_bytes",
+    "utcnow",
+]

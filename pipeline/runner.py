@@ -1,0 +1,526 @@
+"""The async engine: edits a chunk of manifest rows under bounded concurrency, a result each."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+from . import __version__, layout, progress, spec
+from .client import EditClient, EditRequest, EditResponse, ImagePart, ResponseFormat
+from .errors import APIError, RateLimitError, SourceError, StorageError
+from .jobkey import job_key
+from .results import (
+    SKIP_DONE,
+    SKIP_DUPLICATE,
+    SKIP_STOPPED,
+    ResultRow,
+    rows_to_table,
+    table_to_parquet_bytes,
+    utcnow,
+)
+from .retry import RetryPolicy, retrying
+from .rows import InvalidRow, ManifestRow, ParsedRow
+from .sources import Source, SourceLoader
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_CONCURRENCY = 16
+DEFAULT_CHUNK_SIZE = 1000
+# Two chunks in flight share one request limit, so the API stays busy while a chunk drains.
+DEFAULT_CHUNKS_IN_FLIGHT = 2
+# Rows being loaded or stored besides those waiting on the API, per unit of concurrency.
+WORKERS_PER_SLOT = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    concurrency: int = DEFAULT_CONCURRENCY
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    response_format: ResponseFormat = "b64_json"
+    overwrite: bool = False
+    price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+
+
+class RunStopped(Exception):
+    """Internal: a run-fatal error elsewhere stopped the run before this row's next attempt."""
+
+
+class RunStop:
+    """The first run-fatal error (401, 402, unknown model) stops every new request of the run."""
+
+    def __init__(self) -> None:
+        self.error: APIError | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.error is not None
+
+    def trip(self, exc: APIError) -> None:
+        if self.error is None:
+            self.error = exc
+            log.error("run stopped: %s", exc)
+
+
+class RateGate:
+    """After a 429 with Retry-After, no worker of the run starts a request before it expires."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._until = max(self._until, time.monotonic() + seconds)
+
+    async def wait(self) -> None:
+        while (delay := self._until - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+
+
+@dataclass
+class ChunkStats:
+    chunk: int
+    rows: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    cost_usd: float = 0.0
+    possible_double_charges: int = 0
+    possible_double_charge_usd: float = 0.0
+    part_key: str | None = None
+
+    def add(self, r: ResultRow) -> None:
+        self.rows += 1
+        self.by_status[r.status] = self.by_status.get(r.status, 0) + 1
+        self.cost_usd += r.cost or 0.0
+        self.possible_double_charges += r.possible_double_charges
+        self.possible_double_charge_usd += r.possible_double_charge_usd
+
+
+class RunContext:
+    """What the chunks of one run share in one process: clients, limits, the done set."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        storage: Storage,
+        client: EditClient,
+        loader: SourceLoader,
+        config: RunConfig,
+        done_keys: set[str] | None = None,
+        io_executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.run_id = layout.check_run_id(run_id)
+        self.storage = storage
+        self.client = client
+        self.loader = loader
+        self.config = config
+        self.done_keys: set[str] = done_keys if done_keys is not None else set()
+        self.stop = RunStop()
+        self.gate = RateGate()
+        self.limiter = asyncio.Semaphore(config.concurrency)
+        self._inflight: dict[str, asyncio.Future[ResultRow]] = {}
+        self.io_executor = io_executor or io_thread_pool(config.concurrency)
+
+    async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.io_executor, partial(fn, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        self.io_executor.shutdown(wait=True)
+
+
+def io_thread_pool(concurrency: int) -> ThreadPoolExecutor:
+    """Threads for blocking storage and source I/O (boto3, files), sized to the concurrency.
+
+    asyncio's default pool has only cpu+4 threads: at concurrency 64 writes would queue.
+    """
+    return ThreadPoolExecutor(
+        max_workers=max(8, concurrency * WORKERS_PER_SLOT), thread_name_prefix="imgedit-io"
+    )
+
+
+def list_done_keys(storage: Storage) -> set[str]:
+    """Job keys whose sidecar exists, from one prefix listing (no request per row)."""
+    done: set[str] = set()
+    for key in storage.list_keys(layout.JOBS_PREFIX):
+        job = layout.job_key_of_sidecar(key)
+        if job:
+            done.add(job)
+    return done
+
+
+def _requested_size(row: ManifestRow) -> str | None:
+    p = row.params
+    if p.size:
+        return p.size
+    if p.aspect_ratio or p.resolution:
+        return "/".join(x for x in (p.aspect_ratio, p.resolution) if x)
+    return None
+
+
+def _base_result(row: ManifestRow) -> ResultRow:
+    return ResultRow(
+        row=row.row,
+        id=row.id,
+        status="failed",
+        prompt=row.prompt,
+        seed=row.seed,
+        source_uris=list(row.images),
+        n_requested=row.params.image_count(),
+        requested_size=_requested_size(row),
+        started_at=utcnow(),
+    )
+
+
+def invalid_result(row: InvalidRow) -> ResultRow:
+    now = utcnow()
+    first = row.errors[0] if row.errors else None
+    return ResultRow(
+        row=row.row,
+        id=row.id,
+        status="invalid",
+        error_code="invalid_row",
+        error_message=row.message,
+        error_column=first.column if first else None,
+        started_at=now,
+        finished_at=now,
+    )
+
+
+def _finish(result: ResultRow, started: float) -> ResultRow:
+    result.finished_at = utcnow()
+    result.elapsed_s = time.perf_counter() - started
+    return result
+
+
+async def process_row(ctx: RunContext, row: ParsedRow) -> ResultRow:
+    """One manifest row to exactly one result row; never raises for a row's own failure."""
+    if isinstance(row, InvalidRow):
+        return invalid_result(row)
+    started = time.perf_counter()
+    result = _base_result(row)
+    try:
+        return _finish(await _process_valid(ctx, row, result), started)
+    except Exception as exc:  # a bug must cost one row, not the run
+        log.exception("row %s: unexpected error", row.row)
+        result.status = "failed"
+        result.error_code = "internal_error"
+        result.error_message = f"{type(exc).__name__}: {exc}"
+        return _finish(result, started)
+
+
+async def _process_valid(ctx: RunContext, row: ManifestRow, result: ResultRow) -> ResultRow:
+    if ctx.stop.stopped:
+        return _stopped(ctx, result)
+    try:
+        sources = list(
+            await asyncio.gather(*(ctx.loader.load(uri, column="image") for uri in row.images))
+        )
+        mask = await ctx.loader.load_mask(row.mask, sources[0]) if row.mask else None
+    except SourceError as exc:
+        result.status = "invalid"
+        result.error_code = "source_error"
+        result.error_column = exc.column
+        result.error_message = f"row {row.row}, column {exc.column}: {exc}"
+        return result
+
+    key = job_key(
+        model=ctx.client.model,
+        image_sha256=[s.sha256 for s in sources],
+        mask_sha256=mask.sha256 if mask else None,
+        prompt=row.prompt,
+        seed=row.seed,
+        params=row.params,
+    )
+    result.job_key = key
+    result.sidecar_uri = ctx.storage.uri_for(layout.sidecar_key(key))
+    if key in ctx.done_keys and not ctx.config.overwrite:
+        result.status = "skipped"
+        result.reason = SKIP_DONE
+        return result
+    first = ctx._inflight.get(key)
+    if first is not None:
+        return _duplicate(result, await asyncio.shield(first))
+
+    future: asyncio.Future[ResultRow] = asyncio.get_running_loop().create_future()
+    ctx._inflight[key] = future
+    try:
+        await _edit_and_store(ctx, row, sources, mask, result)
+    finally:
+        del ctx._inflight[key]
+        future.set_result(result)
+    return result
+
+
+def _stopped(ctx: RunContext, result: ResultRow) -> ResultRow:
+    result.status = "skipped"
+    result.reason = SKIP_STOPPED
+    if ctx.stop.error is not None:
+        result.error_code = ctx.stop.error.error_code
+        result.error_message = f"not attempted: the run stopped on {ctx.stop.error}"
+    return result
+
+
+def _duplicate(result: ResultRow, first: ResultRow) -> ResultRow:
+    """A second row with the same job key: no second edit, it shares the first's outputs."""
+    result.status = "skipped" if first.status == "succeeded" else first.status
+    result.reason = SKIP_DUPLICATE
+    result.output_uris = list(first.output_uris)
+    result.actual_size = first.actual_size
+    result.output_format = first.output_format
+    result.n_outputs = first.n_outputs
+    result.revised_prompt = first.revised_prompt
+    if first.status != "succeeded":
+        result.error_code = first.error_code
+        result.error_message = f"same job as row {first.row}, which ended {first.status}"
+    return result
+
+
+def _request(
+    ctx: RunContext, row: ManifestRow, sources: Sequence[Source], mask: Source | None
+) -> EditRequest:
+    def part(name: str, s: Source) -> ImagePart:
+        fmt = s.info.format
+        return ImagePart(
+            f"{name}.{fmt}", s.data, spec.CONTENT_TYPES.get(fmt, "application/octet-stream")
+        )
+
+    return EditRequest(
+        prompt=row.prompt,
+        images=[part(f"image{i}", s) for i, s in enumerate(sources)],
+        mask=part("mask", mask) if mask else None,
+        seed=row.seed,
+        params=row.params,
+        response_format=ctx.config.response_format,
+    )
+
+
+async def _edit_and_store(
+    ctx: RunContext,
+    row: ManifestRow,
+    sources: Sequence[Source],
+    mask: Source | None,
+    result: ResultRow,
+) -> None:
+    request = _request(ctx, row, sources, mask)
+    lost = 0
+
+    async def attempt() -> EditResponse:
+        nonlocal lost
+        await ctx.gate.wait()
+        if ctx.stop.stopped:
+            raise RunStopped
+        async with ctx.limiter:
+            result.attempts += 1
+            try:
+                return await ctx.client.edit(request)
+            except APIError as exc:
+                if exc.may_have_charged:
+                    lost += 1
+                if exc.run_fatal:
+                    ctx.stop.trip(exc)
+                if isinstance(exc, RateLimitError) and exc.retry_after:
+                    ctx.gate.pause(exc.retry_after)
+                log.debug("row %s attempt %s: %s", row.row, result.attempts, exc)
+                raise
+
+    try:
+        response: EditResponse | None = None
+        async for attempt_state in retrying(ctx.config.retry, should_stop=lambda: ctx.stop.stopped):
+            with attempt_state:
+                response = await attempt()
+        assert response is not None
+    except RunStopped:
+        _stopped(ctx, result)
+        return
+    except APIError as exc:
+        result.status = "failed"
+        result.error_code = exc.error_code
+        result.error_message = str(exc)
+        result.request_id = exc.request_id
+        return
+    finally:
+        result.possible_double_charges = lost
+        result.possible_double_charge_usd = round(
+            lost * row.params.image_count() * ctx.config.price_per_image_usd, 6
+        )
+
+    _record_response(result, response)
+    try:
+        await _store(ctx, row, sources, mask, request, response, result)
+    except StorageError as exc:
+        result.status = "failed"
+        result.error_code = "storage_error"
+        result.error_message = f"edit done and paid, but storing it failed: {exc}"
+        result.output_uris = []
+        return
+    ctx.done_keys.add(result.job_key or "")
+    result.status = "succeeded"
+
+
+def _record_response(result: ResultRow, response: EditResponse) -> None:
+    first = response.images[0]
+    result.n_outputs = len(response.images)
+    result.actual_size = first.info.size
+    result.output_format = first.info.format
+    result.revised_prompt = next(
+        (i.revised_prompt for i in response.images if i.revised_prompt), None
+    )
+    result.cost = response.cost
+    result.currency = response.currency
+    result.latency_s = response.latency_s
+    result.request_id = response.request_id
+    result.provider = response.provider
+
+
+async def _store(
+    ctx: RunContext,
+    row: ManifestRow,
+    sources: Sequence[Source],
+    mask: Source | None,
+    request: EditRequest,
+    response: EditResponse,
+    result: ResultRow,
+) -> None:
+    """Images first, then the sidecar: a job without a sidecar is not done, whatever else exists."""
+    assert result.job_key is not None
+    keys = [
+        layout.image_key(result.job_key, i, img.info.format)
+        for i, img in enumerate(response.images)
+    ]
+    uris = await asyncio.gather(
+        *(
+            ctx.io(ctx.storage.put_bytes, k, img.data, spec.CONTENT_TYPES.get(img.info.format))
+            for k, img in zip(keys, response.images, strict=True)
+        )
+    )
+    result.output_uris = list(uris)
+    sidecar = sidecar_document(ctx, row, sources, mask, request, response, result)
+    data = json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode()
+    await ctx.io(
+        ctx.storage.put_bytes, layout.sidecar_key(result.job_key), data, "application/json"
+    )
+
+
+def sidecar_document(
+    ctx: RunContext,
+    row: ManifestRow,
+    sources: Sequence[Source],
+    mask: Source | None,
+    request: EditRequest,
+    response: EditResponse,
+    result: ResultRow,
+) -> dict[str, Any]:
+    p = row.params
+    return {
+        "job_key": result.job_key,
+        "pipeline_version": __version__,
+        "run_id": ctx.run_id,
+        "manifest_row": row.row,
+        "manifest_id": row.id,
+        "model": ctx.client.model,
+        "request": {
+            "prompt": row.prompt,
+            "seed": row.seed,
+            "images": [{"uri": s.uri, "sha256": s.sha256, "size": s.info.size} for s in sources],
+            "mask": {"uri": mask.uri, "sha256": mask.sha256} if mask else None,
+            "n": p.n,
+            "size": p.size,
+            "aspect_ratio": p.aspect_ratio,
+            "resolution": p.resolution,
+            "quality": p.quality,
+            "output_format": p.output_format,
+            "output_compression": p.output_compression,
+            "user": p.user,
+            "extra": p.extra,
+            "response_format": request.response_format,
+        },
+        "response": {
+            "id": response.id,
+            "created": response.created,
+            "size": response.size,
+            "output_format": response.output_format,
+            "request_id": response.request_id,
+            "metadata": response.metadata,
+        },
+        "outputs": [
+            {
+                "uri": uri,
+                "format": img.info.format,
+                "width": img.info.width,
+                "height": img.info.height,
+                "size": img.info.size,
+                "bytes": len(img.data),
+                "revised_prompt": img.revised_prompt,
+            }
+            for uri, img in zip(result.output_uris, response.images, strict=True)
+        ],
+        "actual_size": result.actual_size,
+        "revised_prompt": result.revised_prompt,
+        "cost": response.cost,
+        "currency": response.currency,
+        "provider": response.provider,
+        "executed_model": response.executed_model,
+        "attempts": result.attempts,
+        "possible_double_charges": result.possible_double_charges,
+        "latency_s": response.latency_s,
+        "created_at": utcnow().isoformat(),
+    }
+
+
+async def process_chunk(ctx: RunContext, chunk: int, rows: Sequence[ParsedRow]) -> ChunkStats:
+    """Edit every row of a chunk, then write the chunk's results part; returns its stats."""
+    results: list[ResultRow | None] = [None] * len(rows)
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < len(rows):
+            i = next_index
+            next_index += 1
+            r = await process_row(ctx, rows[i])
+            results[i] = r
+            progress.publish_row(ctx.run_id, r)
+
+    workers = min(len(rows), ctx.config.concurrency * WORKERS_PER_SLOT)
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    done = [r for r in results if r is not None]
+    stats = ChunkStats(chunk)
+    for r in done:
+        stats.add(r)
+    key = layout.part_key(ctx.run_id, chunk)
+    await ctx.io(ctx.storage.put_bytes, key, table_to_parquet_bytes(rows_to_table(done)))
+    stats.part_key = key
+    return stats
+
+
+async def run_windowed(
+    chunks: Iterable[tuple[int, Sequence[ParsedRow]]],
+    process: Callable[[int, Sequence[ParsedRow]], Awaitable[ChunkStats]],
+    window: int = DEFAULT_CHUNKS_IN_FLIGHT,
+) -> list[ChunkStats]:
+    """Run `process` over chunks with at most `window` in flight, reading chunks lazily."""
+    pending: set[asyncio.Task[ChunkStats]] = set()
+    finished: list[ChunkStats] = []
+    for index, rows in chunks:
+        pending.add(asyncio.ensure_future(process(index, rows)))
+        if len(pending) >= window:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            finished.extend(t.result() for t in done)
+    if pending:
+        done, _ = await asyncio.wait(pending)
+        finished.extend(t.result() for t in done)
+    return sorted(finished, key=lambda s: s.chunk)

@@ -1,0 +1,94 @@
+"""Shared fixtures: offline Prefect settings, the emulator on loopback, sample images, fake AWS."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before anything imports prefect: no network here, and no state left in ~/.prefect.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="imgedit-prefect-home-"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+for _name in ("IMGEDIT_API_BASE", "IMGEDIT_API_KEY", "LUMENFALL_API_KEY", "IMGEDIT_MODEL"):
+    os.environ.pop(_name, None)
+
+from PIL import Image  # noqa: E402
+
+from pipeline.emulator import EmulatorProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def emulator_process() -> Iterator[EmulatorProcess]:
+    with EmulatorProcess() as emu:
+        yield emu
+
+
+@pytest.fixture
+def emulator(emulator_process: EmulatorProcess) -> Iterator[EmulatorProcess]:
+    """The session's emulator, with its ledger cleared and its faults off for this test."""
+    emulator_process.reset()
+    emulator_process.configure(**DEFAULT_EMULATOR_CONFIG)
+    yield emulator_process
+    emulator_process.configure(**DEFAULT_EMULATOR_CONFIG)
+
+
+DEFAULT_EMULATOR_CONFIG: dict[str, object] = {
+    "latency": 0.0,
+    "latency_jitter": 0.0,
+    "fault_seed": 0,
+    "rate_limited_rate": 0.0,
+    "internal_error_rate": 0.0,
+    "exhausted_rate": 0.0,
+    "drop_rate": 0.0,
+    "slow_rate": 0.0,
+    "malformed_rate": 0.0,
+    "truncate_rate": 0.0,
+    "api_key": None,
+    "balance_usd": None,
+}
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials so boto3 never looks for real ones."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def image_bytes(
+    size: tuple[int, int] = (64, 48),
+    colour: tuple[int, int, int] = (200, 120, 40),
+    fmt: str = "PNG",
+) -> bytes:
+    buf = io.BytesIO()
+    mode = "RGBA" if fmt == "PNG" and len(colour) == 4 else "RGB"
+    Image.new(mode, size, colour).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    """A few small source images on disk, of different shapes and formats."""
+    files = {
+        "square.png": image_bytes((64, 64), (200, 30, 30)),
+        "wide.jpg": image_bytes((96, 54), (30, 160, 40), "JPEG"),
+        "tall.png": image_bytes((48, 64), (30, 30, 200)),
+        "ref.webp": image_bytes((40, 40), (220, 220, 20), "WEBP"),
+    }
+    out = {}
+    for name, data in files.items():
+        path = tmp_path / "src" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        out[name] = path
+    return out

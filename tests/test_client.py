@@ -1,0 +1,366 @@
+"""The edit API client against scripted HTTP answers (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+from PIL import Image
+
+from pipeline import errors
+from pipeline.client import EditClient, EditRequest, ImagePart, build_files, build_form
+from pipeline.rows import EditParams
+
+API = "https://api.example.test/openai/v1"
+SECRET = "sk-test-SENTINEL-0123456789"
+
+
+def png_bytes(
+    size: tuple[int, int] = (8, 6), colour: tuple[int, int, int] = (200, 10, 10)
+) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def ok_body(images: list[bytes] | None = None, **extra: object) -> dict[str, object]:
+    images = images or [png_bytes((16, 9))]
+    body: dict[str, object] = {
+        "id": "req_123",
+        "created": 1702345678,
+        "size": "16x9",
+        "output_format": "png",
+        "data": [
+            {"b64_json": base64.b64encode(im).decode(), "revised_prompt": f"rev {i}"}
+            for i, im in enumerate(images)
+        ],
+        "metadata": {
+            "model": "p-image-edit",
+            "executed_model": "replicate/prunaai/p-image-edit",
+            "provider": "replicate",
+            "provider_name": "Replicate",
+            "cost": 0.01 * len(images),
+            "cost_currency": "USD",
+        },
+    }
+    body.update(extra)
+    return body
+
+
+def make_client(handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> EditClient:
+    return EditClient(
+        base_url=API,
+        api_key=SECRET,
+        transport=httpx.MockTransport(handler),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def request_with(n_images: int = 1, **params: object) -> EditRequest:
+    return EditRequest(
+        prompt="add a starry sky",
+        images=[ImagePart(f"im{i}.png", png_bytes(), "image/png") for i in range(n_images)],
+        seed=7,
+        params=EditParams(**params),  # type: ignore[arg-type]
+    )
+
+
+def test_every_parameter_is_sent_as_form_text() -> None:
+    req = EditRequest(
+        prompt="p",
+        images=[ImagePart("a.png", b"x", "image/png")],
+        seed=42,
+        params=EditParams(
+            n=2,
+            size="1024x1024",
+            aspect_ratio="16:9",
+            resolution="1K",
+            quality="high",
+            output_format="webp",
+            output_compression=80,
+            user="u-1",
+            extra={
+                "turbo": False,
+                "disable_safety_checker": True,
+                "replicate_weights": "w",
+                "k": [1],
+            },
+        ),
+        response_format="url",
+    )
+    form = build_form(req, "p-image-edit")
+    assert form == {
+        "model": "p-image-edit",
+        "prompt": "p",
+        "n": "2",
+        "size": "1024x1024",
+        "aspect_ratio": "16:9",
+        "resolution": "1K",
+        "quality": "high",
+        "response_format": "url",
+        "output_format": "webp",
+        "output_compression": "80",
+        "seed": "42",
+        "user": "u-1",
+        "turbo": "false",
+        "disable_safety_checker": "true",
+        "replicate_weights": "w",
+        "k": "[1]",
+    }
+
+
+def test_extras_cannot_override_request_fields() -> None:
+    req = EditRequest(
+        prompt="p", images=[ImagePart("a.png", b"x")], params=EditParams(extra={"prompt": "x"})
+    )
+    with pytest.raises(ValueError, match="prompt"):
+        build_form(req, "m")
+
+
+def test_one_image_is_a_part_named_image_several_are_image_brackets() -> None:
+    assert [n for n, _ in build_files(request_with(1))] == ["image"]
+    assert [n for n, _ in build_files(request_with(3))] == ["image[]"] * 3
+    masked = EditRequest(
+        prompt="p", images=[ImagePart("a.png", b"x")], mask=ImagePart("m.png", b"m")
+    )
+    assert [n for n, _ in build_files(masked)] == ["image", "mask"]
+
+
+async def test_parses_a_b64_answer_and_sends_the_key_only_to_the_api() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=ok_body(), headers={"X-Lumenfall-Request-Id": "lf-9"})
+
+    async with make_client(handler) as client:
+        resp = await client.edit(request_with(2, n=1))
+    assert seen[0].url == f"{API}/images/edits"
+    assert seen[0].headers["authorization"] == f"Bearer {SECRET}"
+    assert seen[0].content.count(b'name="image[]"') == 2
+    assert resp.id == "req_123" and resp.created == 1702345678
+    assert resp.size == "16x9" and resp.output_format == "png"
+    assert resp.request_id == "lf-9"
+    assert resp.cost == pytest.approx(0.01) and resp.currency == "USD"
+    assert resp.provider == "replicate" and resp.executed_model == "replicate/prunaai/p-image-edit"
+    assert [i.revised_prompt for i in resp.images] == ["rev 0"]
+    assert resp.images[0].info.size == "16x9"
+
+
+async def test_url_results_are_downloaded_without_the_key() -> None:
+    image = png_bytes((10, 10))
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "media.example.test":
+            return httpx.Response(200, content=image)
+        body = ok_body()
+        body["data"] = [{"url": "https://media.example.test/a.png"}]
+        return httpx.Response(200, json=body)
+
+    async with make_client(handler) as client:
+        resp = await client.edit(request_with())
+    assert resp.images[0].data == image
+    assert resp.images[0].revised_prompt is None
+    assert "authorization" not in seen[1].headers
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://media.example.test/a.png", "ftp://api.example.test/a.png", "file:///etc/passwd"],
+)
+async def test_result_urls_off_https_and_off_the_api_host_are_refused(url: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = ok_body()
+        body["data"] = [{"url": url}]
+        return httpx.Response(200, json=body)
+
+    async with make_client(handler) as client:
+        with pytest.raises(errors.UnsafeURLError) as info:
+            await client.edit(request_with())
+    assert not info.value.retryable
+
+
+async def test_downloads_are_capped() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(".png"):
+            return httpx.Response(200, content=b"\0" * 5000)
+        body = ok_body()
+        body["data"] = [{"url": "https://media.example.test/big.png"}]
+        return httpx.Response(200, json=body)
+
+    async with make_client(handler, max_image_bytes=1000) as client:
+        with pytest.raises(errors.ResponseTooLargeError):
+            await client.edit(request_with())
+
+
+async def test_an_expired_url_is_a_download_error_that_is_not_retried() -> None:
+    calls = {"media": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "media.example.test":
+            calls["media"] += 1
+            return httpx.Response(404)
+        body = ok_body()
+        body["data"] = [{"url": "https://media.example.test/gone.png"}]
+        return httpx.Response(200, json=body)
+
+    async with make_client(handler) as client:
+        with pytest.raises(errors.DownloadError) as info:
+            await client.edit(request_with())
+    assert calls["media"] == 1
+    assert info.value.may_have_charged
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "cls", "retryable", "fatal"),
+    [
+        (400, "INVALID_REQUEST", errors.BadRequestError, False, False),
+        (400, "CONTENT_POLICY_VIOLATION", errors.ContentPolicyError, False, False),
+        (401, "AUTHENTICATION_FAILED", errors.AuthenticationError, False, True),
+        (402, "INSUFFICIENT_BALANCE", errors.InsufficientBalanceError, False, True),
+        (404, "MODEL_NOT_FOUND", errors.NotFoundError, False, True),
+        (408, None, errors.RequestTimeoutError, True, False),
+        (409, None, errors.ConflictError, True, False),
+        (429, "RATE_LIMITED", errors.RateLimitError, True, False),
+        (500, "INTERNAL_ERROR", errors.ServerError, True, False),
+        (502, "ALL_PROVIDERS_EXHAUSTED", errors.ProvidersExhaustedError, True, False),
+        (503, "UPSTREAM_ERROR", errors.ServerError, True, False),
+    ],
+)
+async def test_error_statuses_map_to_one_class_each(
+    status: int, code: str | None, cls: type[errors.APIStatusError], retryable: bool, fatal: bool
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        err = {"message": f"boom {status}", "type": "error", "code": code}
+        return httpx.Response(status, json={"error": err}, headers={"Retry-After": "3"})
+
+    async with make_client(handler) as client:
+        with pytest.raises(cls) as info:
+            await client.edit(request_with())
+    exc = info.value
+    assert type(exc) is cls
+    assert exc.status == status and exc.retryable is retryable and exc.run_fatal is fatal
+    assert exc.message == f"boom {status}"
+    assert exc.retry_after == 3.0
+    assert SECRET not in str(exc) and SECRET not in repr(exc)
+
+
+async def test_retry_after_ms_and_http_dates_are_understood() -> None:
+    assert errors.parse_retry_after({"retry-after-ms": "1500"}) == 1.5
+    assert (
+        errors.parse_retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=1445412470)
+        == 10
+    )
+    assert errors.parse_retry_after({"Retry-After": "soon"}) is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (httpx.Response(200, text="<html>oops</html>"), "not JSON"),
+        (httpx.Response(200, json={"id": "x"}), "no `data`"),
+        (httpx.Response(200, json={"data": [{"b64_json": "@@not base64@@"}]}), "not valid base64"),
+        (
+            httpx.Response(200, json={"data": [{"b64_json": base64.b64encode(b"hello").decode()}]}),
+            "not a usable image",
+        ),
+        (
+            httpx.Response(
+                200, json={"data": [{"b64_json": base64.b64encode(png_bytes()[:-20]).decode()}]}
+            ),
+            "truncated",
+        ),
+    ],
+)
+async def test_unusable_2xx_answers_are_retryable_and_may_have_charged(
+    answer: httpx.Response, message: str
+) -> None:
+    async with make_client(lambda request: answer) as client:
+        with pytest.raises(errors.APIResponseError, match=message) as info:
+            await client.edit(request_with())
+    assert info.value.retryable and info.value.may_have_charged
+
+
+@pytest.mark.parametrize(
+    ("raised", "cls", "charged"),
+    [
+        (httpx.ConnectError("refused"), errors.APIConnectionError, False),
+        (httpx.ConnectTimeout("slow connect"), errors.APITimeoutError, False),
+        (httpx.ReadTimeout("slow answer"), errors.APITimeoutError, True),
+        (httpx.RemoteProtocolError("peer closed connection"), errors.APIConnectionError, True),
+        (httpx.ReadError("reset"), errors.APIConnectionError, True),
+    ],
+)
+async def test_transport_errors_are_translated(
+    raised: Exception, cls: type[errors.APIError], charged: bool
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    async with make_client(handler) as client:
+        with pytest.raises(cls) as info:
+            await client.edit(request_with())
+    assert type(info.value) is cls
+    assert info.value.retryable
+    assert info.value.may_have_charged is charged
+    assert isinstance(info.value.__cause__, httpx.HTTPError)
+
+
+async def test_dry_run_returns_the_estimate() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.params["dryRun"] == "true"
+        return httpx.Response(
+            200,
+            json={
+                "estimated": True,
+                "model": "p-image-edit",
+                "provider": "replicate",
+                "total_cost_micros": 30000,
+                "currency": "USD",
+                "components": [{"type": "output", "metric": "image", "quantity": 3}],
+            },
+        )
+
+    async with make_client(handler) as client:
+        est = await client.estimate(request_with(n=3))
+    assert est.total_cost_micros == 30000 and est.total_cost_usd == pytest.approx(0.03)
+    assert est.components[0]["quantity"] == 3
+
+
+def test_arguments_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGEDIT_API_BASE", "https://env.example.test/v1/")
+    monkeypatch.delenv("IMGEDIT_API_KEY", raising=False)
+    monkeypatch.setenv("LUMENFALL_API_KEY", SECRET)
+    monkeypatch.setenv("IMGEDIT_MODEL", "env-model")
+    c = EditClient()
+    assert c.base_url == "https://env.example.test/v1"
+    assert c.model == "env-model" and c.has_api_key
+    assert SECRET not in repr(c)
+    c2 = EditClient(base_url="https://arg.example.test/v1", model="arg-model")
+    assert c2.base_url == "https://arg.example.test/v1" and c2.model == "arg-model"
+    monkeypatch.setenv("IMGEDIT_API_KEY", "other")
+    assert EditClient()._auth_headers() == {"Authorization": "Bearer other"}
+
+
+def test_models_are_listed() -> None:
+    import asyncio
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "p-image-edit"}]})
+        return httpx.Response(404, json={"error": {"message": "no", "code": "MODEL_NOT_FOUND"}})
+
+    async def go() -> None:
+        async with make_client(handler) as client:
+            assert [m["id"] for m in await client.list_models()] == ["p-image-edit"]
+            with pytest.raises(errors.NotFoundError):
+                await client.get_model("nope")
+
+    asyncio.run(go())
+    assert json.dumps(ok_body())  # the helper body is JSON-serialisable
