@@ -321,9 +321,10 @@ async def _edit_and_store(
     async def attempt() -> EditResponse:
         nonlocal lost
         await ctx.gate.wait()
-        if ctx.stop.stopped:
-            raise RunStopped
         async with ctx.limiter:
+            # Checked after the wait for a slot: the run may have stopped meanwhile.
+            if ctx.stop.stopped:
+                raise RunStopped
             result.attempts += 1
             try:
                 return await ctx.client.edit(request)
