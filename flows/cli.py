@@ -94,6 +94,16 @@ def run(
         str | None, typer.Option(help="S3 endpoint URL (MinIO, R2...); default AWS_ENDPOINT_URL_S3")
     ] = None,
     run_id: Annotated[str | None, typer.Option(help="Name of the run (default: a new id)")] = None,
+    max_cost: Annotated[
+        float | None,
+        typer.Option(min=0, help="Budget in USD: no request starts once it could be passed"),
+    ] = None,
+    dry_run_estimate: Annotated[
+        bool, typer.Option(help="Price the run with the API's dry run of its first row")
+    ] = False,
+    retry_failed_of: Annotated[
+        str | None, typer.Option(help="Only redo the rows that failed in this earlier run id")
+    ] = None,
     progress_bar: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)")
     ] = sys.stderr.isatty(),
@@ -117,6 +127,9 @@ def run(
         "response_format": response_format,
         "s3_endpoint_url": s3_endpoint_url,
         "run_id": run_id,
+        "max_cost_usd": max_cost,
+        "dry_run_estimate": dry_run_estimate,
+        "retry_failed_of": retry_failed_of,
     }
     if model:
         params["model"] = model

@@ -23,6 +23,7 @@ from pipeline.engine import (
     new_run_id,
     open_context,
     plan_run,
+    preflight,
 )
 from pipeline.errors import ImgEditError
 from pipeline.manifest import open_manifest
@@ -113,6 +114,16 @@ async def edit_manifest(
     run_id: Annotated[
         str | None, Field(description="Name of this run's folder under runs/ (default: a new id)")
     ] = None,
+    max_cost_usd: Annotated[
+        float | None,
+        Field(ge=0, description="Budget in USD: no request starts once it could be passed"),
+    ] = None,
+    dry_run_estimate: Annotated[
+        bool, Field(description="Price the run with the API's dry run of its first row")
+    ] = False,
+    retry_failed_of: Annotated[
+        str | None, Field(description="Only redo the rows that failed in this earlier run id")
+    ] = None,
 ) -> dict[str, Any]:
     """Edit every row of a manifest and store results, sidecars and a results table."""
     logger = get_run_logger()
@@ -133,6 +144,9 @@ async def edit_manifest(
         overwrite=overwrite,
         strict=strict,
         s3_endpoint_url=s3_endpoint_url,
+        max_cost_usd=max_cost_usd,
+        dry_run_estimate=dry_run_estimate,
+        retry_failed_of=retry_failed_of,
     )
     rid = run_id or new_run_id(started_at)
     plan = plan_task(opts, rid)
@@ -144,19 +158,27 @@ async def edit_manifest(
         plan.images,
         plan.estimated_cost_usd,
     )
-    progress.publish_plan(rid, plan.rows, plan.estimated_cost_usd)
-    source = open_manifest(manifest, endpoint_url=s3_endpoint_url)
     ctx = open_context(opts, rid)
     try:
+        plan = await preflight(ctx, opts, plan)
+        progress.publish_plan(rid, plan.rows, plan.estimated_cost_usd)
+        if max_cost_usd is not None and plan.estimated_cost_usd > max_cost_usd:
+            logger.warning(
+                "estimated cost USD %.2f is over the budget of USD %.2f: the run stops "
+                "starting requests at the budget; later runs can continue",
+                plan.estimated_cost_usd,
+                max_cost_usd,
+            )
         if ctx.done_keys:
             logger.info(
-                "%d jobs already done in %s: those rows are skipped", len(ctx.done_keys), output
+                "%d jobs already done in %s: their rows are skipped", len(ctx.done_keys), output
             )
-        stats = await run_windowed(
-            iter_chunks(source, chunk_size),
-            lambda i, rows: edit_chunk_task(ctx, i, rows),
-            window=chunks_in_flight,
-        )
+        with open_manifest(manifest, endpoint_url=s3_endpoint_url) as source:
+            stats = await run_windowed(
+                iter_chunks(source, chunk_size),
+                lambda i, rows: edit_chunk_task(ctx, i, rows),
+                window=chunks_in_flight,
+            )
         summary = finalize_task(ctx, plan, stats, started_at, started)
     finally:
         await close_context(ctx)

@@ -7,7 +7,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from . import layout, progress, spec
 from .client import EditClient, ResponseFormat
-from .errors import ManifestError
+from .errors import APIError, ConfigError, ManifestError, SourceError, StorageError
 from .manifest import (
     Manifest,
     ValidationReport,
@@ -33,7 +33,7 @@ from .results import (
     utcnow,
 )
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS, RetryPolicy
-from .rows import ParsedRow
+from .rows import ManifestRow, ParsedRow
 from .runner import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_IN_FLIGHT,
@@ -44,6 +44,7 @@ from .runner import (
     io_thread_pool,
     list_done_keys,
     process_chunk,
+    request_for,
     run_windowed,
 )
 from .sources import SourceLoader
@@ -71,6 +72,12 @@ class RunOptions:
     overwrite: bool = False
     strict: bool = False
     s3_endpoint_url: str | None = None
+    # Stop starting requests once spent plus in flight could pass this (USD).
+    max_cost_usd: float | None = None
+    # Price the run with the API's dry run on its first valid row instead of the list price.
+    dry_run_estimate: bool = False
+    # Only the rows that ended `failed` in this earlier run (of the same output) are edited.
+    retry_failed_of: str | None = None
 
     def run_config(self) -> RunConfig:
         return RunConfig(
@@ -78,6 +85,7 @@ class RunOptions:
             retry=RetryPolicy(max_attempts=self.max_attempts, max_seconds=self.max_retry_seconds),
             response_format=self.response_format,
             overwrite=self.overwrite,
+            max_cost_usd=self.max_cost_usd,
         )
 
 
@@ -203,7 +211,46 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
         config=config,
         done_keys=done,
         io_executor=io_executor,
+        only_rows=failed_rows_of(storage, opts.retry_failed_of) if opts.retry_failed_of else None,
     )
+
+
+def failed_rows_of(storage: Storage, run_id: str) -> set[int]:
+    """Row numbers that ended `failed` in an earlier run's results table."""
+    try:
+        data = storage.get_bytes(layout.results_key(run_id))
+    except StorageError as exc:
+        raise ConfigError(f"cannot read the results of run {run_id!r}: {exc}") from exc
+    table = pq.read_table(pa.BufferReader(data), columns=["row", "status"])
+    failed = table.filter(pc.equal(table.column("status"), "failed"))
+    return {int(r) for r in failed.column("row").to_pylist()}
+
+
+async def preflight(ctx: RunContext, opts: RunOptions, plan: RunPlan) -> RunPlan:
+    """With `dry_run_estimate`, price the run by the API's dry run of its first valid row.
+
+    The dry run also proves the key and model before any paid request: a 401/402/404 here
+    stops the run with nothing spent.
+    """
+    if not opts.dry_run_estimate or not plan.valid:
+        return plan
+    with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
+        first = next(r for r in manifest.rows() if isinstance(r, ManifestRow))
+    try:
+        estimate = await ctx.client.estimate(await request_for(ctx, first))
+    except APIError as exc:
+        if exc.run_fatal:
+            ctx.stop.trip(exc)
+            raise
+        log.warning("dry-run estimate failed (%s); using the list price", exc)
+        return plan
+    except SourceError as exc:
+        log.warning("dry-run estimate skipped: row %d cannot be loaded (%s)", first.row, exc)
+        return plan
+    unit = estimate.total_cost_usd / first.params.image_count()
+    ctx.config = replace(ctx.config, price_per_image_usd=unit)
+    log.info("dry run: USD %.4f per image", unit)
+    return replace(plan, estimated_cost_usd=round(plan.images * unit, 6))
 
 
 async def close_context(ctx: RunContext) -> None:
@@ -289,14 +336,15 @@ async def run_manifest(opts: RunOptions) -> RunSummary:
     run_id = opts.run_id or new_run_id(started_at)
     plan = plan_run(opts, run_id)
     progress.publish_plan(run_id, plan.rows, plan.estimated_cost_usd)
-    manifest = open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url)
     ctx = open_context(opts, run_id)
     try:
-        stats = await run_windowed(
-            iter_chunks(manifest, opts.chunk_size),
-            lambda i, rows: process_chunk(ctx, i, rows),
-            window=opts.chunks_in_flight,
-        )
+        plan = await preflight(ctx, opts, plan)
+        with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
+            stats = await run_windowed(
+                iter_chunks(manifest, opts.chunk_size),
+                lambda i, rows: process_chunk(ctx, i, rows),
+                window=opts.chunks_in_flight,
+            )
         return finalize_run(ctx, plan, stats, started_at=started_at, started=started)
     finally:
         await close_context(ctx)
@@ -312,5 +360,6 @@ __all__ = [
     "new_run_id",
     "open_context",
     "plan_run",
+    "preflight",
     "run_manifest",
 ]

@@ -22,6 +22,7 @@ SKIP_DONE = "done"  # its sidecar existed before this run: no API call
 SKIP_DUPLICATE = "duplicate"  # another row of this run has the same job key
 SKIP_STOPPED = "stopped"  # a run-fatal error (401, 402...) stopped the run first
 SKIP_BUDGET = "budget"  # starting it would have passed --max-cost
+SKIP_NOT_SELECTED = "not_selected"  # outside this run's selection (e.g. --retry-failed-of)
 
 RESULTS_SCHEMA = pa.schema(
     [
@@ -143,6 +144,7 @@ __all__ = [
     "SKIP_BUDGET",
     "SKIP_DONE",
     "SKIP_DUPLICATE",
+    "SKIP_NOT_SELECTED",
     "SKIP_STOPPED",
     "STATUSES",
     "ResultRow",

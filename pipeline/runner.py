@@ -17,8 +17,10 @@ from .client import EditClient, EditRequest, EditResponse, ImagePart, ResponseFo
 from .errors import APIError, RateLimitError, SourceError, StorageError
 from .jobkey import job_key
 from .results import (
+    SKIP_BUDGET,
     SKIP_DONE,
     SKIP_DUPLICATE,
+    SKIP_NOT_SELECTED,
     SKIP_STOPPED,
     ResultRow,
     rows_to_table,
@@ -49,14 +51,52 @@ class RunConfig:
     response_format: ResponseFormat = "b64_json"
     overwrite: bool = False
     price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD
+    max_cost_usd: float | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if self.max_cost_usd is not None and self.max_cost_usd < 0:
+            raise ValueError("max_cost_usd must not be negative")
 
 
 class RunStopped(Exception):
     """Internal: a run-fatal error elsewhere stopped the run before this row's next attempt."""
+
+
+class BudgetExhausted(Exception):
+    """Internal: starting this request could pass the run's --max-cost."""
+
+
+class Budget:
+    """`--max-cost`: no request starts once spent plus in flight could pass the limit.
+
+    Each attempt reserves its worst case (n x price) before it starts and settles to what
+    the API reported (or, for a lost answer, the worst case) when it ends.
+    """
+
+    def __init__(self, max_cost_usd: float | None) -> None:
+        self.max_cost_usd = max_cost_usd
+        self.spent = 0.0
+        self.in_flight = 0.0
+        self.refused = False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.refused
+
+    def reserve(self, amount: float) -> bool:
+        if self.max_cost_usd is not None and (
+            self.spent + self.in_flight + amount > self.max_cost_usd + 1e-9
+        ):
+            self.refused = True
+            return False
+        self.in_flight += amount
+        return True
+
+    def settle(self, reserved: float, charged: float) -> None:
+        self.in_flight -= reserved
+        self.spent += charged
 
 
 class RunStop:
@@ -120,6 +160,7 @@ class RunContext:
         config: RunConfig,
         done_keys: set[str] | None = None,
         io_executor: ThreadPoolExecutor | None = None,
+        only_rows: set[int] | None = None,
     ) -> None:
         self.run_id = layout.check_run_id(run_id)
         self.storage = storage
@@ -128,10 +169,13 @@ class RunContext:
         self.config = config
         self.done_keys: set[str] = done_keys if done_keys is not None else set()
         self.stop = RunStop()
+        self.budget = Budget(config.max_cost_usd)
         self.gate = RateGate()
         self.limiter = asyncio.Semaphore(config.concurrency)
         self._inflight: dict[str, asyncio.Future[ResultRow]] = {}
         self.io_executor = io_executor or io_thread_pool(config.concurrency)
+        # When set, rows not in it end `skipped` (not selected) without any I/O.
+        self.only_rows = only_rows
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
@@ -200,6 +244,18 @@ def invalid_result(row: InvalidRow) -> ResultRow:
     )
 
 
+def not_selected_result(row: ParsedRow) -> ResultRow:
+    now = utcnow()
+    return ResultRow(
+        row=row.row,
+        id=row.id,
+        status="skipped",
+        reason=SKIP_NOT_SELECTED,
+        started_at=now,
+        finished_at=now,
+    )
+
+
 def _finish(result: ResultRow, started: float) -> ResultRow:
     result.finished_at = utcnow()
     result.elapsed_s = time.perf_counter() - started
@@ -208,6 +264,8 @@ def _finish(result: ResultRow, started: float) -> ResultRow:
 
 async def process_row(ctx: RunContext, row: ParsedRow) -> ResultRow:
     """One manifest row to exactly one result row; never raises for a row's own failure."""
+    if ctx.only_rows is not None and row.row not in ctx.only_rows:
+        return not_selected_result(row)
     if isinstance(row, InvalidRow):
         return invalid_result(row)
     started = time.perf_counter()
@@ -226,9 +284,7 @@ async def _process_valid(ctx: RunContext, row: ManifestRow, result: ResultRow) -
     if ctx.stop.stopped:
         return _stopped(ctx, result)
     try:
-        sources = list(
-            await asyncio.gather(*(ctx.loader.load(uri, column="image") for uri in row.images))
-        )
+        sources = await _load_sources(ctx, row)
         mask = await ctx.loader.load_mask(row.mask, sources[0]) if row.mask else None
     except SourceError as exc:
         result.status = "invalid"
@@ -289,6 +345,17 @@ def _duplicate(result: ResultRow, first: ResultRow) -> ResultRow:
     return result
 
 
+async def request_for(ctx: RunContext, row: ManifestRow) -> EditRequest:
+    """The request a row would send (its sources loaded); raises SourceError."""
+    sources = await _load_sources(ctx, row)
+    mask = await ctx.loader.load_mask(row.mask, sources[0]) if row.mask else None
+    return _request(ctx, row, sources, mask)
+
+
+async def _load_sources(ctx: RunContext, row: ManifestRow) -> list[Source]:
+    return list(await asyncio.gather(*(ctx.loader.load(u, column="image") for u in row.images)))
+
+
 def _request(
     ctx: RunContext, row: ManifestRow, sources: Sequence[Source], mask: Source | None
 ) -> EditRequest:
@@ -316,6 +383,7 @@ async def _edit_and_store(
     result: ResultRow,
 ) -> None:
     request = _request(ctx, row, sources, mask)
+    price = row.params.image_count() * ctx.config.price_per_image_usd
     lost = 0
 
     async def attempt() -> EditResponse:
@@ -325,27 +393,47 @@ async def _edit_and_store(
             # Checked after the wait for a slot: the run may have stopped meanwhile.
             if ctx.stop.stopped:
                 raise RunStopped
+            if not ctx.budget.reserve(price):
+                raise BudgetExhausted
             result.attempts += 1
+            charged: float | None = None
             try:
-                return await ctx.client.edit(request)
+                response = await ctx.client.edit(request)
+                charged = response.cost if response.cost is not None else price
+                return response
             except APIError as exc:
                 if exc.may_have_charged:
                     lost += 1
+                    charged = price  # unknown: count the worst case against the budget
                 if exc.run_fatal:
                     ctx.stop.trip(exc)
                 if isinstance(exc, RateLimitError) and exc.retry_after:
                     ctx.gate.pause(exc.retry_after)
                 log.debug("row %s attempt %s: %s", row.row, result.attempts, exc)
                 raise
+            finally:
+                ctx.budget.settle(price, charged or 0.0)
+
+    def should_stop() -> bool:
+        return ctx.stop.stopped or ctx.budget.exhausted
 
     try:
         response: EditResponse | None = None
-        async for attempt_state in retrying(ctx.config.retry, should_stop=lambda: ctx.stop.stopped):
+        async for attempt_state in retrying(ctx.config.retry, should_stop=should_stop):
             with attempt_state:
                 response = await attempt()
         assert response is not None
     except RunStopped:
         _stopped(ctx, result)
+        return
+    except BudgetExhausted:
+        result.status = "skipped"
+        result.reason = SKIP_BUDGET
+        result.error_code = "budget"
+        result.error_message = (
+            f"not started: it could cost USD {price:.2f} and the run's budget of USD "
+            f"{ctx.config.max_cost_usd:.2f} would be passed; a later run can continue it"
+        )
         return
     except APIError as exc:
         result.status = "failed"
@@ -355,9 +443,7 @@ async def _edit_and_store(
         return
     finally:
         result.possible_double_charges = lost
-        result.possible_double_charge_usd = round(
-            lost * row.params.image_count() * ctx.config.price_per_image_usd, 6
-        )
+        result.possible_double_charge_usd = round(lost * price, 6)
 
     _record_response(result, response)
     try:

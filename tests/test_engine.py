@@ -311,3 +311,69 @@ async def test_s3_output_carries_actual_size_revised_prompt_and_cost(
         data = s3.get_object(Bucket="edits", Key=out_key)["Body"].read()
         with Image.open(io.BytesIO(data)) as im:
             assert im.size == (887, 1182)
+
+
+def simple_rows(
+    sources: dict[str, Path], count: int, image: str = "square.png"
+) -> list[dict[str, Any]]:
+    return [
+        {"id": f"r{i}", "images": str(sources[image]), "prompt": f"p{i}", "seed": i}
+        for i in range(count)
+    ]
+
+
+async def test_a_budget_stops_new_requests_and_a_later_run_continues(
+    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", simple_rows(sources, 20))
+    capped = await run(manifest, tmp_path / "out", emulator, concurrency=3, max_cost_usd=0.05)
+    assert emulator.stats()["charged_usd"] <= 0.05 + 1e-9
+    assert capped.by_status["succeeded"] == 5
+    assert capped.skipped_by_reason == {"budget": 15}
+    assert capped.cost_usd == pytest.approx(0.05)
+    rest = await run(manifest, tmp_path / "out", emulator)
+    assert rest.by_status["succeeded"] == 15 and rest.skipped_by_reason == {"done": 5}
+    assert emulator.stats()["charged_usd"] == pytest.approx(0.20)
+
+
+async def test_only_the_failures_of_an_earlier_run_are_redone(
+    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", simple_rows(sources, 30))
+    emulator.configure(internal_error_rate=0.3, fault_seed=11)
+    first = await run(manifest, tmp_path / "out", emulator, max_attempts=1)
+    failed = first.by_status["failed"]
+    assert 0 < failed < 30
+    emulator.configure(internal_error_rate=0.0)
+    emulator.reset()
+    again = await run(manifest, tmp_path / "out", emulator, retry_failed_of=first.run_id)
+    assert emulator.stats()["requests"] == failed
+    assert again.by_status["succeeded"] == failed
+    assert again.skipped_by_reason == {"not_selected": 30 - failed}
+    before = set(results_of(first).query("status == 'failed'")["row"])
+    after = set(results_of(again).query("status == 'succeeded'")["row"])
+    assert before == after
+
+
+async def test_a_dry_run_prices_the_run_and_proves_the_key_first(
+    tmp_path: Path,
+    sources: dict[str, Path],
+    emulator: EmulatorProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = simple_rows(sources, 4)
+    rows[0]["n"] = 3
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    summary = await run(manifest, tmp_path / "out", emulator, dry_run_estimate=True)
+    assert emulator.stats()["dry_runs"] == 1
+    assert summary.estimated_cost_usd == pytest.approx(0.06)
+    assert summary.cost_usd == pytest.approx(0.06)
+
+    from pipeline.errors import AuthenticationError
+
+    emulator.reset()
+    emulator.configure(api_key="right")
+    monkeypatch.setenv("IMGEDIT_API_KEY", "wrong")
+    with pytest.raises(AuthenticationError):
+        await run(manifest, tmp_path / "out2", emulator, dry_run_estimate=True)
+    assert emulator.stats()["charged_usd"] == 0
