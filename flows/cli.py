@@ -15,6 +15,7 @@ from prefect.client.schemas.objects import State
 from rich.console import Console
 from rich.table import Table
 
+from flows.limits import DEFAULT_LIMIT_NAME, rate_limit_name, setup_limit
 from pipeline import spec
 from pipeline.emulator import EmulatorProcess, emulator_command
 from pipeline.errors import ImgEditError
@@ -183,6 +184,26 @@ def validate(
     out.print(format_report(report), markup=False, highlight=False)
     if report.invalid:
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+@app.command()
+def setup(
+    limit: Annotated[
+        int, typer.Option(min=1, help="Edit requests in flight across all runs and workers")
+    ],
+    name: Annotated[
+        str, typer.Option(help="Name of the global concurrency limit")
+    ] = DEFAULT_LIMIT_NAME,
+    requests_per_minute: Annotated[
+        float | None, typer.Option(min=0, help="Also limit requests per minute (rate limit)")
+    ] = None,
+) -> None:
+    """Create or update the Prefect limits that every run and worker shares."""
+
+    asyncio.run(setup_limit(name, limit, requests_per_minute))
+    out.print(f"global concurrency limit {name!r}: {limit} requests in flight")
+    if requests_per_minute:
+        out.print(f"rate limit {rate_limit_name(name)!r}: {requests_per_minute:g} requests/minute")
 
 
 app.command("emulator", help="Serve the bundled edit-API emulator (for tests, demos, benchmarks).")(

@@ -11,6 +11,7 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.limits import DEFAULT_LIMIT_NAME, api_slots, rate_permits
 from pipeline import progress, spec
 from pipeline.client import DEFAULT_TIMEOUT_S
 from pipeline.engine import (
@@ -124,6 +125,13 @@ async def edit_manifest(
     retry_failed_of: Annotated[
         str | None, Field(description="Only redo the rows that failed in this earlier run id")
     ] = None,
+    api_limit: Annotated[
+        str | None,
+        Field(
+            description="Prefect global concurrency limit shared by every run and worker "
+            "(its '-rpm' twin, if any, limits requests per minute); none: local limit only"
+        ),
+    ] = DEFAULT_LIMIT_NAME,
 ) -> dict[str, Any]:
     """Edit every row of a manifest and store results, sidecars and a results table."""
     logger = get_run_logger()
@@ -173,12 +181,15 @@ async def edit_manifest(
             logger.info(
                 "%d jobs already done in %s: their rows are skipped", len(ctx.done_keys), output
             )
-        with open_manifest(manifest, endpoint_url=s3_endpoint_url) as source:
-            stats = await run_windowed(
-                iter_chunks(source, chunk_size),
-                lambda i, rows: edit_chunk_task(ctx, i, rows),
-                window=chunks_in_flight,
-            )
+        async with api_slots(api_limit, concurrency, logger) as slots:
+            ctx.set_concurrency(slots)
+            ctx.permits = await rate_permits(api_limit, slots)
+            with open_manifest(manifest, endpoint_url=s3_endpoint_url) as source:
+                stats = await run_windowed(
+                    iter_chunks(source, chunk_size),
+                    lambda i, rows: edit_chunk_task(ctx, i, rows),
+                    window=chunks_in_flight,
+                )
         summary = finalize_task(ctx, plan, stats, started_at, started)
     finally:
         await close_context(ctx)

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -99,6 +99,27 @@ class Budget:
         self.spent += charged
 
 
+class BatchedPermits:
+    """Permits for requests (e.g. a requests-per-minute limit) fetched `batch` at a time.
+
+    Fetching a permit from a remote limiter costs a round trip; one fetch per batch keeps that
+    off the per-request path.
+    """
+
+    def __init__(self, take: Callable[[int], Awaitable[None]], batch: int) -> None:
+        self._take = take
+        self.batch = batch
+        self._left = 0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            if self._left == 0:
+                await self._take(self.batch)
+                self._left = self.batch
+            self._left -= 1
+
+
 class RunStop:
     """The first run-fatal error (401, 402, unknown model) stops every new request of the run."""
 
@@ -176,6 +197,13 @@ class RunContext:
         self.io_executor = io_executor or io_thread_pool(config.concurrency)
         # When set, rows not in it end `skipped` (not selected) without any I/O.
         self.only_rows = only_rows
+        # When set, every request takes a permit first (a shared rate limit).
+        self.permits: BatchedPermits | None = None
+
+    def set_concurrency(self, limit: int) -> None:
+        """Change the request limit; only before the first request of the run."""
+        self.config = replace(self.config, concurrency=limit)
+        self.limiter = asyncio.Semaphore(limit)
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
@@ -393,6 +421,8 @@ async def _edit_and_store(
             # Checked after the wait for a slot: the run may have stopped meanwhile.
             if ctx.stop.stopped:
                 raise RunStopped
+            if ctx.permits is not None:
+                await ctx.permits.acquire()
             if not ctx.budget.reserve(price):
                 raise BudgetExhausted
             result.attempts += 1

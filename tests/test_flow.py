@@ -102,3 +102,44 @@ async def test_a_run_fatal_error_fails_the_flow_with_one_clear_message(
     assert "401" in message and "run the same command again" in message
     assert "a-wrong-key" not in message and "the-right-key" not in message
     assert emulator.stats()["requests"] <= 2
+
+
+async def test_a_global_limit_bounds_requests_in_flight_and_is_released(
+    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+) -> None:
+    from flows.limits import setup_limit
+
+    await setup_limit("imgedit-test-limit", 3)
+    emulator.configure(latency=0.05)
+    state = await edit_manifest(
+        manifest=str(manifest_of(tmp_path, sources, 24)),
+        output=str(tmp_path / "out"),
+        api_base=emulator.base_url,
+        concurrency=8,
+        api_limit="imgedit-test-limit",
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    stats = emulator.stats()
+    assert stats["requests"] == 24
+    # Never past the limit (3), though the run asked for 8; and the slots were used.
+    assert 1 < stats["max_in_flight"] <= 3
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name("imgedit-test-limit")
+    assert limit.active_slots == 0
+
+
+async def test_without_a_global_limit_the_run_keeps_its_local_limit(
+    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+) -> None:
+    emulator.configure(latency=0.05)
+    state = await edit_manifest(
+        manifest=str(manifest_of(tmp_path, sources, 12)),
+        output=str(tmp_path / "out"),
+        api_base=emulator.base_url,
+        concurrency=4,
+        api_limit="no-such-limit",
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    assert 2 < emulator.stats()["max_in_flight"] <= 4
