@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.deployments import arun_deployment
+from prefect.runtime import deployment as deployment_runtime
+from prefect.runtime import flow_run as flow_run_runtime
 from pydantic import Field
 
 from flows.limits import DEFAULT_LIMIT_NAME, api_slots, rate_permits
-from pipeline import progress, spec
+from pipeline import layout, progress, spec
 from pipeline.client import DEFAULT_TIMEOUT_S
 from pipeline.engine import (
     RunOptions,
@@ -21,12 +26,14 @@ from pipeline.engine import (
     close_context,
     finalize_run,
     iter_chunks,
+    merge_results,
     new_run_id,
     open_context,
     plan_run,
     preflight,
+    write_summary,
 )
-from pipeline.errors import ImgEditError
+from pipeline.errors import ConfigError, ImgEditError
 from pipeline.manifest import open_manifest
 from pipeline.results import utcnow
 from pipeline.retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS
@@ -40,8 +47,10 @@ from pipeline.runner import (
     process_chunk,
     run_windowed,
 )
+from pipeline.storage import open_storage
 
 SUMMARY_ARTIFACT_KEY = "imgedit-run-summary"
+SHARD_POLL_SECONDS = 2.0
 
 
 class RunAborted(ImgEditError):
@@ -132,6 +141,26 @@ async def edit_manifest(
             "(its '-rpm' twin, if any, limits requests per minute); none: local limit only"
         ),
     ] = DEFAULT_LIMIT_NAME,
+    shards: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=1000,
+            description="Split the manifest into this many child flow runs of "
+            "`shard_deployment`, for several workers to share (manifest and output must be "
+            "on storage every worker reaches, e.g. s3://)",
+        ),
+    ] = 1,
+    shard_deployment: Annotated[
+        str | None,
+        Field(description="'flow-name/deployment-name' the shards run as (default: this one)"),
+    ] = None,
+    row_start: Annotated[
+        int, Field(ge=1, description="First manifest row of this run (shards set it)")
+    ] = 1,
+    row_end: Annotated[
+        int | None, Field(ge=1, description="Row after the last one of this run (shards)")
+    ] = None,
 ) -> dict[str, Any]:
     """Edit every row of a manifest and store results, sidecars and a results table."""
     logger = get_run_logger()
@@ -155,6 +184,8 @@ async def edit_manifest(
         max_cost_usd=max_cost_usd,
         dry_run_estimate=dry_run_estimate,
         retry_failed_of=retry_failed_of,
+        row_start=row_start,
+        row_end=row_end,
     )
     rid = run_id or new_run_id(started_at)
     plan = plan_task(opts, rid)
@@ -166,33 +197,12 @@ async def edit_manifest(
         plan.images,
         plan.estimated_cost_usd,
     )
-    ctx = open_context(opts, rid)
-    try:
-        plan = await preflight(ctx, opts, plan)
-        progress.publish_plan(rid, plan.rows, plan.estimated_cost_usd)
-        if max_cost_usd is not None and plan.estimated_cost_usd > max_cost_usd:
-            logger.warning(
-                "estimated cost USD %.2f is over the budget of USD %.2f: the run stops "
-                "starting requests at the budget; later runs can continue",
-                plan.estimated_cost_usd,
-                max_cost_usd,
-            )
-        if ctx.done_keys:
-            logger.info(
-                "%d jobs already done in %s: their rows are skipped", len(ctx.done_keys), output
-            )
-        async with api_slots(api_limit, concurrency, logger) as slots:
-            ctx.set_concurrency(slots)
-            ctx.permits = await rate_permits(api_limit, slots)
-            with open_manifest(manifest, endpoint_url=s3_endpoint_url) as source:
-                stats = await run_windowed(
-                    iter_chunks(source, chunk_size),
-                    lambda i, rows: edit_chunk_task(ctx, i, rows),
-                    window=chunks_in_flight,
-                )
-        summary = finalize_task(ctx, plan, stats, started_at, started)
-    finally:
-        await close_context(ctx)
+    if shards > 1:
+        summary = await fan_out(
+            opts, rid, plan, shards, shard_deployment, api_limit, started_at, started
+        )
+    else:
+        summary = await edit_here(opts, rid, plan, api_limit, started_at, started)
     await acreate_table_artifact(
         key=SUMMARY_ARTIFACT_KEY,
         table=summary.table(),
@@ -213,3 +223,149 @@ async def edit_manifest(
             f"cause and run the same command again to continue. Results: {summary.results_uri}"
         )
     return summary.to_dict()
+
+
+async def edit_here(
+    opts: RunOptions,
+    rid: str,
+    plan: RunPlan,
+    api_limit: str | None,
+    started_at: datetime,
+    started: float,
+) -> RunSummary:
+    """Edit the run's rows in this process: chunk tasks under one leased request limit."""
+    logger = get_run_logger()
+    ctx = open_context(opts, rid)
+    try:
+        plan = await preflight(ctx, opts, plan)
+        progress.publish_plan(rid, plan.rows, plan.estimated_cost_usd)
+        if opts.max_cost_usd is not None and plan.estimated_cost_usd > opts.max_cost_usd:
+            logger.warning(
+                "estimated cost USD %.2f is over the budget of USD %.2f: the run stops "
+                "starting requests at the budget; later runs can continue",
+                plan.estimated_cost_usd,
+                opts.max_cost_usd,
+            )
+        if ctx.done_keys:
+            logger.info(
+                "%d jobs already done in %s: their rows are skipped",
+                len(ctx.done_keys),
+                opts.output,
+            )
+        async with api_slots(api_limit, opts.concurrency, logger) as slots:
+            ctx.set_concurrency(slots)
+            ctx.permits = await rate_permits(api_limit, slots)
+            with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as source:
+                stats = await run_windowed(
+                    iter_chunks(source, opts.chunk_size, opts.row_range),
+                    lambda i, rows: edit_chunk_task(ctx, i, rows),
+                    window=opts.chunks_in_flight,
+                )
+        return finalize_task(ctx, plan, stats, started_at, started)
+    finally:
+        await close_context(ctx)
+
+
+def shard_ranges(first: int, rows: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal row ranges [start, end) covering `rows` rows from `first`."""
+    shards = max(1, min(shards, rows))
+    size, extra = divmod(rows, shards)
+    ranges, start = [], first
+    for i in range(shards):
+        end = start + size + (1 if i < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+async def fan_out(
+    opts: RunOptions,
+    rid: str,
+    plan: RunPlan,
+    shards: int,
+    shard_deployment: str | None,
+    api_limit: str | None,
+    started_at: datetime,
+    started: float,
+) -> RunSummary:
+    """Send contiguous row ranges to child flow runs on the work pool; merge their results."""
+    logger = get_run_logger()
+    deployment = shard_deployment or _this_deployment()
+    if deployment is None:
+        raise ConfigError(
+            "shards > 1 needs a deployment for the shards: run this flow from a deployment "
+            "or set shard_deployment to 'edit-manifest/<deployment name>'"
+        )
+    ranges = shard_ranges(opts.row_start, plan.rows, shards)
+    base = {
+        name: getattr(opts, name)
+        for name in (
+            "manifest",
+            "output",
+            "api_base",
+            "model",
+            "concurrency",
+            "max_attempts",
+            "max_retry_seconds",
+            "request_timeout",
+            "chunk_size",
+            "chunks_in_flight",
+            "response_format",
+            "overwrite",
+            "s3_endpoint_url",
+            "retry_failed_of",
+        )
+    }
+    if opts.max_cost_usd is not None:
+        # Each shard gets its share of the budget, so together they cannot pass it.
+        base["max_cost_usd"] = opts.max_cost_usd / len(ranges)
+    shard_ids = [f"{rid}.s{i:03d}" for i in range(len(ranges))]
+    logger.info("run %s: %d shards on %r", rid, len(ranges), deployment)
+    children = await asyncio.gather(
+        *(
+            arun_deployment(
+                deployment,
+                parameters={
+                    **base,
+                    "api_limit": api_limit,
+                    "run_id": shard_id,
+                    "row_start": start,
+                    "row_end": end,
+                },
+                flow_run_name=f"{rid}-shard-{i}",
+                idempotency_key=f"imgedit-{shard_id}",
+                timeout=None,
+                poll_interval=SHARD_POLL_SECONDS,
+            )
+            for i, (shard_id, (start, end)) in enumerate(zip(shard_ids, ranges, strict=True))
+        )
+    )
+    failed = [
+        f"{child.name} ({child.state.name if child.state else 'no state'})"
+        for child in children
+        if not (child.state and child.state.is_completed())
+    ]
+    storage = open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
+    present = [sid for sid in shard_ids if storage.exists(layout.results_key(sid))]
+    results_uri, table = merge_results(storage, [layout.results_key(sid) for sid in present], rid)
+    stopped = "; ".join(failed) if failed else None
+    summary = write_summary(
+        storage,
+        rid,
+        plan,
+        results_uri,
+        table,
+        started_at=started_at,
+        started=started,
+        stopped_by=f"shards did not complete: {stopped}" if stopped else None,
+    )
+    summary.extra["shards"] = [
+        {"run_id": sid, "flow_run": child.name, "state": child.state.name if child.state else None}
+        for sid, child in zip(shard_ids, children, strict=True)
+    ]
+    return summary
+
+
+def _this_deployment() -> str | None:
+    name = deployment_runtime.name
+    return f"{flow_run_runtime.flow_name}/{name}" if name else None

@@ -20,6 +20,7 @@ from .client import EditClient, ResponseFormat
 from .errors import APIError, ConfigError, ManifestError, SourceError, StorageError
 from .manifest import (
     Manifest,
+    RowRange,
     ValidationReport,
     format_report,
     open_manifest,
@@ -78,6 +79,20 @@ class RunOptions:
     dry_run_estimate: bool = False
     # Only the rows that ended `failed` in this earlier run (of the same output) are edited.
     retry_failed_of: str | None = None
+    # Only rows `row_start <= row < row_end` (a shard of a scaled-out run); others are absent.
+    row_start: int = 1
+    row_end: int | None = None
+
+    @property
+    def row_range(self) -> RowRange | None:
+        return (
+            None
+            if self.row_start <= 1 and self.row_end is None
+            else (
+                self.row_start,
+                self.row_end,
+            )
+        )
 
     def run_config(self) -> RunConfig:
         return RunConfig(
@@ -166,7 +181,9 @@ def new_run_id(now: datetime | None = None) -> str:
 
 def plan_run(opts: RunOptions, run_id: str) -> RunPlan:
     """Validate the whole manifest (streaming, no API call); with `strict`, refuse invalid rows."""
-    report = validate_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url)
+    report = validate_manifest(
+        opts.manifest, endpoint_url=opts.s3_endpoint_url, row_range=opts.row_range
+    )
     if opts.strict and report.invalid:
         raise ManifestError(
             f"--strict: {report.invalid} of {report.rows} rows are invalid; nothing was sent.\n"
@@ -185,8 +202,10 @@ def plan_run(opts: RunOptions, run_id: str) -> RunPlan:
     )
 
 
-def iter_chunks(manifest: Manifest, chunk_size: int) -> Iterator[tuple[int, Sequence[ParsedRow]]]:
-    yield from enumerate(manifest.batches(chunk_size))
+def iter_chunks(
+    manifest: Manifest, chunk_size: int, row_range: RowRange | None = None
+) -> Iterator[tuple[int, Sequence[ParsedRow]]]:
+    yield from enumerate(manifest.batches(chunk_size, row_range))
 
 
 def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) -> RunContext:
@@ -259,6 +278,65 @@ async def close_context(ctx: RunContext) -> None:
     ctx.close()
 
 
+SUMMARY_COLUMNS = [
+    "status",
+    "reason",
+    "cost",
+    "currency",
+    "n_outputs",
+    "latency_s",
+    "possible_double_charges",
+    "possible_double_charge_usd",
+]
+
+
+def merge_results(storage: Storage, table_keys: Sequence[str], run_id: str) -> tuple[str, pa.Table]:
+    """Stream result tables (chunk parts, or shards' tables) into the run's results table.
+
+    Returns its URI and the columns a summary needs.
+    """
+    path = temp_parquet_path()
+    try:
+        tables = (read_parquet_bytes(storage.get_bytes(key)) for key in table_keys)
+        merge_tables_to_file(tables, path)
+        uri = storage.put_file(layout.results_key(run_id), path)
+        return uri, pq.read_table(path, columns=SUMMARY_COLUMNS)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def write_summary(
+    storage: Storage,
+    run_id: str,
+    plan: RunPlan,
+    results_uri: str,
+    table: pa.Table,
+    *,
+    started_at: datetime,
+    started: float,
+    stopped_by: str | None = None,
+) -> RunSummary:
+    summary = RunSummary(
+        **summarize(table),
+        run_id=run_id,
+        manifest=plan.manifest,
+        output=plan.output,
+        results_uri=results_uri,
+        summary_uri=storage.uri_for(layout.summary_key(run_id)),
+        elapsed_s=time.perf_counter() - started,
+        started_at=started_at.isoformat(),
+        finished_at=utcnow().isoformat(),
+        stopped_by=stopped_by,
+        estimated_cost_usd=plan.estimated_cost_usd,
+    )
+    storage.put_bytes(
+        layout.summary_key(run_id),
+        json.dumps(summary.to_dict(), indent=2).encode(),
+        "application/json",
+    )
+    return summary
+
+
 def finalize_run(
     ctx: RunContext,
     plan: RunPlan,
@@ -268,41 +346,23 @@ def finalize_run(
     started: float,
 ) -> RunSummary:
     """Merge the chunk parts into the run's results table and write its summary."""
-    storage = ctx.storage
-    path = temp_parquet_path()
-    try:
-        parts = (read_parquet_bytes(storage.get_bytes(s.part_key)) for s in stats if s.part_key)
-        merge_tables_to_file(parts, path)
-        results_uri = storage.put_file(layout.results_key(ctx.run_id), path)
-        table = pq.read_table(
-            path, columns=["status", "reason", "cost", "currency", "n_outputs", "latency_s"]
-        )
-    finally:
-        path.unlink(missing_ok=True)
-    summary = summarize(table, stats)
-    summary.update(
-        run_id=ctx.run_id,
-        manifest=plan.manifest,
-        output=plan.output,
-        results_uri=results_uri,
-        summary_uri=storage.uri_for(layout.summary_key(ctx.run_id)),
-        elapsed_s=time.perf_counter() - started,
-        started_at=started_at.isoformat(),
-        finished_at=utcnow().isoformat(),
+    results_uri, table = merge_results(
+        ctx.storage, [s.part_key for s in stats if s.part_key], ctx.run_id
+    )
+    return write_summary(
+        ctx.storage,
+        ctx.run_id,
+        plan,
+        results_uri,
+        table,
+        started_at=started_at,
+        started=started,
         stopped_by=str(ctx.stop.error) if ctx.stop.error else None,
-        estimated_cost_usd=plan.estimated_cost_usd,
     )
-    result = RunSummary(**summary)
-    storage.put_bytes(
-        layout.summary_key(ctx.run_id),
-        json.dumps(result.to_dict(), indent=2).encode(),
-        "application/json",
-    )
-    return result
 
 
-def summarize(table: pa.Table, stats: Sequence[ChunkStats]) -> dict[str, Any]:
-    """Counts, cost and latency percentiles from a results table (or its needed columns)."""
+def summarize(table: pa.Table) -> dict[str, Any]:
+    """Counts, cost and latency percentiles from a results table (or its SUMMARY_COLUMNS)."""
     status = table.column("status")
     by_status = {s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in STATUSES}
     skipped = table.filter(pc.equal(status, "skipped"))
@@ -318,16 +378,22 @@ def summarize(table: pa.Table, stats: Sequence[ChunkStats]) -> dict[str, Any]:
         "rows": table.num_rows,
         "by_status": by_status,
         "skipped_by_reason": {r["values"]: int(r["counts"]) for r in reasons},
-        "images": int(pc.sum(succeeded.column("n_outputs")).as_py() or 0),
+        "images": _sum(succeeded.column("n_outputs")),
         "cost_usd": round(float(pc.sum(table.column("cost")).as_py() or 0.0), 6),
         "currency": currencies[0]
         if len(currencies) == 1
         else "/".join(currencies) or spec.CURRENCY,
-        "possible_double_charges": sum(s.possible_double_charges for s in stats),
-        "possible_double_charge_usd": round(sum(s.possible_double_charge_usd for s in stats), 6),
+        "possible_double_charges": _sum(table.column("possible_double_charges")),
+        "possible_double_charge_usd": round(
+            float(pc.sum(table.column("possible_double_charge_usd")).as_py() or 0.0), 6
+        ),
         "latency_p50_s": p50,
         "latency_p95_s": p95,
     }
+
+
+def _sum(column: pa.ChunkedArray) -> int:
+    return int(pc.sum(column).as_py() or 0)
 
 
 async def run_manifest(opts: RunOptions) -> RunSummary:
@@ -341,7 +407,7 @@ async def run_manifest(opts: RunOptions) -> RunSummary:
         plan = await preflight(ctx, opts, plan)
         with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
             stats = await run_windowed(
-                iter_chunks(manifest, opts.chunk_size),
+                iter_chunks(manifest, opts.chunk_size, opts.row_range),
                 lambda i, rows: process_chunk(ctx, i, rows),
                 window=opts.chunks_in_flight,
             )
@@ -357,6 +423,7 @@ __all__ = [
     "close_context",
     "finalize_run",
     "iter_chunks",
+    "merge_results",
     "new_run_id",
     "open_context",
     "plan_run",

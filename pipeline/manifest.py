@@ -86,6 +86,8 @@ __all__ = [
 ]
 
 DEFAULT_BATCH_SIZE = 1000
+# Rows `start <= row < end` (1-based data rows; end None: to the last row).
+RowRange = tuple[int, int | None]
 MAX_REPORTED_ERRORS = 1000
 # format_report lists at most this many rows; the report object keeps MAX_REPORTED_ERRORS.
 DEFAULT_LISTED_ERRORS = 50
@@ -148,21 +150,32 @@ class Manifest:
     def _raw_rows(self) -> Iterator[RawItem]:
         return self._reader.rows(self._cmap)
 
-    def rows(self) -> Iterator[ParsedRow]:
-        """Every row in order, validated (one pass)."""
-        validator = RowValidator(self._cmap.known, self._base)
-        for item in self._raw_rows():
-            if isinstance(item, InvalidRow):
-                yield item
-            else:
-                yield validator.validate(item.row, item.cells, item.problems)
+    def rows(self, row_range: RowRange | None = None) -> Iterator[ParsedRow]:
+        """Every row in order, validated (one pass); only rows `start <= row < end` if given.
 
-    def batches(self, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[list[ParsedRow]]:
+        Rows before the range are still validated, so duplicate ids are found across the
+        whole manifest, not just within a shard of it.
+        """
+        validator = RowValidator(self._cmap.known, self._base)
+        start, end = row_range or (1, None)
+        for item in self._raw_rows():
+            if end is not None and item.row >= end:
+                return
+            if isinstance(item, InvalidRow):
+                parsed: ParsedRow = item
+            else:
+                parsed = validator.validate(item.row, item.cells, item.problems)
+            if parsed.row >= start:
+                yield parsed
+
+    def batches(
+        self, batch_size: int = DEFAULT_BATCH_SIZE, row_range: RowRange | None = None
+    ) -> Iterator[list[ParsedRow]]:
         """The rows in order, in lists of `batch_size` (the last may be shorter)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         batch: list[ParsedRow] = []
-        for parsed in self.rows():
+        for parsed in self.rows(row_range):
             batch.append(parsed)
             if len(batch) >= batch_size:
                 yield batch
@@ -176,7 +189,9 @@ class Manifest:
             return int(self._reader.num_rows)
         return self._reader.count_rows(self._cmap)
 
-    def validate(self, *, max_errors: int = MAX_REPORTED_ERRORS) -> ValidationReport:
+    def validate(
+        self, *, max_errors: int = MAX_REPORTED_ERRORS, row_range: RowRange | None = None
+    ) -> ValidationReport:
         """One full pass: counts, the first `max_errors` invalid rows, per-column tallies."""
         report = ValidationReport(
             uri=self.uri,
@@ -184,7 +199,7 @@ class Manifest:
             columns=list(self.columns),
             unknown_columns=list(self.unknown_columns),
         )
-        for parsed in self.rows():
+        for parsed in self.rows(row_range):
             report.rows += 1
             if isinstance(parsed, ManifestRow):
                 report.valid += 1
@@ -266,10 +281,11 @@ def validate_manifest(
     *,
     endpoint_url: str | None = None,
     max_errors: int = MAX_REPORTED_ERRORS,
+    row_range: RowRange | None = None,
 ) -> ValidationReport:
     """Open the manifest and validate every row; ManifestError for manifest-level problems."""
     with open_manifest(uri, endpoint_url=endpoint_url) as manifest:
-        return manifest.validate(max_errors=max_errors)
+        return manifest.validate(max_errors=max_errors, row_range=row_range)
 
 
 def format_error(row: InvalidRow) -> list[str]:

@@ -1,0 +1,178 @@
+"""Test helpers: a real `prefect server` (PostgreSQL when it answers, else SQLite) and workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def postgres_answers() -> bool:
+    try:
+        with socket.create_connection((PG_HOST, PG_PORT), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+async def _pg(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def database_url(tmp: Path) -> Iterator[str]:
+    """A fresh PostgreSQL database when the server answers (as production), else SQLite.
+
+    IMGEDIT_TEST_DB=sqlite forces SQLite, to check that backend on a machine with PostgreSQL.
+    """
+    if os.environ.get("IMGEDIT_TEST_DB") == "sqlite" or not postgres_answers():
+        yield f"sqlite+aiosqlite:///{tmp / 'prefect.db'}"
+        return
+    name = f"imgedit_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@dataclass
+class PrefectStack:
+    api_url: str
+    env: dict[str, str]
+    tmp: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def prefect(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "prefect", "--no-prompt", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def start_worker(self, name: str, pool: str, limit: int | None = None) -> None:
+        log = self.tmp / f"worker-{name}.log"
+        self.logs[name] = log
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "worker",
+                    "start",
+                    "--pool",
+                    pool,
+                    "--type",
+                    "process",
+                    "--name",
+                    name,
+                    *(["--limit", str(limit)] if limit else []),
+                ],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        )
+
+    def log_text(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def prefect_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[PrefectStack]:
+    """`prefect server start` on a free loopback port; yields once its API answers."""
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    with database_url(tmp) as db_url:
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(tmp / "prefect-home"),
+            "PREFECT_API_URL": api_url,
+            "PREFECT_API_DATABASE_CONNECTION_URL": db_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            # Workers poll every 10 s by default; tests should not wait that long.
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "IMGEDIT_HOME": str(ROOT),
+            "PYTHONPATH": str(ROOT),
+            **(extra_env or {}),
+        }
+        server_log = tmp / "server.log"
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            cwd=tmp,
+            stdout=server_log.open("wb"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        stack = PrefectStack(api_url=api_url, env=env, tmp=tmp, procs=[server])
+        stack.logs["server"] = server_log
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("prefect server did not start:\n" + stack.log_text("server"))
+                time.sleep(0.5)
+            yield stack
+        finally:
+            for proc in reversed(stack.procs):
+                proc.terminate()
+            for proc in reversed(stack.procs):
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
