@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import acreate_table_artifact
+from prefect.artifacts import (
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import arun_deployment
 from prefect.runtime import deployment as deployment_runtime
@@ -50,6 +55,7 @@ from pipeline.runner import (
 from pipeline.storage import open_storage
 
 SUMMARY_ARTIFACT_KEY = "imgedit-run-summary"
+PROGRESS_ARTIFACT_KEY = "imgedit-run-progress"
 SHARD_POLL_SECONDS = 2.0
 
 
@@ -255,15 +261,40 @@ async def edit_here(
         async with api_slots(api_limit, opts.concurrency, logger) as slots:
             ctx.set_concurrency(slots)
             ctx.permits = await rate_permits(api_limit, slots)
+            tracker = await ProgressTracker.start(rid, plan.rows)
             with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as source:
                 stats = await run_windowed(
                     iter_chunks(source, opts.chunk_size, opts.row_range),
-                    lambda i, rows: edit_chunk_task(ctx, i, rows),
+                    lambda i, rows: tracker.after(edit_chunk_task(ctx, i, rows)),
                     window=opts.chunks_in_flight,
                 )
         return finalize_task(ctx, plan, stats, started_at, started)
     finally:
         await close_context(ctx)
+
+
+class ProgressTracker:
+    """The run's progress artifact, updated as each chunk ends (not per row: one API call)."""
+
+    def __init__(self, artifact_id: UUID, total: int) -> None:
+        self.artifact_id = artifact_id
+        self.total = max(total, 1)
+        self.done = 0
+
+    @classmethod
+    async def start(cls, run_id: str, total: int) -> ProgressTracker:
+        artifact_id = await acreate_progress_artifact(
+            progress=0.0, key=PROGRESS_ARTIFACT_KEY, description=f"imgedit run {run_id}: rows done"
+        )
+        return cls(artifact_id, total)
+
+    async def after(self, chunk: Awaitable[ChunkStats]) -> ChunkStats:
+        stats = await chunk
+        self.done += stats.rows
+        await aupdate_progress_artifact(
+            self.artifact_id, progress=min(100.0, 100.0 * self.done / self.total)
+        )
+        return stats
 
 
 def shard_ranges(first: int, rows: int, shards: int) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.edit_manifest import SUMMARY_ARTIFACT_KEY, edit_manifest
+from flows.edit_manifest import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, edit_manifest
 from pipeline.emulator import EmulatorProcess
 
 pytestmark = [
@@ -74,12 +74,18 @@ async def test_flow_edits_in_chunk_tasks_and_publishes_a_summary(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_ARTIFACT_KEY])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
         )
+        progress = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROGRESS_ARTIFACT_KEY])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
     chunk_runs = sorted(t.name for t in task_runs if t.name.startswith("chunk-"))
     # 7 rows in chunks of 3: three coarse tasks, not one task per row.
     assert chunk_runs == ["chunk-0", "chunk-1", "chunk-2"]
     assert len(artifacts) == 1 and artifacts[0].type == "table"
     table = artifacts[0].data
     assert "succeeded" in str(table) and "latency p95 (s)" in str(table)
+    assert len(progress) == 1 and progress[0].type == "progress"
+    assert progress[0].data == pytest.approx(100.0)
 
 
 async def test_a_run_fatal_error_fails_the_flow_with_one_clear_message(
