@@ -131,6 +131,8 @@ def prefect_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterato
             # Workers poll every 10 s by default; tests should not wait that long.
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "IMGEDIT_HOME": str(ROOT),
+            # `prefect` and `imgedit` of this environment, for scripts such as infra/setup.sh.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONPATH": str(ROOT),
             **(extra_env or {}),
         }

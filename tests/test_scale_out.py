@@ -9,7 +9,6 @@ import csv
 import io
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from prefect.deployments import arun_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pipeline.emulator import EmulatorProcess
-from tests.prefect_stack import PrefectStack, prefect_stack
+from tests.prefect_stack import ROOT, PrefectStack, prefect_stack
 
 pytestmark = [
     pytest.mark.integration,
@@ -76,16 +75,15 @@ async def test_a_sharded_run_spreads_over_two_workers_under_one_limit(
     s3.put_object(Bucket="cat", Key="manifest.csv", Body=buf.getvalue().encode())
     emulator.configure(latency=0.15)
 
-    stack.prefect("work-pool", "create", "imgedit", "--type", "process")
-    stack.prefect("deploy", "--all")
+    # What infra/setup.sh does for a team: the work pool, the API limit, the deployments.
     setup = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "setup", "--limit", str(LIMIT)],
-        env=stack.env,
+        ["sh", str(ROOT / "infra" / "setup.sh")],
+        env={**stack.env, "IMGEDIT_API_LIMIT": str(LIMIT)},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,
     )
-    assert setup.returncode == 0, setup.stderr
+    assert setup.returncode == 0, setup.stdout + setup.stderr
     assert f"'imgedit-api': {LIMIT} requests in flight" in setup.stdout
     with temporary_settings({PREFECT_API_URL: stack.api_url}):
         # Each worker takes at most 3 flow runs at once (the parent and 4 shards are 5),

@@ -1,0 +1,28 @@
+# The imgedit worker image: Prefect process worker with imgedit installed at /opt/imgedit.
+# Build from the project root:  docker build -f infra/worker.Dockerfile -t imgedit-worker .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    IMGEDIT_HOME=/opt/imgedit \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+WORKDIR /opt/imgedit
+# Dependencies first, so code changes do not reinstall them.
+COPY pyproject.toml README.md ./
+COPY pipeline/__init__.py pipeline/__init__.py
+COPY flows/__init__.py flows/__init__.py
+RUN pip install . && pip uninstall -y imgedit
+COPY pipeline pipeline
+COPY flows flows
+COPY manifests manifests
+COPY prefect.yaml ./
+RUN pip install --no-deps .
+
+RUN useradd --create-home --uid 1000 imgedit && chown -R imgedit /opt/imgedit
+USER imgedit
+
+# Flow runs start in /opt/imgedit (prefect.yaml's pull step), so `flows/...` entrypoints resolve.
+CMD ["prefect", "worker", "start", "--pool", "imgedit", "--type", "process"]
