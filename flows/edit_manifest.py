@@ -21,6 +21,7 @@ from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run as flow_run_runtime
 from pydantic import Field
 
+from flows.artifacts import publish_contact_sheet
 from flows.limits import DEFAULT_LIMIT_NAME, api_slots, rate_permits
 from pipeline import layout, progress, spec
 from pipeline.client import DEFAULT_TIMEOUT_S
@@ -38,7 +39,7 @@ from pipeline.engine import (
     preflight,
     write_summary,
 )
-from pipeline.errors import ConfigError, ImgEditError
+from pipeline.errors import ImgEditError
 from pipeline.manifest import open_manifest
 from pipeline.results import utcnow
 from pipeline.retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS
@@ -56,6 +57,9 @@ from pipeline.storage import open_storage
 
 SUMMARY_ARTIFACT_KEY = "imgedit-run-summary"
 PROGRESS_ARTIFACT_KEY = "imgedit-run-progress"
+EDIT_MANIFEST_FLOW = "edit-manifest"
+# The deployment prefect.yaml creates; shards run there unless told otherwise.
+DEFAULT_SHARD_DEPLOYMENT = "edit-manifest/edit-manifest"
 SHARD_POLL_SECONDS = 2.0
 
 
@@ -86,7 +90,7 @@ def finalize_task(
     return finalize_run(ctx, plan, stats, started_at=started_at, started=started)
 
 
-@flow(name="edit-manifest", persist_result=False, validate_parameters=True)
+@flow(name=EDIT_MANIFEST_FLOW, persist_result=False, validate_parameters=True)
 async def edit_manifest(
     manifest: Annotated[
         str, Field(description="Manifest URI: local path or s3://, CSV or Parquet")
@@ -159,7 +163,17 @@ async def edit_manifest(
     ] = 1,
     shard_deployment: Annotated[
         str | None,
-        Field(description="'flow-name/deployment-name' the shards run as (default: this one)"),
+        Field(
+            description="'flow/deployment' the shards run as (default: this deployment, "
+            "else edit-manifest/edit-manifest)"
+        ),
+    ] = None,
+    select_ids: Annotated[
+        list[str] | None, Field(description="Only the rows with these ids (a backfill)")
+    ] = None,
+    select_where: Annotated[
+        str | None,
+        Field(description='Only rows where this pandas expression holds, e.g. size == "1:1"'),
     ] = None,
     row_start: Annotated[
         int, Field(ge=1, description="First manifest row of this run (shards set it)")
@@ -192,6 +206,8 @@ async def edit_manifest(
         retry_failed_of=retry_failed_of,
         row_start=row_start,
         row_end=row_end,
+        select_ids=tuple(select_ids or ()),
+        select_where=select_where,
     )
     rid = run_id or new_run_id(started_at)
     plan = plan_task(opts, rid)
@@ -209,6 +225,7 @@ async def edit_manifest(
         )
     else:
         summary = await edit_here(opts, rid, plan, api_limit, started_at, started)
+    await publish_contact_sheet(summary.results_uri, output, summary.run_id, s3_endpoint_url)
     await acreate_table_artifact(
         key=SUMMARY_ARTIFACT_KEY,
         table=summary.table(),
@@ -322,11 +339,6 @@ async def fan_out(
     """Send contiguous row ranges to child flow runs on the work pool; merge their results."""
     logger = get_run_logger()
     deployment = shard_deployment or _this_deployment()
-    if deployment is None:
-        raise ConfigError(
-            "shards > 1 needs a deployment for the shards: run this flow from a deployment "
-            "or set shard_deployment to 'edit-manifest/<deployment name>'"
-        )
     ranges = shard_ranges(opts.row_start, plan.rows, shards)
     base = {
         name: getattr(opts, name)
@@ -345,8 +357,10 @@ async def fan_out(
             "overwrite",
             "s3_endpoint_url",
             "retry_failed_of",
+            "select_where",
         )
     }
+    base["select_ids"] = list(opts.select_ids) or None
     if opts.max_cost_usd is not None:
         # Each shard gets its share of the budget, so together they cannot pass it.
         base["max_cost_usd"] = opts.max_cost_usd / len(ranges)
@@ -397,6 +411,10 @@ async def fan_out(
     return summary
 
 
-def _this_deployment() -> str | None:
+def _this_deployment() -> str:
+    """This flow run's deployment, or (for a subflow or a local run) the one prefect.yaml makes."""
     name = deployment_runtime.name
-    return f"{flow_run_runtime.flow_name}/{name}" if name else None
+    flow_name = flow_run_runtime.flow_name
+    if name and flow_name == EDIT_MANIFEST_FLOW:
+        return f"{flow_name}/{name}"
+    return DEFAULT_SHARD_DEPLOYMENT

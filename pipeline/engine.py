@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from . import layout, progress, spec
 from .client import EditClient, ResponseFormat
-from .errors import APIError, ConfigError, ManifestError, SourceError, StorageError
+from .errors import APIError, ManifestError, SourceError
 from .manifest import (
     Manifest,
     RowRange,
@@ -48,6 +48,7 @@ from .runner import (
     request_for,
     run_windowed,
 )
+from .selection import select_rows
 from .sources import SourceLoader
 from .storage import Storage, open_storage
 
@@ -77,8 +78,11 @@ class RunOptions:
     max_cost_usd: float | None = None
     # Price the run with the API's dry run on its first valid row instead of the list price.
     dry_run_estimate: bool = False
-    # Only the rows that ended `failed` in this earlier run (of the same output) are edited.
-    retry_failed_of: str | None = None
+    # A selection (a backfill): only rows that pass every criterion given are edited; the
+    # others end `skipped` (not selected). See pipeline.selection.
+    retry_failed_of: str | None = None  # the rows that ended `failed` in this earlier run
+    select_ids: tuple[str, ...] = ()
+    select_where: str | None = None  # a pandas expression over the manifest's columns
     # Only rows `row_start <= row < row_end` (a shard of a scaled-out run); others are absent.
     row_start: int = 1
     row_end: int | None = None
@@ -230,19 +234,21 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
         config=config,
         done_keys=done,
         io_executor=io_executor,
-        only_rows=failed_rows_of(storage, opts.retry_failed_of) if opts.retry_failed_of else None,
+        only_rows=selected_rows(opts, storage),
     )
 
 
-def failed_rows_of(storage: Storage, run_id: str) -> set[int]:
-    """Row numbers that ended `failed` in an earlier run's results table."""
-    try:
-        data = storage.get_bytes(layout.results_key(run_id))
-    except StorageError as exc:
-        raise ConfigError(f"cannot read the results of run {run_id!r}: {exc}") from exc
-    table = pq.read_table(pa.BufferReader(data), columns=["row", "status"])
-    failed = table.filter(pc.equal(table.column("status"), "failed"))
-    return {int(r) for r in failed.column("row").to_pylist()}
+def selected_rows(opts: RunOptions, storage: Storage) -> set[int] | None:
+    """The rows this run may edit when it is a selection (a backfill), else None (all)."""
+    if not (opts.select_ids or opts.select_where or opts.retry_failed_of):
+        return None
+    return select_rows(
+        opts.manifest,
+        ids=opts.select_ids or None,
+        where=opts.select_where,
+        failed_of_run=(storage, opts.retry_failed_of) if opts.retry_failed_of else None,
+        endpoint_url=opts.s3_endpoint_url,
+    )
 
 
 async def preflight(ctx: RunContext, opts: RunOptions, plan: RunPlan) -> RunPlan:

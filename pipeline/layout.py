@@ -5,6 +5,7 @@ jobs/<k[:2]>/<key>.json            the job's sidecar, written last: it marks the
 runs/<run_id>/parts/<chunk>.parquet  results of one chunk (written as each chunk ends)
 runs/<run_id>/results.parquet      the run's results table, one row per manifest row
 runs/<run_id>/summary.json         the run's summary
+runs/<run_id>/contact-sheet.png    before/after thumbnails of a sample of the run's rows
 """
 
 from __future__ import annotations
@@ -63,3 +64,7 @@ def results_key(run_id: str) -> str:
 
 def summary_key(run_id: str) -> str:
     return f"{run_prefix(run_id)}summary.json"
+
+
+def contact_sheet_key(run_id: str) -> str:
+    return f"{run_prefix(run_id)}contact-sheet.png"

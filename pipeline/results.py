@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from . import layout
+from .errors import ConfigError, StorageError
+from .storage import Storage
 
 Status = Literal["succeeded", "failed", "invalid", "skipped"]
 STATUSES: tuple[Status, ...] = ("succeeded", "failed", "invalid", "skipped")
@@ -139,6 +144,17 @@ def temp_parquet_path() -> Path:
     return Path(name)
 
 
+def failed_rows_of(storage: Storage, run_id: str) -> set[int]:
+    """Row numbers that ended `failed` in an earlier run's results table."""
+    try:
+        data = storage.get_bytes(layout.results_key(run_id))
+    except StorageError as exc:
+        raise ConfigError(f"cannot read the results of run {run_id!r}: {exc}") from exc
+    table = pq.read_table(pa.BufferReader(data), columns=["row", "status"])
+    failed = table.filter(pc.equal(table.column("status"), "failed"))
+    return {int(r) for r in failed.column("row").to_pylist()}
+
+
 __all__ = [
     "RESULTS_SCHEMA",
     "SKIP_BUDGET",
@@ -149,6 +165,7 @@ __all__ = [
     "STATUSES",
     "ResultRow",
     "Status",
+    "failed_rows_of",
     "merge_tables_to_file",
     "read_parquet_bytes",
     "rows_to_table",

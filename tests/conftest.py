@@ -24,6 +24,15 @@ from pipeline.emulator import EmulatorProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (SQLite) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
 def emulator_process() -> Iterator[EmulatorProcess]:
     with EmulatorProcess() as emu:
         yield emu

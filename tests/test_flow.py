@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -15,24 +14,18 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
 )
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.edit_manifest import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, edit_manifest
 from pipeline.emulator import EmulatorProcess
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.usefixtures("prefect_harness"),
     # Prefect 3.8's run engine leaves one client socket to its own API server unclosed
     # (checked: the peer is the harness's API port, never the emulator's or ours).
     pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
 
 
 def manifest_of(tmp_path: Path, sources: dict[str, Path], rows: int) -> Path:

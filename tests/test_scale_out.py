@@ -111,6 +111,7 @@ async def test_a_sharded_run_spreads_over_two_workers_under_one_limit(
                 )
             )
             limit = await client.read_global_concurrency_limit_by_name("imgedit-api")
+            catalogue = await client.read_deployment_by_name("catalogue-reedit/catalogue-reedit")
 
     logs = {name: stack.log_text(name) for name in ("w1", "w2")}
     assert parent.state is not None and parent.state.is_completed(), (
@@ -132,6 +133,11 @@ async def test_a_sharded_run_spreads_over_two_workers_under_one_limit(
     assert stats["max_in_flight"] <= LIMIT
     assert stats["requests"] == ROWS
     assert limit.active_slots == 0
+    # prefect.yaml scheduled the catalogue re-edit nightly, in a named time zone.
+    (schedule,) = catalogue.schedules
+    assert schedule.active
+    assert schedule.schedule.cron == "0 2 * * *"  # type: ignore[union-attr]
+    assert schedule.schedule.timezone == "Europe/Berlin"  # type: ignore[union-attr]
     # The parent merged the shards' tables: every row once.
     (results_key,) = [
         o["Key"]

@@ -1,0 +1,37 @@
+"""Run artifacts beyond the summary: the before/after contact sheet, stored beside the results."""
+
+from __future__ import annotations
+
+import logging
+
+from prefect.artifacts import acreate_link_artifact
+
+from pipeline.contact_sheet import contact_sheet, write_contact_sheet
+from pipeline.errors import ImgEditError
+from pipeline.storage import open_storage
+
+CONTACT_SHEET_ARTIFACT_KEY = "imgedit-contact-sheet"
+
+log = logging.getLogger(__name__)
+
+
+async def publish_contact_sheet(
+    results_uri: str, output: str, run_id: str, endpoint_url: str | None
+) -> str | None:
+    """Render a sample of the run's rows (source | result) to PNG, store it, link it."""
+    try:
+        png = contact_sheet(results_uri, endpoint_url=endpoint_url, title=f"imgedit run {run_id}")
+        storage = open_storage(output, endpoint_url=endpoint_url)
+        uri = write_contact_sheet(storage, run_id, png)
+    except ImgEditError as exc:
+        # A missing thumbnail must not fail a run whose edits are all stored.
+        log.warning("no contact sheet for run %s: %s", run_id, exc)
+        return None
+    link = uri if "://" in uri else f"file://{uri}"
+    await acreate_link_artifact(
+        link=link,
+        link_text=f"contact sheet of run {run_id}",
+        key=CONTACT_SHEET_ARTIFACT_KEY,
+        description="Source and result thumbnails of a sample of the run's rows",
+    )
+    return uri

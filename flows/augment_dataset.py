@@ -1,0 +1,78 @@
+"""`augment-dataset`: images x prompts x seeds from a compact spec, into a dataset table."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_link_artifact
+from pydantic import Field
+
+from flows.edit_manifest import edit_manifest
+from flows.settings import EditSettings, RunSettings
+from pipeline import layout
+from pipeline.augment import AugmentSpec, expand_manifest, write_dataset_table
+from pipeline.engine import new_run_id
+from pipeline.storage import open_storage
+
+DATASET_ARTIFACT_KEY = "imgedit-dataset"
+
+
+@flow(name="augment-dataset", persist_result=False, validate_parameters=True)
+async def augment_dataset(
+    manifest: Annotated[
+        str, Field(description="Source manifest (CSV/Parquet): image(s), id and any columns")
+    ],
+    output: Annotated[str, Field(description="Output root: a local folder or s3://bucket/prefix")],
+    prompts: Annotated[
+        list[str] | None, Field(description="Prompts, each applied to every source image")
+    ] = None,
+    prompt_template: Annotated[
+        str | None,
+        Field(
+            description="Or one prompt filled from row columns, e.g. 'Put the {product} on a beach'"
+        ),
+    ] = None,
+    seeds: Annotated[list[int], Field(description="Seeds, each applied to every prompt")] = [0],  # noqa: B006
+    edit: Annotated[
+        EditSettings, Field(description="How each image is edited (n: variants per request)")
+    ] = EditSettings(),  # noqa: B008
+    run: Annotated[RunSettings, Field(description="API, limits and budget")] = RunSettings(),  # noqa: B008
+) -> dict[str, Any]:
+    """Expand, edit, and write `runs/<run_id>/dataset.parquet`: one row per output image."""
+    logger = get_run_logger()
+    run_id = new_run_id()
+    settings = {k: v for k, v in edit.manifest_columns().items() if k not in ("seed", "n")}
+    spec = AugmentSpec(
+        manifest=manifest,
+        prompts=prompts,
+        prompt_template=prompt_template,
+        seeds=seeds,
+        n=edit.n,
+        settings=settings,
+    )
+    storage = open_storage(output, endpoint_url=run.s3_endpoint_url)
+    with tempfile.TemporaryDirectory(prefix="imgedit-augment-") as tmp:
+        expanded = Path(tmp) / "expanded.parquet"
+        info = expand_manifest(spec, expanded, endpoint_url=run.s3_endpoint_url)
+        logger.info("%d sources x prompts x seeds = %d rows", info.sources, info.rows)
+        expanded_uri = storage.put_file(layout.run_prefix(run_id) + "expanded.parquet", expanded)
+        summary: dict[str, Any] = await edit_manifest(
+            manifest=expanded_uri, output=output, run_id=run_id, **run.flow_kwargs()
+        )
+        dataset = write_dataset_table(
+            summary["results_uri"],
+            expanded,
+            storage.uri_for(layout.run_prefix(run_id) + "dataset.parquet"),
+            endpoint_url=run.s3_endpoint_url,
+        )
+    link = dataset.uri if "://" in dataset.uri else f"file://{dataset.uri}"
+    await acreate_link_artifact(
+        link=link,
+        link_text=f"dataset of run {run_id} ({dataset.rows} images)",
+        key=DATASET_ARTIFACT_KEY,
+        description="Augmented dataset table (Parquet): load it with pandas.read_parquet",
+    )
+    return {**summary, "dataset_uri": dataset.uri, "dataset_rows": dataset.rows}
