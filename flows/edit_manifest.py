@@ -297,6 +297,7 @@ class ProgressTracker:
         self.artifact_id = artifact_id
         self.total = max(total, 1)
         self.done = 0
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def start(cls, run_id: str, total: int) -> ProgressTracker:
@@ -308,9 +309,12 @@ class ProgressTracker:
     async def after(self, chunk: Awaitable[ChunkStats]) -> ChunkStats:
         stats = await chunk
         self.done += stats.rows
-        await aupdate_progress_artifact(
-            self.artifact_id, progress=min(100.0, 100.0 * self.done / self.total)
-        )
+        # One update at a time, each sending the latest count: concurrent chunks' updates
+        # could otherwise reach the server out of order and leave an old value standing.
+        async with self._lock:
+            await aupdate_progress_artifact(
+                self.artifact_id, progress=min(100.0, 100.0 * self.done / self.total)
+            )
         return stats
 
 

@@ -49,7 +49,7 @@ from .runner import (
     run_windowed,
 )
 from .selection import select_rows
-from .sources import SourceLoader
+from .sources import DEFAULT_HTTP_TIMEOUT, SourceLoader
 from .storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class RunOptions:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_retry_seconds: float = DEFAULT_MAX_RETRY_SECONDS
     request_timeout: float = 120.0
+    # Seconds to fetch one http(s) source image before its row fails.
+    source_timeout: float = DEFAULT_HTTP_TIMEOUT
     chunk_size: int = DEFAULT_CHUNK_SIZE
     chunks_in_flight: int = DEFAULT_CHUNKS_IN_FLIGHT
     response_format: ResponseFormat = "b64_json"
@@ -230,7 +232,11 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
         run_id=run_id,
         storage=storage,
         client=client,
-        loader=SourceLoader(endpoint_url=opts.s3_endpoint_url, executor=io_executor),
+        loader=SourceLoader(
+            endpoint_url=opts.s3_endpoint_url,
+            http_timeout=opts.source_timeout,
+            executor=io_executor,
+        ),
         config=config,
         done_keys=done,
         io_executor=io_executor,

@@ -69,8 +69,8 @@ from .manifest_read import (
     map_columns,
     suggest,
 )
-from .manifest_rows import KNOWN_COLUMNS, PARAM_PREFIX, ROW_COLUMN, RowValidator, SourceBase
-from .rows import InvalidRow, ManifestRow, ParsedRow
+from .manifest_rows import KNOWN_COLUMNS, PARAM_PREFIX, RowValidator, SourceBase
+from .rows import ROW_COLUMN, InvalidRow, ManifestRow, ParsedRow
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

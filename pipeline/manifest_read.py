@@ -432,7 +432,11 @@ class CsvReader:
                         next_row += 1
                     if held is not None:
                         yield held
-                    held = RawRow(next_row, dict(zip(known_names, values, strict=True)))
+                    held = RawRow(
+                        next_row,
+                        dict(zip(known_names, values, strict=True)),
+                        self._swallowed_rows(known_names, values),
+                    )
                     next_row += 1
                 if batch.num_rows:
                     last_values = tuple(
@@ -451,6 +455,31 @@ class CsvReader:
                 next_row += 1
         finally:
             stream.close()
+
+    def _swallowed_rows(self, names: list[str], values: tuple[Any, ...]) -> tuple[FieldError, ...]:
+        """Problems when a row's value looks like it swallowed rows between two quotes.
+
+        A quote opened in one row and closed in a later one makes pyarrow merge the rows in
+        between into one value: that value spans lines that look like rows (as many
+        delimiters as a row has) and keeps a stray quote. A real multi-line prompt seldom has
+        both, so only then is the row refused (it would otherwise be paid for with the wrong
+        prompt while the swallowed rows vanish).
+        """
+        threshold = max(1, len(self.columns) - 1)
+        for name, value in zip(names, values, strict=True):
+            if not isinstance(value, str) or "\n" not in value or '"' not in value:
+                continue
+            lines = value.split("\n")[1:]
+            rowlike = sum(1 for line in lines if line.count(self.delimiter) >= threshold - 1)
+            if rowlike:
+                return (
+                    FieldError(
+                        name,
+                        f"{name} runs over {len(lines) + 1} lines, {rowlike} of them like rows "
+                        "and a stray quote: is a quote unclosed? (rows in it were not read)",
+                    ),
+                )
+        return ()
 
     def _unclosed_quote(self, names: list[str], values: tuple[Any, ...]) -> tuple[FieldError, ...]:
         """Problems when the file's last row looks like it swallowed rows after an open quote.

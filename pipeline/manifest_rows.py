@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from . import spec
-from .rows import EditParams, FieldError, InvalidRow, ManifestRow, ParsedRow
+from .rows import ROW_COLUMN, EditParams, FieldError, InvalidRow, ManifestRow, ParsedRow
 
 # The columns with a meaning of their own; every other column is ignored (and reported),
 # except `param.<name>` columns, which are provider extras.
@@ -49,7 +49,6 @@ MAX_ID_CHARS = 256
 MIN_SEED = 0
 MAX_SEED = 2**63 - 1
 # The column name FieldErrors use for problems of the whole row (a ragged CSV row).
-ROW_COLUMN = "(row)"
 # Values quoted in reasons are cut to this length so one bad cell cannot flood a report.
 MAX_SHOWN_CHARS = 60
 # Integers written with more digits than this are out of every range we accept; checking the
@@ -440,6 +439,7 @@ class RowValidator:
             row=row,
             id=row_id or f"row-{row}",
             images=tuple(images),
+            images_column="images" if _is_unset(cells.get("image")) else "image",
             prompt=prompt_text,
             seed=field("seed"),
             mask=mask,

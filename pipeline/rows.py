@@ -28,13 +28,17 @@ class EditParams:
         return self.n or 1
 
 
+# The "column" of a problem with a whole row (a ragged CSV line), not with one cell.
+ROW_COLUMN = "(row)"
+
+
 @dataclass(frozen=True)
 class FieldError:
     column: str
     reason: str
 
     def __str__(self) -> str:
-        return f"column {self.column}: {self.reason}"
+        return self.reason if self.column == ROW_COLUMN else f"column {self.column}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class ManifestRow:
     seed: int | None = None
     mask: str | None = None
     params: EditParams = field(default_factory=EditParams)
+    # The column the sources came from, so an error loading one names it.
+    images_column: str = "image"
 
 
 @dataclass(frozen=True)

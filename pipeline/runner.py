@@ -29,7 +29,7 @@ from .results import (
 )
 from .retry import RetryPolicy, retrying
 from .rows import InvalidRow, ManifestRow, ParsedRow
-from .sources import Source, SourceLoader
+from .sources import Source, SourceLoader, redact_uri
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,8 @@ def _base_result(row: ManifestRow) -> ResultRow:
         status="failed",
         prompt=row.prompt,
         seed=row.seed,
-        source_uris=list(row.images),
+        # Pre-signed URLs carry keys in their query string: none of that is stored.
+        source_uris=[redact_uri(u) for u in row.images],
         n_requested=row.params.image_count(),
         requested_size=_requested_size(row),
         started_at=utcnow(),
@@ -318,7 +319,7 @@ async def _process_valid(ctx: RunContext, row: ManifestRow, result: ResultRow) -
         result.status = "invalid"
         result.error_code = "source_error"
         result.error_column = exc.column
-        result.error_message = f"row {row.row}, column {exc.column}: {exc}"
+        result.error_message = f"row {row.row}: column {exc.column}: {exc}"
         return result
 
     key = job_key(
@@ -381,7 +382,8 @@ async def request_for(ctx: RunContext, row: ManifestRow) -> EditRequest:
 
 
 async def _load_sources(ctx: RunContext, row: ManifestRow) -> list[Source]:
-    return list(await asyncio.gather(*(ctx.loader.load(u, column="image") for u in row.images)))
+    column = row.images_column
+    return list(await asyncio.gather(*(ctx.loader.load(u, column=column) for u in row.images)))
 
 
 def _request(
@@ -552,8 +554,10 @@ def sidecar_document(
         "request": {
             "prompt": row.prompt,
             "seed": row.seed,
-            "images": [{"uri": s.uri, "sha256": s.sha256, "size": s.info.size} for s in sources],
-            "mask": {"uri": mask.uri, "sha256": mask.sha256} if mask else None,
+            "images": [
+                {"uri": redact_uri(s.uri), "sha256": s.sha256, "size": s.info.size} for s in sources
+            ],
+            "mask": {"uri": redact_uri(mask.uri), "sha256": mask.sha256} if mask else None,
             "n": p.n,
             "size": p.size,
             "aspect_ratio": p.aspect_ratio,

@@ -21,6 +21,7 @@ for _name in ("IMGEDIT_API_BASE", "IMGEDIT_API_KEY", "LUMENFALL_API_KEY", "IMGED
 from PIL import Image  # noqa: E402
 
 from pipeline.emulator import EmulatorProcess  # noqa: E402
+from pipeline.emulator_config import DEFAULT_RETRY_AFTER_S, DEFAULT_SLOW_S  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +61,9 @@ DEFAULT_EMULATOR_CONFIG: dict[str, object] = {
     "truncate_rate": 0.0,
     "api_key": None,
     "balance_usd": None,
+    "retry_after": DEFAULT_RETRY_AFTER_S,
+    "slow_seconds": DEFAULT_SLOW_S,
+    "public_base_url": None,
 }
 
 

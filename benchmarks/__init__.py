@@ -1,0 +1,1 @@
+"""Benchmarks of imgedit against the bundled emulator and an S3 endpoint on loopback."""
