@@ -174,7 +174,7 @@ async def test_invalid_rows_are_reported_while_the_others_succeed(
     for name, column, words in [
         ("no-prompt", "prompt", "prompt"),
         ("bad-seed", "seed", "forty"),
-        ("missing-file", "image", "not found"),
+        ("missing-file", "images", "not found"),
     ]:
         row = results.loc[name]
         assert row["status"] == "invalid", name
