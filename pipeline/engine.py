@@ -358,9 +358,7 @@ def finalize_run(
     started: float,
 ) -> RunSummary:
     """Merge the chunk parts into the run's results table and write its summary."""
-    results_uri, table = merge_results(
-        ctx.storage, [s.part_key for s in stats if s.part_key], ctx.run_id
-    )
+    results_uri, table = merge_results(ctx.storage, [s.part_key for s in stats], ctx.run_id)
     return write_summary(
         ctx.storage,
         ctx.run_id,

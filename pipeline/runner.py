@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -150,22 +151,14 @@ class RateGate:
             await asyncio.sleep(delay)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChunkStats:
-    chunk: int
-    rows: int = 0
-    by_status: dict[str, int] = field(default_factory=dict)
-    cost_usd: float = 0.0
-    possible_double_charges: int = 0
-    possible_double_charge_usd: float = 0.0
-    part_key: str | None = None
+    """What a chunk did, and where its results part is (the run's table is merged from those)."""
 
-    def add(self, r: ResultRow) -> None:
-        self.rows += 1
-        self.by_status[r.status] = self.by_status.get(r.status, 0) + 1
-        self.cost_usd += r.cost or 0.0
-        self.possible_double_charges += r.possible_double_charges
-        self.possible_double_charge_usd += r.possible_double_charge_usd
+    chunk: int
+    rows: int
+    by_status: dict[str, int]
+    part_key: str
 
 
 class RunContext:
@@ -619,13 +612,9 @@ async def process_chunk(ctx: RunContext, chunk: int, rows: Sequence[ParsedRow]) 
     workers = min(len(rows), ctx.config.concurrency * WORKERS_PER_SLOT)
     await asyncio.gather(*(worker() for _ in range(workers)))
     done = [r for r in results if r is not None]
-    stats = ChunkStats(chunk)
-    for r in done:
-        stats.add(r)
     key = layout.part_key(ctx.run_id, chunk)
     await ctx.io(ctx.storage.put_bytes, key, table_to_parquet_bytes(rows_to_table(done)))
-    stats.part_key = key
-    return stats
+    return ChunkStats(chunk, len(done), dict(Counter(r.status for r in done)), key)
 
 
 async def run_windowed(
@@ -636,12 +625,20 @@ async def run_windowed(
     """Run `process` over chunks with at most `window` in flight, reading chunks lazily."""
     pending: set[asyncio.Task[ChunkStats]] = set()
     finished: list[ChunkStats] = []
-    for index, rows in chunks:
-        pending.add(asyncio.ensure_future(process(index, rows)))
-        if len(pending) >= window:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        for index, rows in chunks:
+            pending.add(asyncio.ensure_future(process(index, rows)))
+            if len(pending) >= window:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                finished.extend(t.result() for t in done)
+        if pending:
+            done, pending = await asyncio.wait(pending)
             finished.extend(t.result() for t in done)
-    if pending:
-        done, _ = await asyncio.wait(pending)
-        finished.extend(t.result() for t in done)
+    finally:
+        # A chunk that failed (its results part could not be written) ends the run: the
+        # others must not go on editing unobserved.
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
     return sorted(finished, key=lambda s: s.chunk)
