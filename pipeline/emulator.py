@@ -85,7 +85,9 @@ def emulator_command(
     disabled_models: Annotated[
         str, _opt("disabled_models", "Comma-separated model ids answering MODEL_DISABLED.")
     ] = "",
-    latency: Annotated[float, _opt("latency", "Mean added latency per edit, seconds.")] = 0.0,
+    latency: Annotated[
+        float, _opt("latency", "Mean time to answer an edit, rendering included, seconds.")
+    ] = 0.0,
     latency_jitter: Annotated[
         float, _opt("latency_jitter", "Standard deviation of the latency, seconds.")
     ] = 0.0,

@@ -514,6 +514,13 @@ def _error_response(err: ApiError, headers: Mapping[str, str] | None = None) -> 
     )
 
 
+async def _sleep_until(deadline: float) -> None:
+    """Sleep until time.monotonic() reaches `deadline` (at once if it has)."""
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
 def _json_bytes(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -703,6 +710,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         return response
 
     async def _edit(request: Request, record: dict[str, Any], headers: dict[str, str]) -> Response:
+        arrival = time.monotonic()
         form = await _read_form(request)
         text_fields: dict[str, str | list[str]] = {}
         for key, value in form.fields:
@@ -766,11 +774,15 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
                         "retry-after-ms": str(round(wait * 1000)),
                     },
                 )
-            if decision.latency > 0:
-                await asyncio.sleep(decision.latency)
+            # The latency is the time to answer as a client sees it, from the request's
+            # arrival: decoding, rendering and building the body happen within it, not on top
+            # of it, so the emulator does not inflate the N*L/C bound a benchmark measures.
+            deadline = arrival + decision.latency
             if decision.fault == INTERNAL_ERROR:
+                await _sleep_until(deadline)
                 raise ApiError(500, "INTERNAL_ERROR", "Internal error while processing the request")
             if decision.fault == PROVIDERS_EXHAUSTED:
+                await _sleep_until(deadline)
                 raise ApiError(
                     502,
                     "ALL_PROVIDERS_EXHAUSTED",
@@ -779,6 +791,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             try:
                 base = await state.base(edit)
             except InvalidImageError as exc:
+                await _sleep_until(deadline)
                 raise _invalid(f"image could not be decoded: {exc}", "image") from exc
             loop = asyncio.get_running_loop()
             images = await loop.run_in_executor(state.executor, _render_all, base, edit)
@@ -789,7 +802,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         state.images_rendered += len(images)
         record["charged"] = True
         record["cost_usd"] = edit.cost_micros / spec.MICROS_PER_USD
-        return await _answer(request, edit, images, decision, fp, headers)
+        return await _answer(request, edit, images, decision, fp, headers, deadline)
 
     async def _answer(
         request: Request,
@@ -798,13 +811,16 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         decision: Draw,
         fp: str,
         headers: dict[str, str],
+        deadline: float,
     ) -> Response:
         fault = decision.fault or ""
         malformed = fault[len(MALFORMED_PREFIX) :] if fault.startswith(MALFORMED_PREFIX) else None
         if decision.fault == SLOW:
-            await asyncio.sleep(state.config.slow_seconds)
+            deadline += state.config.slow_seconds
         if malformed == "not_json":
-            return _finish(NOT_JSON_BODY, "text/html; charset=utf-8", decision, headers)
+            return await _finish(
+                NOT_JSON_BODY, "text/html; charset=utf-8", decision, headers, deadline
+            )
 
         rewrite = revised_prompt(edit.prompt, fp, state.config.revised_prompt_rate)
         doc: dict[str, Any] = {
@@ -824,7 +840,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         }
         if malformed == "no_data":
             del doc["data"]
-            return _finish(_json_bytes(doc), "application/json", decision, headers)
+            return await _finish(_json_bytes(doc), "application/json", decision, headers, deadline)
         if rewrite is not None:
             for item in doc["data"]:
                 item["revised_prompt"] = rewrite
@@ -835,7 +851,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             body = await asyncio.get_running_loop().run_in_executor(
                 state.executor, _b64_body, doc, images, bad
             )
-            return _finish(body, "application/json", decision, headers)
+            return await _finish(body, "application/json", decision, headers, deadline)
 
         base_url = state.config.public_base_url or f"{request.url.scheme}://{request.url.netloc}"
         ext = edit.output_format
@@ -845,9 +861,13 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             payload = NOT_IMAGE_BYTES if malformed == "not_image" else data
             name = state.files.put(payload, ext, content_type, truncate_at=truncate_at)
             item["url"] = f"{base_url.rstrip('/')}/v1/files/{name}"
-        return _finish(_json_bytes(doc), "application/json", decision, headers)
+        return await _finish(_json_bytes(doc), "application/json", decision, headers, deadline)
 
-    def _finish(body: bytes, media_type: str, decision: Draw, headers: dict[str, str]) -> Response:
+    async def _finish(
+        body: bytes, media_type: str, decision: Draw, headers: dict[str, str], deadline: float
+    ) -> Response:
+        """The answer, once its time has come (the drawn latency, plus a slow fault's delay)."""
+        await _sleep_until(deadline)
         if decision.fault == DROPPED:
             return _DroppingResponse(body, cut=decision.cut, media_type=media_type, headers=headers)
         return Response(body, media_type=media_type, headers=headers)

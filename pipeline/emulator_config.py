@@ -56,7 +56,8 @@ class EmulatorConfig(BaseModel):
     balance_usd: float | None = Field(default=None, ge=0.0)
     models: list[str] = Field(default_factory=lambda: [DEFAULT_MODEL])
     disabled_models: list[str] = Field(default_factory=list)
-    # Added to every edit (not to 429s): mean seconds, spread (standard deviation), shape.
+    # Time to answer an edit (not a 429) from its arrival, decoding and rendering included:
+    # mean seconds, spread (standard deviation), shape.
     latency: float = Field(default=0.0, ge=0.0)
     latency_jitter: float = Field(default=0.0, ge=0.0)
     latency_distribution: Literal["fixed", "uniform", "lognormal"] = "fixed"

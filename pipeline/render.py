@@ -270,6 +270,63 @@ def caption_lines(prompt: str, chars_per_line: int) -> list[str]:
     return lines
 
 
+# Rendered prompt lines, as masks, per (prompt, size): a batch repeats a few prompts with
+# many seeds, and drawing text is most of a variant's cost. ~130 kB per entry at 1 MP.
+CAPTION_CACHE_ENTRIES = 64
+
+
+@dataclass(frozen=True)
+class _Mask:
+    """Where the prompt lines' ink goes: the inked box of the caption and its alpha there."""
+
+    box: tuple[int, int]
+    alpha: Image.Image | None  # None: the lines have no ink (an empty prompt)
+
+
+class _CaptionCache:
+    """A small thread-safe LRU of the prompt lines' text mask (an L image) per caption."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[tuple[object, ...], _Mask] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[object, ...]) -> _Mask | None:
+        with self._lock:
+            mask = self._items.get(key)
+            if mask is not None:
+                self._items.move_to_end(key)
+            return mask
+
+    def put(self, key: tuple[object, ...], mask: _Mask) -> None:
+        with self._lock:
+            self._items[key] = mask
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+
+_captions = _CaptionCache(CAPTION_CACHE_ENTRIES)
+
+
+def _prompt_mask(
+    size: tuple[int, int], lines: Sequence[str], font_px: int, pad: int, step: float
+) -> _Mask:
+    """The prompt lines drawn at full coverage (255) on black, cut to their inked box."""
+    key = (size, tuple(lines), font_px, pad, step)
+    mask = _captions.get(key)
+    if mask is None:
+        full = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(full)
+        font = _font(font_px)
+        for i, line in enumerate(lines):
+            draw.text((pad, pad + i * step), line, font=font, fill=255)
+        # Pasting through the whole strip costs ~0.5 ms; the text covers a fraction of it.
+        bbox = full.getbbox()
+        mask = _Mask(bbox[:2], full.crop(bbox)) if bbox else _Mask((0, 0), None)
+        _captions.put(key, mask)
+    return mask
+
+
 def render_bands(
     layout: Layout, *, prompt: str, seed: int | None, variant: int, n: int
 ) -> tuple[Image.Image, Image.Image]:
@@ -279,19 +336,25 @@ def render_bands(
     ink = (16, 16, 16) if luminance > 140 else (245, 245, 245)
     top = Image.new("RGB", (layout.width, layout.top), tint)
     strip = Image.new("RGB", (layout.width, layout.caption), tint)
-    draw = ImageDraw.Draw(strip)
     pad = max(4, round(layout.height * CAPTION_PADDING_FRACTION))
     lines_total = CAPTION_PROMPT_LINES + 1
     font_px = max(8, int((layout.caption - 2 * pad) / (lines_total * LINE_SPACING)))
-    font = _font(font_px)
     # Aileron's average advance is about half its size; wrapping by count avoids measuring.
     chars = int((layout.width - 2 * pad) / (font_px * 0.5))
     lines = caption_lines(prompt, chars)
-    seed_text = "-" if seed is None else str(seed)
-    lines.append(f"seed {seed_text}  ·  image {variant + 1}/{n}")
     step = font_px * LINE_SPACING
-    for i, line in enumerate(lines):
-        draw.text((pad, pad + i * step), line, font=font, fill=ink)
+    # The prompt's lines come from the cache as an alpha mask; only the seed line is drawn.
+    mask = _prompt_mask(strip.size, lines, font_px, pad, step)
+    if mask.alpha is not None:
+        x, y = mask.box
+        strip.paste(ink, (x, y, x + mask.alpha.width, y + mask.alpha.height), mask.alpha)
+    seed_text = "-" if seed is None else str(seed)
+    ImageDraw.Draw(strip).text(
+        (pad, pad + len(lines) * step),
+        f"seed {seed_text}  ·  image {variant + 1}/{n}",
+        font=_font(font_px),
+        fill=ink,
+    )
     return top, strip
 
 

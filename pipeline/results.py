@@ -114,8 +114,11 @@ class ResultRow:
 
 
 def rows_to_table(rows: Sequence[ResultRow]) -> pa.Table:
+    # Column by column from the attributes: a dict per row through dataclasses.asdict
+    # deep-copies every list and datetime, ~25 us a row (2.5 s for a 100k-row resume).
     ordered = sorted(rows, key=lambda r: r.row)
-    return pa.Table.from_pylist([r.as_record() for r in ordered], schema=RESULTS_SCHEMA)
+    columns = {name: [getattr(r, name) for r in ordered] for name in RESULTS_SCHEMA.names}
+    return pa.Table.from_pydict(columns, schema=RESULTS_SCHEMA)
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
