@@ -222,7 +222,9 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
         base_url=opts.api_base,
         model=opts.model,
         timeout=opts.request_timeout,
-        max_connections=max(opts.concurrency * 2, 8),
+        # The limiter keeps at most `concurrency` requests (and their downloads) in flight;
+        # idle connections beyond that only cost CPU (see client.CONNECTIONS_PER_POOL).
+        max_connections=opts.concurrency,
     )
     done = set() if opts.overwrite else list_done_keys(storage)
     if done:

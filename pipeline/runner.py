@@ -41,6 +41,8 @@ DEFAULT_CONCURRENCY = 16
 DEFAULT_CHUNK_SIZE = 1000
 # Two chunks in flight share one request limit, so the API stays busy while a chunk drains.
 DEFAULT_CHUNKS_IN_FLIGHT = 2
+# Listing shards of the job sidecars: the first hex digit of the job key.
+JOB_KEY_SHARDS: tuple[str, ...] = tuple("0123456789abcdef")
 # Rows being loaded or stored besides those waiting on the API, per unit of concurrency.
 WORKERS_PER_SLOT = 2
 
@@ -218,9 +220,14 @@ def io_thread_pool(concurrency: int) -> ThreadPoolExecutor:
 
 
 def list_done_keys(storage: Storage) -> set[str]:
-    """Job keys whose sidecar exists, from one prefix listing (no request per row)."""
+    """Job keys whose sidecar exists, from 16 listings in parallel (no request per row).
+
+    One listing per first hex digit of the key (`jobs/0`...`jobs/f`): 16 requests for a
+    small store, pages of 1000 in parallel for a large one. A single paginated listing of
+    100k sidecars is 100 sequential requests (on moto each one also sorts the whole bucket).
+    """
     done: set[str] = set()
-    for key in storage.list_keys(layout.JOBS_PREFIX):
+    for key in storage.list_keys_sharded(layout.JOBS_PREFIX, shards=JOB_KEY_SHARDS):
         job = layout.job_key_of_sidecar(key)
         if job:
             done.add(job)
@@ -376,6 +383,9 @@ async def request_for(ctx: RunContext, row: ManifestRow) -> EditRequest:
 
 async def _load_sources(ctx: RunContext, row: ManifestRow) -> list[Source]:
     column = row.images_column
+    if len(row.images) == 1:
+        # Most rows: no gather, so no task per row (a cached source then costs no loop turn).
+        return [await ctx.loader.load(row.images[0], column=column)]
     return list(await asyncio.gather(*(ctx.loader.load(u, column=column) for u in row.images)))
 
 
