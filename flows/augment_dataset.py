@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_link_artifact
-from pydantic import Field
 
 from flows.edit_manifest import edit_manifest
 from flows.settings import EditSettings, RunSettings
@@ -22,26 +21,25 @@ DATASET_ARTIFACT_KEY = "imgedit-dataset"
 
 @flow(name="augment-dataset", persist_result=False, validate_parameters=True)
 async def augment_dataset(
-    manifest: Annotated[
-        str, Field(description="Source manifest (CSV/Parquet): image(s), id and any columns")
-    ],
-    output: Annotated[str, Field(description="Output root: a local folder or s3://bucket/prefix")],
-    prompts: Annotated[
-        list[str] | None, Field(description="Prompts, each applied to every source image")
-    ] = None,
-    prompt_template: Annotated[
-        str | None,
-        Field(
-            description="Or one prompt filled from row columns, e.g. 'Put the {product} on a beach'"
-        ),
-    ] = None,
-    seeds: Annotated[list[int], Field(description="Seeds, each applied to every prompt")] = [0],  # noqa: B006
-    edit: Annotated[
-        EditSettings, Field(description="How each image is edited (n: variants per request)")
-    ] = EditSettings(),  # noqa: B008
-    run: Annotated[RunSettings, Field(description="API, limits and budget")] = RunSettings(),  # noqa: B008
+    manifest: str,
+    output: str,
+    prompts: list[str] | None = None,
+    prompt_template: str | None = None,
+    seeds: list[int] = [0],  # noqa: B006
+    edit: EditSettings = EditSettings(),  # noqa: B008
+    run: RunSettings = RunSettings(),  # noqa: B008
 ) -> dict[str, Any]:
-    """Expand, edit, and write `runs/<run_id>/dataset.parquet`: one row per output image."""
+    """Expand, edit, and write `runs/<run_id>/dataset.parquet`: one row per output image.
+
+    Args:
+        manifest: Source manifest (CSV/Parquet): image(s), id and any columns
+        output: Output root: a local folder or s3://bucket/prefix
+        prompts: Prompts, each applied to every source image
+        prompt_template: Or one prompt filled from row columns, e.g. 'Put the {product} on a beach'
+        seeds: Seeds, each applied to every prompt
+        edit: How each image is edited (n: variants per request)
+        run: API, limits and budget
+    """
     logger = get_run_logger()
     run_id = new_run_id()
     settings = {k: v for k, v in edit.manifest_columns().items() if k not in ("seed", "n")}

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow
-from pydantic import Field
 
 from flows.edit_manifest import edit_manifest
 from flows.settings import RunSettings
@@ -14,25 +13,26 @@ from pipeline.errors import ConfigError
 
 @flow(name="backfill", persist_result=False, validate_parameters=True)
 async def backfill(
-    manifest: Annotated[str, Field(description="Manifest (CSV/Parquet, local path or s3://)")],
-    output: Annotated[str, Field(description="Output root: a local folder or s3://bucket/prefix")],
-    ids: Annotated[list[str] | None, Field(description="Only the rows with these ids")] = None,
-    where: Annotated[
-        str | None,
-        Field(
-            description="Only rows where this pandas expression over the manifest columns "
-            'holds, e.g. seed > 10 and output_format == "png"'
-        ),
-    ] = None,
-    failed_of_run: Annotated[
-        str | None, Field(description="Only the rows that failed in this earlier run id")
-    ] = None,
-    overwrite: Annotated[
-        bool, Field(description="Redo the chosen rows even where results already exist")
-    ] = False,
-    run: Annotated[RunSettings, Field(description="API, limits and budget")] = RunSettings(),  # noqa: B008
+    manifest: str,
+    output: str,
+    ids: list[str] | None = None,
+    where: str | None = None,
+    failed_of_run: str | None = None,
+    overwrite: bool = False,
+    run: RunSettings = RunSettings(),  # noqa: B008
 ) -> dict[str, Any]:
-    """Edit only the chosen rows (every criterion given must hold); the others are skipped."""
+    """Edit only the chosen rows (every criterion given must hold); the others are skipped.
+
+    Args:
+        manifest: Manifest (CSV/Parquet, local path or s3://)
+        output: Output root: a local folder or s3://bucket/prefix
+        ids: Only the rows with these ids
+        where: Only rows where this pandas expression over the manifest columns holds,
+            e.g. seed > 10 and output_format == "png"
+        failed_of_run: Only the rows that failed in this earlier run id
+        overwrite: Redo the chosen rows even where results already exist
+        run: API, limits and budget
+    """
     if not (ids or where or failed_of_run):
         raise ConfigError("choose the rows: ids, a where expression, or failed_of_run")
     result: dict[str, Any] = await edit_manifest(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import Field
 
 from flows.edit_manifest import edit_manifest
 from flows.settings import EditSettings, RunSettings
@@ -20,24 +19,24 @@ from pipeline.storage import open_storage
 
 @flow(name="catalogue-reedit", persist_result=False, validate_parameters=True)
 async def catalogue_reedit(
-    output: Annotated[str, Field(description="Output root: a local folder or s3://bucket/prefix")],
-    source_prefix: Annotated[
-        str | None,
-        Field(description="Every image under this folder or s3:// prefix is a source"),
-    ] = None,
-    prompt: Annotated[
-        str | None, Field(description="The edit applied to every image of source_prefix")
-    ] = None,
-    manifest: Annotated[
-        str | None, Field(description="Or: a manifest (CSV/Parquet) listing the catalogue")
-    ] = None,
-    edit: Annotated[
-        EditSettings, Field(description="How each image is edited (with source_prefix)")
-    ] = EditSettings(),  # noqa: B008 - pydantic models are immutable defaults here
-    run: Annotated[RunSettings, Field(description="API, limits and budget")] = RunSettings(),  # noqa: B008
+    output: str,
+    source_prefix: str | None = None,
+    prompt: str | None = None,
+    manifest: str | None = None,
+    edit: EditSettings = EditSettings(),  # noqa: B008 - pydantic models are immutable defaults here
+    run: RunSettings = RunSettings(),  # noqa: B008
 ) -> dict[str, Any]:
     """Re-edit the catalogue: results are keyed by each source's content hash, so only sources
-    that changed (or are new) since the last run cost an API call."""
+    that changed (or are new) since the last run cost an API call.
+
+    Args:
+        output: Output root: a local folder or s3://bucket/prefix
+        source_prefix: Every image under this folder or s3:// prefix is a source
+        prompt: The edit applied to every image of source_prefix
+        manifest: Or: a manifest (CSV/Parquet) listing the catalogue
+        edit: How each image is edited (with source_prefix)
+        run: API, limits and budget
+    """
     logger = get_run_logger()
     if (source_prefix is None) == (manifest is None):
         raise ConfigError("give either source_prefix (with a prompt) or manifest, not both")

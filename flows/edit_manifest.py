@@ -93,97 +93,65 @@ def finalize_task(
 
 @flow(name=EDIT_MANIFEST_FLOW, persist_result=False, validate_parameters=True)
 async def edit_manifest(
-    manifest: Annotated[
-        str, Field(description="Manifest URI: local path or s3://, CSV or Parquet")
-    ],
-    output: Annotated[str, Field(description="Output root: a local folder or s3://bucket/prefix")],
-    model: Annotated[str, Field(description="Model name sent to the API")] = spec.DEFAULT_MODEL,
-    api_base: Annotated[
-        str | None,
-        Field(description="API base URL; default IMGEDIT_API_BASE, else the Lumenfall gateway"),
-    ] = None,
-    concurrency: Annotated[
-        int, Field(ge=1, le=1024, description="Edit requests in flight at once")
-    ] = DEFAULT_CONCURRENCY,
-    max_attempts: Annotated[
-        int, Field(ge=1, le=50, description="Attempts per row, the first one included")
-    ] = DEFAULT_MAX_ATTEMPTS,
-    max_retry_seconds: Annotated[
-        float, Field(gt=0, description="Seconds one row may spend retrying")
-    ] = DEFAULT_MAX_RETRY_SECONDS,
-    request_timeout: Annotated[
-        float, Field(gt=0, description="Seconds before an attempt counts as lost")
-    ] = DEFAULT_TIMEOUT_S,
-    chunk_size: Annotated[
-        int, Field(ge=1, le=100_000, description="Rows per Prefect task")
-    ] = DEFAULT_CHUNK_SIZE,
-    chunks_in_flight: Annotated[
-        int, Field(ge=1, le=16, description="Chunk tasks running at once, sharing one limit")
-    ] = DEFAULT_CHUNKS_IN_FLIGHT,
-    response_format: Annotated[
-        Literal["b64_json", "url"],
-        Field(description="How results travel: inline base64, or a URL fetched at once"),
-    ] = "b64_json",
-    overwrite: Annotated[bool, Field(description="Redo rows whose results already exist")] = False,
-    strict: Annotated[
-        bool, Field(description="Fail before any API call if any row is invalid")
-    ] = False,
-    s3_endpoint_url: Annotated[
-        str | None,
-        Field(description="S3 endpoint (MinIO, R2, moto); default AWS_ENDPOINT_URL_S3, else AWS"),
-    ] = None,
-    run_id: Annotated[
-        str | None, Field(description="Name of this run's folder under runs/ (default: a new id)")
-    ] = None,
-    max_cost_usd: Annotated[
-        float | None,
-        Field(ge=0, description="Budget in USD: no request starts once it could be passed"),
-    ] = None,
-    dry_run_estimate: Annotated[
-        bool, Field(description="Price the run with the API's dry run of its first row")
-    ] = False,
-    retry_failed_of: Annotated[
-        str | None, Field(description="Only redo the rows that failed in this earlier run id")
-    ] = None,
-    api_limit: Annotated[
-        str | None,
-        Field(
-            description="Prefect global concurrency limit shared by every run and worker "
-            "(its '-rpm' twin, if any, limits requests per minute); none: local limit only"
-        ),
-    ] = DEFAULT_LIMIT_NAME,
-    shards: Annotated[
-        int,
-        Field(
-            ge=1,
-            le=1000,
-            description="Split the manifest into this many child flow runs of "
-            "`shard_deployment`, for several workers to share (manifest and output must be "
-            "on storage every worker reaches, e.g. s3://)",
-        ),
-    ] = 1,
-    shard_deployment: Annotated[
-        str | None,
-        Field(
-            description="'flow/deployment' the shards run as (default: this deployment, "
-            "else edit-manifest/edit-manifest)"
-        ),
-    ] = None,
-    select_ids: Annotated[
-        list[str] | None, Field(description="Only the rows with these ids (a backfill)")
-    ] = None,
-    select_where: Annotated[
-        str | None,
-        Field(description='Only rows where this pandas expression holds, e.g. size == "1:1"'),
-    ] = None,
-    row_start: Annotated[
-        int, Field(ge=1, description="First manifest row of this run (shards set it)")
-    ] = 1,
-    row_end: Annotated[
-        int | None, Field(ge=1, description="Row after the last one of this run (shards)")
-    ] = None,
+    manifest: str,
+    output: str,
+    model: str = spec.DEFAULT_MODEL,
+    api_base: str | None = None,
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = DEFAULT_CONCURRENCY,
+    max_attempts: Annotated[int, Field(ge=1, le=50)] = DEFAULT_MAX_ATTEMPTS,
+    max_retry_seconds: Annotated[float, Field(gt=0)] = DEFAULT_MAX_RETRY_SECONDS,
+    request_timeout: Annotated[float, Field(gt=0)] = DEFAULT_TIMEOUT_S,
+    chunk_size: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_CHUNK_SIZE,
+    chunks_in_flight: Annotated[int, Field(ge=1, le=16)] = DEFAULT_CHUNKS_IN_FLIGHT,
+    response_format: Literal["b64_json", "url"] = "b64_json",
+    overwrite: bool = False,
+    strict: bool = False,
+    s3_endpoint_url: str | None = None,
+    run_id: str | None = None,
+    max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
+    dry_run_estimate: bool = False,
+    retry_failed_of: str | None = None,
+    api_limit: str | None = DEFAULT_LIMIT_NAME,
+    shards: Annotated[int, Field(ge=1, le=1000)] = 1,
+    shard_deployment: str | None = None,
+    select_ids: list[str] | None = None,
+    select_where: str | None = None,
+    row_start: Annotated[int, Field(ge=1)] = 1,
+    row_end: Annotated[int | None, Field(ge=1)] = None,
 ) -> dict[str, Any]:
-    """Edit every row of a manifest and store results, sidecars and a results table."""
+    """Edit every row of a manifest and store results, sidecars and a results table.
+
+    Args:
+        manifest: Manifest URI: local path or s3://, CSV or Parquet
+        output: Output root: a local folder or s3://bucket/prefix
+        model: Model name sent to the API
+        api_base: API base URL; default IMGEDIT_API_BASE, else the Lumenfall gateway
+        concurrency: Edit requests in flight at once
+        max_attempts: Attempts per row, the first one included
+        max_retry_seconds: Seconds one row may spend retrying
+        request_timeout: Seconds before an attempt counts as lost
+        chunk_size: Rows per Prefect task
+        chunks_in_flight: Chunk tasks running at once, sharing one limit
+        response_format: How results travel: inline base64, or a URL fetched at once
+        overwrite: Redo rows whose results already exist
+        strict: Fail before any API call if any row is invalid
+        s3_endpoint_url: S3 endpoint (MinIO, R2, moto); default AWS_ENDPOINT_URL_S3, else AWS
+        run_id: Name of this run's folder under runs/ (default: a new id)
+        max_cost_usd: Budget in USD: no request starts once it could be passed
+        dry_run_estimate: Price the run with the API's dry run of its first row
+        retry_failed_of: Only redo the rows that failed in this earlier run id
+        api_limit: Prefect global concurrency limit shared by every run and worker (its '-rpm' twin,
+            if any, limits requests per minute); none: local limit only
+        shards: Split the manifest into this many child flow runs of `shard_deployment`, for several
+            workers to share (manifest and output must be on storage every worker reaches, e.g.
+            s3://)
+        shard_deployment: 'flow/deployment' the shards run as (default: this deployment, else edit-
+            manifest/edit-manifest)
+        select_ids: Only the rows with these ids (a backfill)
+        select_where: Only rows where this pandas expression holds, e.g. size == "1:1"
+        row_start: First manifest row of this run (shards set it)
+        row_end: Row after the last one of this run (shards)
+    """
     logger = get_run_logger()
     started, started_at = time.perf_counter(), utcnow()
     opts = RunOptions(
