@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prefect.artifacts import acreate_link_artifact
@@ -20,9 +21,9 @@ async def publish_contact_sheet(
 ) -> str | None:
     """Render a sample of the run's rows (source | result) to PNG, store it, link it."""
     try:
-        png = contact_sheet(results_uri, endpoint_url=endpoint_url, title=f"imgedit run {run_id}")
-        storage = open_storage(output, endpoint_url=endpoint_url)
-        uri = write_contact_sheet(storage, run_id, png)
+        # In a thread: reading thumbnails and encoding the PNG would hold up the event loop
+        # (and the flow's other end-of-run calls) for a second or so.
+        uri = await asyncio.to_thread(_render_and_store, results_uri, output, run_id, endpoint_url)
     except ImgEditError as exc:
         # A missing thumbnail must not fail a run whose edits are all stored.
         log.warning("no contact sheet for run %s: %s", run_id, exc)
@@ -35,3 +36,8 @@ async def publish_contact_sheet(
         description="Source and result thumbnails of a sample of the run's rows",
     )
     return uri
+
+
+def _render_and_store(results_uri: str, output: str, run_id: str, endpoint_url: str | None) -> str:
+    png = contact_sheet(results_uri, endpoint_url=endpoint_url, title=f"imgedit run {run_id}")
+    return write_contact_sheet(open_storage(output, endpoint_url=endpoint_url), run_id, png)

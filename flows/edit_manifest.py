@@ -194,11 +194,13 @@ async def edit_manifest(
         )
     else:
         summary = await edit_here(opts, rid, plan, api_limit, started_at, started)
-    await publish_contact_sheet(summary.results_uri, output, summary.run_id, s3_endpoint_url)
-    await acreate_table_artifact(
-        key=SUMMARY_ARTIFACT_KEY,
-        table=summary.table(),
-        description=f"imgedit run {summary.run_id}: {manifest} -> {output}",
+    await asyncio.gather(
+        publish_contact_sheet(summary.results_uri, output, summary.run_id, s3_endpoint_url),
+        acreate_table_artifact(
+            key=SUMMARY_ARTIFACT_KEY,
+            table=summary.table(),
+            description=f"imgedit run {summary.run_id}: {manifest} -> {output}",
+        ),
     )
     logger.info(
         "run %s done: %s; cost %s %.4f; results %s",

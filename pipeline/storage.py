@@ -136,6 +136,10 @@ class _ShardedListing:
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         raise NotImplementedError
 
+    def _list_if_small(self, prefix: str) -> list[str] | None:
+        """Every key under `prefix` if one request returns them all, else None (no probe)."""
+        return None
+
     def list_keys_sharded(
         self,
         prefix: str,
@@ -147,10 +151,17 @@ class _ShardedListing:
 
         Keys under `prefix` that start with none of the shards are not listed. Each shard
         is listed whole in a worker thread; the keys come out shard by shard as they finish.
+        A store that returns all of `prefix` in one request (S3: up to 1000 keys) is listed
+        with that one request instead of one per shard.
         """
         check_prefix(prefix)
         ordered = _check_shards(shards)
         if not ordered:
+            return
+        small = self._list_if_small(prefix)
+        if small is not None:
+            starts = tuple(prefix + shard for shard in ordered)
+            yield from (key for key in small if key.startswith(starts))
             return
         pool = ThreadPoolExecutor(
             max_workers=max(1, min(workers, len(ordered))), thread_name_prefix="storage-list"
@@ -395,6 +406,20 @@ class S3Storage(_ShardedListing):
                     yield obj["Key"][len(root) :]
         except (ClientError, BotoCoreError) as exc:
             raise self._error("list", root + prefix, exc) from exc
+
+    def _list_if_small(self, prefix: str) -> list[str] | None:
+        # One request: a fresh or small output (the common case) needs no fan-out, and a
+        # large one pays a single extra page.
+        root = f"{self.prefix}/" if self.prefix else ""
+        try:
+            page = self.client.list_objects_v2(
+                Bucket=self.bucket, Prefix=root + prefix, MaxKeys=S3_LIST_PAGE_SIZE
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("list", root + prefix, exc) from exc
+        if page.get("IsTruncated"):
+            return None
+        return [obj["Key"][len(root) :] for obj in page.get("Contents", ())]
 
     def delete(self, key: str) -> None:
         s3_key = self._key(key)

@@ -361,15 +361,24 @@ def test_s3_listing_paginates(s3: Any) -> None:
     assert len(calls) == 2  # 1000 + 5: pages, not a request per key
 
 
-def test_s3_sharded_listing_makes_one_call_per_shard(s3: Any) -> None:
+def test_s3_sharded_listing_is_one_call_when_small_else_one_per_shard(s3: Any) -> None:
     st = open_storage(f"s3://{BUCKET}/run")
     assert isinstance(st, S3Storage)
     for i in range(300):
         s3.put_object(Bucket=BUCKET, Key=f"run/jobs/{HEX_SHARDS[i % 256]}/{i}.json", Body=b"{}")
+    s3.put_object(Bucket=BUCKET, Key="run/jobs/zz/outside-the-shards.json", Body=b"{}")
     calls = _count_calls(st, "ListObjectsV2")
     keys = list(st.list_keys_sharded("jobs/"))
     assert len(keys) == 300 == len(set(keys))
-    assert len(calls) == 256
+    assert len(calls) == 1  # one page held them all
+    for i in range(300, 1100):
+        s3.put_object(Bucket=BUCKET, Key=f"run/jobs/{HEX_SHARDS[i % 256]}/{i}.json", Body=b"{}")
+    calls.clear()
+    single_hex = sorted({h[0] for h in HEX_SHARDS})
+    keys = list(st.list_keys_sharded("jobs/", shards=single_hex))
+    assert len(keys) == 1100 == len(set(keys))
+    assert "jobs/zz/outside-the-shards.json" not in keys
+    assert len(calls) == 1 + len(single_hex)  # the probe, then the shards in parallel
 
 
 def test_s3_missing_bucket_is_a_readable_error_without_credentials(aws_env: None) -> None:
