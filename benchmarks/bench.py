@@ -99,6 +99,7 @@ class Bench:
     sources: list[Path]
     log: Callable[[str], None]
     runs: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
     def variant(
         self,
@@ -208,7 +209,19 @@ def edit_parts(bench: Bench, emu: EmulatorProcess, s3: S3Server, manifest: Path)
                     "bucket": BUCKET,
                     "prefix": prefix,
                 }
-                record = bench.variant(name, args, part=part, watch=watch, expect_rows=s.rows)
+                try:
+                    record = bench.variant(name, args, part=part, watch=watch, expect_rows=s.rows)
+                except BenchError as exc:
+                    if name != "baseline":
+                        raise
+                    # The baseline has no retries by design: one dropped connection ends it.
+                    # That repetition is reported as failed and left out of the medians.
+                    reason = str(exc).strip().splitlines()[-1]
+                    bench.failures.append(
+                        {"part": part, "variant": name, "rep": rep, "error": reason}
+                    )
+                    bench.log(f"  {part:8s} {name:14s} FAILED (no retries): {reason}")
+                    continue
                 stats = emu.stats()
                 record["rep"] = rep
                 record["emulator_requests"] = stats["requests"]
@@ -708,6 +721,7 @@ def run(s: Settings, log: Callable[[str], None]) -> dict[str, Any]:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
         "summary": summary,
         "runs": bench.runs,
+        "failed_reps": bench.failures,
         "bench_s": time.perf_counter() - started,
     }
     return result
@@ -732,6 +746,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"benchmark failed: {exc}")
         return 1
     print(report(settings, result["summary"]))
+    for failure in result["failed_reps"]:
+        print(
+            f"{failure['variant']} failed repetition {failure['rep']} of part {failure['part']}"
+            f" (left out of the medians): {failure['error']}"
+        )
     print(f"\n(benchmark took {result['bench_s']:.0f} s; inputs in {settings.workdir})")
     if settings.json_path:
         settings.json_path.write_text(json.dumps(result, indent=2, default=str))
