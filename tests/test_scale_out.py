@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from prefect.deployments import arun_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pipeline.emulator import EmulatorProcess
-from tests.prefect_stack import ROOT, PrefectStack, prefect_stack
+from tests.prefect_stack import PrefectStack, collecting_leaks, prefect_stack
 
 pytestmark = [
     pytest.mark.integration,
@@ -34,6 +33,12 @@ pytestmark = [
 ROWS = 48
 SHARDS = 4
 LIMIT = 5
+
+
+@pytest.fixture(autouse=True)
+def _collect_leaks() -> Iterator[None]:
+    with collecting_leaks():
+        yield
 
 
 @pytest.fixture
@@ -76,15 +81,7 @@ async def test_a_sharded_run_spreads_over_two_workers_under_one_limit(
     emulator.configure(latency=0.15)
 
     # What infra/setup.sh does for a team: the work pool, the API limit, the deployments.
-    setup = subprocess.run(
-        ["sh", str(ROOT / "infra" / "setup.sh")],
-        env={**stack.env, "IMGEDIT_API_LIMIT": str(LIMIT)},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert setup.returncode == 0, setup.stdout + setup.stderr
-    assert f"'imgedit-api': {LIMIT} requests in flight" in setup.stdout
+    assert f"'imgedit-api': {LIMIT} requests in flight" in stack.setup(LIMIT)
     with temporary_settings({PREFECT_API_URL: stack.api_url}):
         # Each worker takes at most 3 flow runs at once (the parent and 4 shards are 5),
         # as workers sized for their machine would.

@@ -11,7 +11,6 @@ import csv
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 from pipeline.emulator import EmulatorProcess
 from pipeline.results import SKIP_NOT_SELECTED
-from tests.prefect_stack import ROOT, PrefectStack, prefect_stack
+from tests.prefect_stack import PrefectStack, collecting_leaks, prefect_stack
 
 if TYPE_CHECKING:
     from playwright.async_api import Locator, Page
@@ -55,6 +54,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _collect_leaks() -> Iterator[None]:
+    with collecting_leaks():
+        yield
 
 
 @pytest.fixture
@@ -107,14 +112,7 @@ async def test_a_backfill_started_from_the_ui_form_edits_only_the_chosen_rows(
     manifest = tmp_path / "catalogue.csv"
     write_manifest(manifest, sources)
     output = tmp_path / "out"
-    setup = subprocess.run(
-        ["sh", str(ROOT / "infra" / "setup.sh")],
-        env={**stack.env, "IMGEDIT_API_LIMIT": "4"},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert setup.returncode == 0, setup.stdout + setup.stderr
+    stack.setup(api_limit=4)
     stack.start_worker("ui", "imgedit")
     deployment = api.get("/deployments/name/backfill/backfill").json()
     ui = stack.api_url.removesuffix("/api")
