@@ -128,8 +128,10 @@ async def test_a_backfill_started_from_the_ui_form_edits_only_the_chosen_rows(
                 where = field(page, "where (Optional)")
                 await where.get_by_role("button", name="str", exact=True).click()
                 await where.locator("textarea, input").first.fill(WHERE)
-                # The form explains each field (from the flow's docstring).
-                assert "pandas expression" in await where.inner_text()
+                # The form explains each field (from the flow's docstring); the UI renders
+                # descriptions as markdown a moment after the field itself.
+                description = where.locator(".schema-form-property__description")
+                await description.filter(has_text="pandas expression").wait_for(timeout=30_000)
                 # A field of the nested `run` settings model.
                 await field(page, "Concurrency (Optional)").locator("input").fill("3")
                 await page.get_by_role("button", name="Submit", exact=True).click()
