@@ -187,6 +187,28 @@ def validate(
 
 
 @app.command()
+def reindex(
+    output: Annotated[
+        str, typer.Argument(help="Output root: a local folder or s3://bucket/prefix")
+    ],
+    s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint URL")] = None,
+) -> None:
+    """Rebuild OUTPUT's done index from its sidecars and clear killed runs' open chunks.
+
+    Only while no run writes to OUTPUT: a running chunk's open marker would be cleared too.
+    """
+    from pipeline.done_index import rebuild_index
+    from pipeline.storage import open_storage
+
+    try:
+        done = rebuild_index(open_storage(output, endpoint_url=s3_endpoint_url))
+    except ImgEditError as exc:
+        console.print(f"[red bold]cannot reindex:[/] {exc}")
+        raise typer.Exit(EXIT_CANNOT_RUN) from None
+    out.print(f"{output}: {len(done.keys)} jobs done; index rebuilt, no open chunks left")
+
+
+@app.command()
 def setup(
     limit: Annotated[
         int, typer.Option(min=1, help="Edit requests in flight across all runs and workers")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import layout, progress, spec
+from . import done_index, layout, progress, spec
 from .client import EditClient, ResponseFormat
 from .errors import APIError, ManifestError, SourceError
 from .manifest import (
@@ -43,7 +43,6 @@ from .runner import (
     RunConfig,
     RunContext,
     io_thread_pool,
-    list_done_keys,
     process_chunk,
     request_for,
     run_windowed,
@@ -226,9 +225,16 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
         # idle connections beyond that only cost CPU (see client.CONNECTIONS_PER_POOL).
         max_connections=opts.concurrency,
     )
-    done = set() if opts.overwrite else list_done_keys(storage)
-    if done:
-        log.info("%d jobs already done under %s", len(done), storage.root_uri)
+    done = done_index.DoneJobs(set()) if opts.overwrite else done_index.load_done(storage)
+    if done.keys:
+        log.info("%d jobs already done under %s", len(done.keys), storage.root_uri)
+    if done.check_unindexed:
+        log.warning(
+            "%d chunks of earlier runs under %s did not finish (killed?): each row still to "
+            "edit is first checked for a result they may have stored",
+            done.open_chunks,
+            storage.root_uri,
+        )
     io_executor = io_thread_pool(config.concurrency)
     return RunContext(
         run_id=run_id,
@@ -240,7 +246,8 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
             executor=io_executor,
         ),
         config=config,
-        done_keys=done,
+        done_keys=done.keys,
+        check_unindexed=done.check_unindexed,
         io_executor=io_executor,
         only_rows=selected_rows(opts, storage),
     )

@@ -6,6 +6,7 @@ runs/<run_id>/parts/<chunk>.parquet  results of one chunk (written as each chunk
 runs/<run_id>/results.parquet      the run's results table, one row per manifest row
 runs/<run_id>/summary.json         the run's summary
 runs/<run_id>/contact-sheet.png    before/after thumbnails of a sample of the run's rows
+index/...                          the done index (see `done_index`)
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
-from . import __version__, layout, progress, spec
+from . import __version__, done_index, layout, progress, spec
 from .client import EditClient, EditRequest, EditResponse, ImagePart, ResponseFormat
 from .errors import APIError, RateLimitError, SourceError, StorageError
 from .jobkey import job_key
@@ -41,8 +41,6 @@ DEFAULT_CONCURRENCY = 16
 DEFAULT_CHUNK_SIZE = 1000
 # Two chunks in flight share one request limit, so the API stays busy while a chunk drains.
 DEFAULT_CHUNKS_IN_FLIGHT = 2
-# Listing shards of the job sidecars: the first hex digit of the job key.
-JOB_KEY_SHARDS: tuple[str, ...] = tuple("0123456789abcdef")
 # Rows being loaded or stored besides those waiting on the API, per unit of concurrency.
 WORKERS_PER_SLOT = 2
 
@@ -175,6 +173,7 @@ class RunContext:
         loader: SourceLoader,
         config: RunConfig,
         done_keys: set[str] | None = None,
+        check_unindexed: bool = False,
         io_executor: ThreadPoolExecutor | None = None,
         only_rows: set[int] | None = None,
     ) -> None:
@@ -184,6 +183,9 @@ class RunContext:
         self.loader = loader
         self.config = config
         self.done_keys: set[str] = done_keys if done_keys is not None else set()
+        # The done index may miss jobs a killed chunk committed: check a job's sidecar
+        # before editing it (see pipeline.done_index).
+        self.check_unindexed = check_unindexed
         self.stop = RunStop()
         self.budget = Budget(config.max_cost_usd)
         self.gate = RateGate()
@@ -217,21 +219,6 @@ def io_thread_pool(concurrency: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         max_workers=max(8, concurrency * WORKERS_PER_SLOT), thread_name_prefix="imgedit-io"
     )
-
-
-def list_done_keys(storage: Storage) -> set[str]:
-    """Job keys whose sidecar exists, from 16 listings in parallel (no request per row).
-
-    One listing per first hex digit of the key (`jobs/0`...`jobs/f`): 16 requests for a
-    small store, pages of 1000 in parallel for a large one. A single paginated listing of
-    100k sidecars is 100 sequential requests (on moto each one also sorts the whole bucket).
-    """
-    done: set[str] = set()
-    for key in storage.list_keys_sharded(layout.JOBS_PREFIX, shards=JOB_KEY_SHARDS):
-        job = layout.job_key_of_sidecar(key)
-        if job:
-            done.add(job)
-    return done
 
 
 def _requested_size(row: ManifestRow) -> str | None:
@@ -291,7 +278,48 @@ def _finish(result: ResultRow, started: float) -> ResultRow:
     return result
 
 
-async def process_row(ctx: RunContext, row: ParsedRow) -> ResultRow:
+class ChunkJournal:
+    """What a chunk tells the done index: it is open before its first commit, and which
+    jobs it found done that the index lacked."""
+
+    def __init__(self, ctx: RunContext, chunk: int) -> None:
+        self.ctx = ctx
+        self.chunk = chunk
+        self.opened = False
+        self.found: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    async def before_commit(self) -> None:
+        if self.opened:
+            return
+        async with self._lock:
+            if not self.opened:
+                await self.ctx.io(
+                    done_index.mark_open, self.ctx.storage, self.ctx.run_id, self.chunk
+                )
+                self.opened = True
+
+    async def close(self, results: Sequence[ResultRow]) -> None:
+        committed = self.found | {
+            r.job_key for r in results if r.status == "succeeded" and r.job_key
+        }
+        if not (committed or self.opened):
+            return
+        # Should indexing fail, the open marker (ours, or the one that made us look for
+        # sidecars) stays, and later runs look for these jobs' sidecars too.
+        await self.ctx.io(
+            done_index.close_chunk,
+            self.ctx.storage,
+            self.ctx.run_id,
+            self.chunk,
+            sorted(committed),
+            delete_marker=self.opened,
+        )
+
+
+async def process_row(
+    ctx: RunContext, row: ParsedRow, journal: ChunkJournal | None = None
+) -> ResultRow:
     """One manifest row to exactly one result row; never raises for a row's own failure."""
     if ctx.only_rows is not None and row.row not in ctx.only_rows:
         return not_selected_result(row)
@@ -300,7 +328,7 @@ async def process_row(ctx: RunContext, row: ParsedRow) -> ResultRow:
     started = time.perf_counter()
     result = _base_result(row)
     try:
-        return _finish(await _process_valid(ctx, row, result), started)
+        return _finish(await _process_valid(ctx, row, result, journal), started)
     except Exception as exc:  # a bug must cost one row, not the run
         log.exception("row %s: unexpected error", row.row)
         result.status = "failed"
@@ -309,7 +337,9 @@ async def process_row(ctx: RunContext, row: ParsedRow) -> ResultRow:
         return _finish(result, started)
 
 
-async def _process_valid(ctx: RunContext, row: ManifestRow, result: ResultRow) -> ResultRow:
+async def _process_valid(
+    ctx: RunContext, row: ManifestRow, result: ResultRow, journal: ChunkJournal | None
+) -> ResultRow:
     if ctx.stop.stopped:
         return _stopped(ctx, result)
     try:
@@ -333,20 +363,39 @@ async def _process_valid(ctx: RunContext, row: ManifestRow, result: ResultRow) -
     result.job_key = key
     result.sidecar_uri = ctx.storage.uri_for(layout.sidecar_key(key))
     if key in ctx.done_keys and not ctx.config.overwrite:
-        result.status = "skipped"
-        result.reason = SKIP_DONE
-        return result
+        return _done(result)
     first = ctx._inflight.get(key)
     if first is not None:
         return _duplicate(result, await asyncio.shield(first))
+    if ctx.check_unindexed and not ctx.config.overwrite:
+        try:
+            found = await ctx.io(ctx.storage.exists, layout.sidecar_key(key))
+        except StorageError as exc:
+            result.error_code = "storage_error"
+            result.error_message = f"cannot check whether the job is already done: {exc}"
+            return result
+        if found:
+            ctx.done_keys.add(key)
+            if journal is not None:
+                journal.found.add(key)
+            return _done(result)
+        first = ctx._inflight.get(key)
+        if first is not None:
+            return _duplicate(result, await asyncio.shield(first))
 
     future: asyncio.Future[ResultRow] = asyncio.get_running_loop().create_future()
     ctx._inflight[key] = future
     try:
-        await _edit_and_store(ctx, row, sources, mask, result)
+        await _edit_and_store(ctx, row, sources, mask, result, journal)
     finally:
         del ctx._inflight[key]
         future.set_result(result)
+    return result
+
+
+def _done(result: ResultRow) -> ResultRow:
+    result.status = "skipped"
+    result.reason = SKIP_DONE
     return result
 
 
@@ -414,6 +463,7 @@ async def _edit_and_store(
     sources: Sequence[Source],
     mask: Source | None,
     result: ResultRow,
+    journal: ChunkJournal | None = None,
 ) -> None:
     request = _request(ctx, row, sources, mask)
     price = row.params.image_count() * ctx.config.price_per_image_usd
@@ -482,6 +532,8 @@ async def _edit_and_store(
 
     _record_response(result, response)
     try:
+        if journal is not None:
+            await journal.before_commit()
         await _store(ctx, row, sources, mask, request, response, result)
     except StorageError as exc:
         result.status = "failed"
@@ -606,22 +658,24 @@ def sidecar_document(
 
 
 async def process_chunk(ctx: RunContext, chunk: int, rows: Sequence[ParsedRow]) -> ChunkStats:
-    """Edit every row of a chunk, then write the chunk's results part; returns its stats."""
+    """Edit every row of a chunk, index its jobs, write its results part; returns its stats."""
     results: list[ResultRow | None] = [None] * len(rows)
     next_index = 0
+    journal = ChunkJournal(ctx, chunk)
 
     async def worker() -> None:
         nonlocal next_index
         while next_index < len(rows):
             i = next_index
             next_index += 1
-            r = await process_row(ctx, rows[i])
+            r = await process_row(ctx, rows[i], journal)
             results[i] = r
             progress.publish_row(ctx.run_id, r)
 
     workers = min(len(rows), ctx.config.concurrency * WORKERS_PER_SLOT)
     await asyncio.gather(*(worker() for _ in range(workers)))
     done = [r for r in results if r is not None]
+    await journal.close(done)
     key = layout.part_key(ctx.run_id, chunk)
     await ctx.io(ctx.storage.put_bytes, key, table_to_parquet_bytes(rows_to_table(done)))
     return ChunkStats(chunk, len(done), dict(Counter(r.status for r in done)), key)
