@@ -1,9 +1,11 @@
 """An S3 endpoint on loopback for the benchmark: moto's server in this process, pre-populated.
 
-`python -m benchmarks.s3server --port P [--populate BUCKET/PREFIX=ROWS]... --sources DIR`
+`python -m benchmarks.s3server --port P [--populate BUCKET/PREFIX=ROWS[:noindex]]... --sources DIR`
 serves until its stdin closes (the benchmark holds the other end), so it never outlives it.
-Pre-populated "done" sidecars go straight into moto's in-memory backend: through HTTP,
-100k PUTs would take minutes of moto's CPU before anything is measured.
+Pre-populated "done" jobs go straight into moto's in-memory backend: through HTTP, 100k PUTs
+would take minutes of moto's CPU before anything is measured. Each gets its sidecar and, as a
+finished run leaves them, a done-index segment per 1000 jobs; `:noindex` leaves out the index
+(an output written before it existed).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 from moto.server import ThreadedMotoServer
 
-from pipeline import layout
+from pipeline import done_index, layout
+from pipeline.runner import DEFAULT_CHUNK_SIZE
 
 from .data import done_job_keys, sidecar_body
 
@@ -27,25 +30,43 @@ READY = "S3SERVER READY"
 REGION = "us-east-1"
 
 
-def populate(target: str, rows: int, sources: list[Path]) -> float:
-    """Sidecars of the first `rows` benchmark jobs under s3://`target`; returns seconds taken."""
+def populate(target: str, rows: int, sources: list[Path], *, index: bool = True) -> float:
+    """The first `rows` benchmark jobs, done, under s3://`target`; returns seconds taken."""
     started = time.perf_counter()
     bucket, _, prefix = target.partition("/")
     backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
     if bucket not in backend.buckets:
         backend.create_bucket(bucket, REGION)
     root = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+
+    def put(key: str, data: bytes) -> None:
+        backend.put_object(bucket, root + key, data, disable_notification=True)
+
+    chunk: list[str] = []
+    chunks = 0
     for key in done_job_keys(sources, rows):
-        backend.put_object(
-            bucket, root + layout.sidecar_key(key), sidecar_body(key), disable_notification=True
-        )
+        put(layout.sidecar_key(key), sidecar_body(key))
+        chunk.append(key)
+        if len(chunk) == DEFAULT_CHUNK_SIZE:
+            if index:
+                put(
+                    done_index.chunk_segment_key("populate", chunks),
+                    done_index.segment_bytes(chunk),
+                )
+            chunk, chunks = [], chunks + 1
+    if index:
+        if chunk:
+            put(done_index.chunk_segment_key("populate", chunks), done_index.segment_bytes(chunk))
+        put(done_index.ROOT_KEY, b'{"version": 1, "from": "benchmark"}')
     return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--populate", action="append", default=[], metavar="BUCKET/PREFIX=ROWS")
+    parser.add_argument(
+        "--populate", action="append", default=[], metavar="BUCKET/PREFIX=ROWS[:noindex]"
+    )
     parser.add_argument("--sources", type=Path)
     args = parser.parse_args()
     # One access-log line per request would cost more than some requests.
@@ -56,8 +77,10 @@ def main() -> None:
     if args.populate:
         sources = sorted(args.sources.glob("source-*.jpg"), key=lambda p: int(p.stem.split("-")[1]))
         for spec in args.populate:
-            target, _, rows = spec.rpartition("=")
-            timings.append(f"{target}:{populate(target, int(rows), sources):.1f}s")
+            target, _, count = spec.rpartition("=")
+            rows, _, flag = count.partition(":")
+            took = populate(target, int(rows), sources, index=flag != "noindex")
+            timings.append(f"{target}:{took:.1f}s")
     print(READY, " ".join(timings), flush=True)
     try:
         sys.stdin.read()  # until the benchmark closes our stdin (or dies)
