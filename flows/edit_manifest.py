@@ -341,7 +341,7 @@ async def fan_out(
     if opts.max_cost_usd is not None:
         # Each shard gets its share of the budget, so together they cannot pass it.
         base["max_cost_usd"] = opts.max_cost_usd / len(ranges)
-    shard_ids = [f"{rid}.s{i:03d}" for i in range(len(ranges))]
+    shard_ids = [layout.shard_run_id(rid, i) for i in range(len(ranges))]
     logger.info("run %s: %d shards on %r", rid, len(ranges), deployment)
     children = await asyncio.gather(
         *(

@@ -158,16 +158,29 @@ def _read_segments(
     return jobs
 
 
-def _list_index(storage: Storage) -> tuple[list[str], list[str], bool]:
+def _list_index(storage: Storage, run_id: str | None = None) -> tuple[list[str], list[str], bool]:
     segments, markers, rooted = [], [], False
     for key in storage.list_keys(INDEX_PREFIX):
         if key == ROOT_KEY:
             rooted = True
         elif key.startswith(SEGMENTS_PREFIX) and key.endswith(SEGMENT_SUFFIX):
             segments.append(key)
-        elif key.startswith(OPEN_PREFIX):
+        elif key.startswith(OPEN_PREFIX) and not _is_sibling_marker(key, run_id):
             markers.append(key)
     return sorted(segments), markers, rooted
+
+
+def _is_sibling_marker(key: str, run_id: str | None) -> bool:
+    """Whether `key` is the open marker of another shard of the scaled-out run `run_id` is a
+    shard of. Those chunks are live (the same fan-out started them) and edit other rows, so
+    they need no sidecar checks. The shard's own markers always count: they are left by an
+    earlier attempt of this very shard (a retried flow run) that was killed.
+    """
+    parent = layout.shard_parent(run_id) if run_id else None
+    if parent is None:
+        return False
+    marker_run = key[len(OPEN_PREFIX) :].rpartition(".")[0]
+    return marker_run != run_id and layout.shard_parent(marker_run) == parent
 
 
 def _write_root(storage: Storage, how: str) -> None:
@@ -195,10 +208,13 @@ def _delete_all(storage: Storage, keys: Sequence[str]) -> None:
         list(pool.map(storage.delete, keys))
 
 
-def load_done(storage: Storage) -> DoneJobs:
-    """The jobs done under `storage`'s output, from its index (built first if missing)."""
+def load_done(storage: Storage, run_id: str | None = None) -> DoneJobs:
+    """The jobs done under `storage`'s output, from its index (built first if missing).
+
+    `run_id` is the run that asks: a shard of a scaled-out run ignores its siblings' markers.
+    """
     for attempt in range(READ_ATTEMPTS):
-        segments, markers, rooted = _list_index(storage)
+        segments, markers, rooted = _list_index(storage, run_id)
         try:
             indexed = _read_segments(storage, segments)
             break

@@ -225,7 +225,11 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
         # idle connections beyond that only cost CPU (see client.CONNECTIONS_PER_POOL).
         max_connections=opts.concurrency,
     )
-    done = done_index.DoneJobs(set()) if opts.overwrite else done_index.load_done(storage)
+    done = (
+        done_index.DoneJobs(set())
+        if opts.overwrite
+        else done_index.load_done(storage, run_id=run_id)
+    )
     if done.keys:
         log.info("%d jobs already done under %s", len(done.keys), storage.root_uri)
     if done.check_unindexed:

@@ -19,6 +19,7 @@ RUNS_PREFIX = "runs/"
 SIDECAR_SUFFIX = ".json"
 _KEY_RE = re.compile(r"^[0-9a-f]{8,64}$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHARD_RUN_ID_RE = re.compile(r"^(?P<parent>.+)\.s(?P<index>[0-9]{3,})$")
 
 
 def _check_key(key: str) -> str:
@@ -49,6 +50,17 @@ def job_key_of_sidecar(key: str) -> str | None:
         return None
     name = key.rsplit("/", 1)[-1][: -len(SIDECAR_SUFFIX)]
     return name if _KEY_RE.match(name) else None
+
+
+def shard_run_id(parent: str, index: int) -> str:
+    """The run id of shard `index` of a scaled-out run."""
+    return check_run_id(f"{check_run_id(parent)}.s{index:03d}")
+
+
+def shard_parent(run_id: str) -> str | None:
+    """The scaled-out run a shard's run id belongs to, or None for a run of its own."""
+    m = _SHARD_RUN_ID_RE.match(run_id)
+    return m.group("parent") if m else None
 
 
 def run_prefix(run_id: str) -> str:

@@ -264,3 +264,21 @@ def test_the_index_on_s3_is_built_from_a_listing_once(
         second = done_index.load_done(storage)
         assert second.keys == jobs and second.source == "index"
         assert listings == [len(jobs)]
+
+
+def test_a_shard_checks_sidecars_for_its_own_killed_attempt_not_for_its_siblings(
+    tmp_path: Path,
+) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.put_bytes(done_index.ROOT_KEY, b"{}")
+    shard, sibling = layout.shard_run_id("R1", 1), layout.shard_run_id("R1", 2)
+    done_index.mark_open(storage, sibling, 0)
+    # Siblings' chunks are live and edit other rows; for anyone else they are open chunks.
+    assert not done_index.load_done(storage, run_id=shard).check_unindexed
+    assert done_index.load_done(storage, run_id="R2").check_unindexed
+    assert done_index.load_done(storage, run_id=layout.shard_run_id("R2", 1)).check_unindexed
+    assert done_index.load_done(storage).check_unindexed
+    # A killed earlier attempt of this very shard (a retried flow run) always counts.
+    done_index.mark_open(storage, shard, 3)
+    again = done_index.load_done(storage, run_id=shard)
+    assert again.check_unindexed and again.open_chunks == 1
