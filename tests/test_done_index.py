@@ -51,6 +51,25 @@ async def run(
     return summary, pd.read_parquet(summary.results_uri)
 
 
+async def first_run(
+    tmp_path: Path, sources: dict[str, Path], emu: EmulatorProcess
+) -> tuple[Path, Path, pd.DataFrame]:
+    """A manifest, its output and the results of a first run that edited every row."""
+    manifest = write_manifest(tmp_path / "m.csv", sources)
+    out = tmp_path / "out"
+    _, results = await run(manifest, out, emu)
+    assert (results["status"] == "succeeded").all()
+    return manifest, out, results
+
+
+async def rerun_sends_nothing(manifest: Path, out: Path, emu: EmulatorProcess) -> None:
+    """Run again: every row is found done and no request reaches the API."""
+    requests = emu.stats()["requests"]
+    _, results = await run(manifest, out, emu)
+    assert (results["status"] == "skipped").all() and (results["reason"] == "done").all()
+    assert emu.stats()["requests"] == requests, "a job with a sidecar was edited again"
+
+
 def sidecar_jobs(output: Path) -> set[str]:
     return {p.stem for p in (output / "jobs").rglob("*.json")}
 
@@ -85,11 +104,7 @@ async def test_a_rerun_reads_the_index_and_lists_no_sidecar(
     emulator: EmulatorProcess,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    manifest = write_manifest(tmp_path / "m.csv", sources)
-    out = tmp_path / "out"
-    _, first = await run(manifest, out, emulator)
-    assert (first["status"] == "succeeded").all()
-
+    manifest, out, first = await first_run(tmp_path, sources, emulator)
     assert keys_under(out, done_index.OPEN_PREFIX) == []
     assert done_index.ROOT_KEY in keys_under(out, done_index.INDEX_PREFIX)
     segments = keys_under(out, done_index.SEGMENTS_PREFIX)
@@ -99,10 +114,7 @@ async def test_a_rerun_reads_the_index_and_lists_no_sidecar(
     assert not indexed.check_unindexed
 
     forbid_listing(monkeypatch)
-    requests = emulator.stats()["requests"]
-    _, second = await run(manifest, out, emulator)
-    assert (second["status"] == "skipped").all() and (second["reason"] == "done").all()
-    assert emulator.stats()["requests"] == requests
+    await rerun_sends_nothing(manifest, out, emulator)
     # A run that committed nothing adds no segment.
     assert keys_under(out, done_index.SEGMENTS_PREFIX) == segments
 
@@ -113,19 +125,14 @@ async def test_an_output_without_an_index_is_listed_once_then_indexed(
     emulator: EmulatorProcess,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    manifest = write_manifest(tmp_path / "m.csv", sources)
-    out = tmp_path / "out"
-    _, first = await run(manifest, out, emulator)
+    manifest, out, first = await first_run(tmp_path, sources, emulator)
     storage = LocalStorage(out)
     # As an output written before the index existed: sidecars only.
     for key in keys_under(out, done_index.INDEX_PREFIX):
         storage.delete(key)
 
     listings = count_listings(monkeypatch)
-    requests = emulator.stats()["requests"]
-    _, second = await run(manifest, out, emulator)
-    assert (second["reason"] == "done").all()
-    assert emulator.stats()["requests"] == requests
+    await rerun_sends_nothing(manifest, out, emulator)
     assert listings == [ROWS]
 
     again = done_index.load_done(storage)
@@ -140,9 +147,7 @@ async def test_jobs_a_killed_chunk_committed_are_found_by_their_sidecars(
     emulator: EmulatorProcess,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    manifest = write_manifest(tmp_path / "m.csv", sources)
-    out = tmp_path / "out"
-    _, first = await run(manifest, out, emulator)
+    manifest, out, first = await first_run(tmp_path, sources, emulator)
     storage = LocalStorage(out)
     # A chunk killed after its sidecars, before its segment: its marker stays, no segment.
     lost = sorted(keys_under(out, done_index.SEGMENTS_PREFIX))[:2]
@@ -153,10 +158,7 @@ async def test_jobs_a_killed_chunk_committed_are_found_by_their_sidecars(
     assert done_index.load_done(storage).keys == set(first["job_key"]) - lost_jobs
 
     forbid_listing(monkeypatch)
-    requests = emulator.stats()["requests"]
-    _, second = await run(manifest, out, emulator)
-    assert (second["reason"] == "done").all()
-    assert emulator.stats()["requests"] == requests, "a job with a sidecar was edited again"
+    await rerun_sends_nothing(manifest, out, emulator)
 
     # What the checks found is indexed now; the killed run's marker is not ours to remove.
     loaded = done_index.load_done(storage)
@@ -197,25 +199,27 @@ async def test_a_chunk_that_cannot_index_its_jobs_leaves_its_marker(
     assert len(keys_under(out, done_index.OPEN_PREFIX)) == 3
 
     monkeypatch.undo()
-    requests = emulator.stats()["requests"]
-    _, second = await run(manifest, out, emulator)
-    assert (second["reason"] == "done").all()
-    assert emulator.stats()["requests"] == requests
+    await rerun_sends_nothing(manifest, out, emulator)
+
+
+def indexed_segments(storage: LocalStorage, segments: int) -> set[str]:
+    """A rooted index of `segments` segments of two jobs each; returns the jobs."""
+    storage.put_bytes(done_index.ROOT_KEY, b"{}")
+    jobs = [f"{i:064x}" for i in range(2 * segments)]
+    for i in range(segments):
+        key = done_index.chunk_segment_key("r1", i)
+        done_index.write_segment(storage, key, jobs[2 * i : 2 * i + 2])
+    return set(jobs)
 
 
 def test_many_segments_are_merged_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(done_index, "COMPACT_AT", 3)
     storage = LocalStorage(tmp_path)
-    storage.put_bytes(done_index.ROOT_KEY, b"{}")
-    jobs = [f"{i:064x}" for i in range(10)]
-    for i in range(5):
-        done_index.write_segment(
-            storage, done_index.chunk_segment_key("r1", i), jobs[2 * i : 2 * i + 2]
-        )
-    assert done_index.load_done(storage).keys == set(jobs)
+    jobs = indexed_segments(storage, 5)
+    assert done_index.load_done(storage).keys == jobs
     (merged,) = keys_under(tmp_path, done_index.SEGMENTS_PREFIX)
-    assert set(done_index.read_segment(storage.get_bytes(merged))) == set(jobs)
-    assert done_index.load_done(storage).keys == set(jobs)
+    assert set(done_index.read_segment(storage.get_bytes(merged))) == jobs
+    assert done_index.load_done(storage).keys == jobs
 
 
 class MergedWhileRead(LocalStorage):
@@ -238,13 +242,8 @@ class MergedWhileRead(LocalStorage):
 
 def test_a_segment_merged_away_while_read_is_read_again(tmp_path: Path) -> None:
     storage = MergedWhileRead(tmp_path)
-    storage.put_bytes(done_index.ROOT_KEY, b"{}")
-    jobs = [f"{i:064x}" for i in range(6)]
-    for i in range(3):
-        done_index.write_segment(
-            storage, done_index.chunk_segment_key("r1", i), jobs[2 * i : 2 * i + 2]
-        )
-    assert done_index.load_done(storage).keys == set(jobs)
+    jobs = indexed_segments(storage, 3)
+    assert done_index.load_done(storage).keys == jobs
     assert storage.merged
 
 
