@@ -42,21 +42,13 @@ def populate(target: str, rows: int, sources: list[Path], *, index: bool = True)
     def put(key: str, data: bytes) -> None:
         backend.put_object(bucket, root + key, data, disable_notification=True)
 
-    chunk: list[str] = []
-    chunks = 0
-    for key in done_job_keys(sources, rows):
+    keys = list(done_job_keys(sources, rows))
+    for key in keys:
         put(layout.sidecar_key(key), sidecar_body(key))
-        chunk.append(key)
-        if len(chunk) == DEFAULT_CHUNK_SIZE:
-            if index:
-                put(
-                    done_index.chunk_segment_key("populate", chunks),
-                    done_index.segment_bytes(chunk),
-                )
-            chunk, chunks = [], chunks + 1
     if index:
-        if chunk:
-            put(done_index.chunk_segment_key("populate", chunks), done_index.segment_bytes(chunk))
+        for chunk, first in enumerate(range(0, len(keys), DEFAULT_CHUNK_SIZE)):
+            segment = done_index.segment_bytes(keys[first : first + DEFAULT_CHUNK_SIZE])
+            put(done_index.chunk_segment_key("populate", chunk), segment)
         put(done_index.ROOT_KEY, b'{"version": 1, "from": "benchmark"}')
     return time.perf_counter() - started
 

@@ -14,7 +14,8 @@ after its segment. A killed chunk leaves its marker; while any marker is present
 checks each job missing from the index for its sidecar (one HEAD per row still to edit, none
 per done row) and indexes what it finds. Markers of other runs are never removed
 automatically (a run cannot tell a dead chunk from a slow one); `rebuild_index` does it on
-the user's word that no run is writing to the output.
+the user's word that no run is writing to the output. The shards of one scaled-out run skip
+each other's markers (live chunks, other rows), never their own.
 
 An output without `index/root.json` (written before the index existed, or by a run that did
 not finish its first listing) is listed in full once; the listing becomes a segment and the

@@ -234,8 +234,9 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
         log.info("%d jobs already done under %s", len(done.keys), storage.root_uri)
     if done.check_unindexed:
         log.warning(
-            "%d chunks of earlier runs under %s did not finish (killed?): each row still to "
-            "edit is first checked for a result they may have stored",
+            "%d chunks of other runs under %s are open (running, or killed before they "
+            "indexed their jobs): each row still to edit is first checked for a stored result "
+            "(`imgedit reindex` clears the markers of killed runs)",
             done.open_chunks,
             storage.root_uri,
         )
