@@ -6,14 +6,14 @@ those (RunContext.only_rows). The criteria combine with AND:
 
 - `ids`: manifest ids (a row without an id is `row-<n>`, as in the manifest). An id that no
   row has is an error, so a typo cannot silently select nothing.
-- `where`: a pandas expression over the manifest's columns (`DataFrame.eval`, python engine),
-  e.g. `size == "1024x1024" and seed > 10`, `id.str.startswith("cat-")`,
+- `where`: an expression of pipeline.where's small language over the manifest's columns
+  (never Python: it is parsed and interpreted by pipeline.where), e.g.
+  `size == "1024x1024" and seed > 10`, `startswith(id, "cat-")`,
   `` `param.turbo` == "false" `` (names that are not identifiers go in backticks). Known
   columns are named canonically (lower case, see pipeline.manifest); other columns as in the
   file. In a CSV every cell is text except `seed`, `n` and `output_compression`, which are
-  numbers (an empty or non-numeric cell is NaN); a Parquet column keeps its type. The
-  expression may not reach local variables (`@x`) and is checked against the columns before
-  any row is read. It is a filter, not a sandbox: it comes from whoever runs the backfill.
+  numbers (`num(col)` reads another column as one); a Parquet column keeps its type. The
+  expression is checked against the columns before any row is read.
 - `failed_of_run`: (storage, run_id): the rows that ended `failed` in that run's results.
 
 `RawManifest` is the reader under it (and under pipeline.augment): every column of every row,
@@ -23,7 +23,6 @@ with no prompt or image column required.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import os
 import weakref
@@ -31,7 +30,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -46,9 +44,10 @@ from .manifest_read import (
     canonical_name,
     manifest_format,
 )
-from .manifest_rows import SourceBase
+from .manifest_rows import MAX_ID_CHARS, SourceBase
 from .results import failed_rows_of
 from .storage import Storage
+from .where import Where, compile_where
 
 __all__ = [
     "NUMERIC_CSV_COLUMNS",
@@ -66,6 +65,8 @@ SELECT_BATCH_ROWS = 8192
 NUMERIC_CSV_COLUMNS: tuple[str, ...] = ("seed", "n", "output_compression")
 # Unknown ids quoted in an error; the rest are counted.
 MAX_SHOWN_IDS = 10
+# Ids one selection may name (a form field: a list past this belongs in a manifest).
+MAX_SELECT_IDS = 100_000
 # `DataFrame.eval` resolves names here before the columns: empty, so `@name` finds nothing.
 _NO_VARIABLES: dict[str, Any] = {}
 
@@ -164,6 +165,19 @@ def all_columns(found: Sequence[str], uri: str) -> ColumnMap:
     return cmap
 
 
+def check_ids(ids: Iterable[str]) -> None:
+    """ConfigError unless `ids` is a list a form could sensibly hold (count and length capped)."""
+    for count, value in enumerate(ids, 1):
+        if count > MAX_SELECT_IDS:
+            raise ConfigError(f"more than {MAX_SELECT_IDS} ids; select with where or a manifest")
+        if not isinstance(value, str):
+            raise ConfigError(f"id {count} is not text")
+        if len(value) > MAX_ID_CHARS:
+            raise ConfigError(
+                f"id {count} is {len(value)} characters; ids have at most {MAX_ID_CHARS}"
+            )
+
+
 def row_id(row: int, cells: dict[str, object]) -> str:
     """The id pipeline.manifest gives the row: its `id` cell (trimmed), else `row-<n>`."""
     value = cells.get("id")
@@ -176,8 +190,13 @@ def row_id(row: int, cells: dict[str, object]) -> str:
 # --- where --------------------------------------------------------------------------------
 
 
+def _cell(value: object) -> object:
+    # An empty cell means "not set" everywhere in a manifest: to `where` it is null.
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def _frame(rows: Sequence[RawRow], columns: Sequence[str], numeric: Iterable[str]) -> pd.DataFrame:
-    data: dict[str, Any] = {c: [r.cells.get(c) for r in rows] for c in columns}
+    data: dict[str, Any] = {c: [_cell(r.cells.get(c)) for r in rows] for c in columns}
     frame = pd.DataFrame(data, columns=list(columns), dtype=object)
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
@@ -197,81 +216,16 @@ def _numeric_columns(manifest: RawManifest) -> list[str]:
     return [c for c in manifest.columns if _is_numeric(manifest.types[c])]
 
 
-def _evaluate(where: str, frame: pd.DataFrame) -> object:
-    return frame.eval(where, engine="python", local_dict=_NO_VARIABLES, global_dict=_NO_VARIABLES)
+def check_where(where: str, columns: Sequence[str], numeric: Iterable[str] = ()) -> Where:
+    """The compiled `where` over `columns`; ConfigError naming the problem (no row is read)."""
+    return compile_where(where, columns, numeric)
 
 
-def _where_error(where: str, exc: Exception, columns: Sequence[str]) -> ConfigError:
-    message = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, SyntaxError):
-        return ConfigError(f"where expression {where!r} is not valid: {exc.msg}")
-    if type(exc).__name__ == "UndefinedVariableError":
-        name = message.split("'")[1] if message.count("'") >= 2 else ""
-        hint = difflib.get_close_matches(name, list(columns), n=1)
-        known = ", ".join(columns)
-        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return ConfigError(
-            f"where expression {where!r}: {message}{did_you_mean}; the manifest's columns are: "
-            f"{known}"
-        )
-    return ConfigError(f"where expression {where!r} cannot be evaluated: {message}")
-
-
-def _as_mask(where: str, result: object, length: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
-    """The expression's value as one bool per row; ConfigError unless it is a condition."""
-    if isinstance(result, bool | np.bool_):
-        return np.full(length, bool(result))
-    if isinstance(result, pd.Series):
-        if result.dtype == bool:
-            return result.to_numpy(dtype=bool)
-        if isinstance(result.dtype, pd.BooleanDtype):
-            return result.to_numpy(dtype=bool, na_value=False)
-        if result.dtype == object and all(
-            v is None or isinstance(v, bool | np.bool_) or (isinstance(v, float) and math.isnan(v))
-            for v in result
-        ):
-            return np.array([v is True or v is np.True_ for v in result], dtype=bool)
-        return_type = str(result.dtype)
-    else:
-        return_type = type(result).__name__
-    raise ConfigError(
-        f"where expression {where!r} must be a condition (true or false for each row), "
-        f"not a value of type {return_type}"
-    )
-
-
-def check_where(where: str, columns: Sequence[str], numeric: Iterable[str] = ()) -> None:
-    """Raise ConfigError unless `where` is a condition over `columns` (no row is read)."""
-    if not where.strip():
-        raise ConfigError("where expression is empty")
-    frame = _frame([], columns, numeric)
-    try:
-        result = _evaluate(where, frame)
-    except Exception as exc:  # pandas raises many kinds; each becomes one clear message
-        raise _where_error(where, exc, columns) from exc
-    _as_mask(where, result, 0)
-
-
-def _where_rows(where: str, rows: Sequence[RawRow], manifest: RawManifest) -> list[int]:
+def _where_rows(where: Where, rows: Sequence[RawRow], manifest: RawManifest) -> list[int]:
     if not rows:
         return []
     frame = _frame(rows, manifest.columns, _numeric_columns(manifest))
-    try:
-        result = _evaluate(where, frame)
-    except Exception as exc:  # e.g. comparing text with a number in a CSV column
-        first, last = rows[0].row, rows[-1].row
-        raise ConfigError(
-            f"where expression {where!r} failed on rows {first} to {last}: "
-            f"{str(exc).strip() or type(exc).__name__}"
-            + (
-                "; in a CSV manifest every column but "
-                + ", ".join(NUMERIC_CSV_COLUMNS)
-                + " is text, so compare it with quoted text"
-                if manifest.format == "csv" and isinstance(exc, TypeError)
-                else ""
-            )
-        ) from exc
-    mask = _as_mask(where, result, len(rows))
+    mask = where.mask(frame)
     return [r.row for r, keep in zip(rows, mask, strict=True) if keep]
 
 
@@ -318,8 +272,11 @@ def select_rows(
     selected: set[int] = set()
     found: set[str] = set()
     with RawManifest(manifest_uri, endpoint_url=endpoint_url) as manifest:
-        if where is not None:
-            check_where(where, manifest.columns, _numeric_columns(manifest))
+        compiled = (
+            None
+            if where is None
+            else check_where(where, manifest.columns, _numeric_columns(manifest))
+        )
         for batch in _batched(manifest.rows(), SELECT_BATCH_ROWS):
             candidates: list[RawRow] = []
             for item in batch:
@@ -333,10 +290,10 @@ def select_rows(
                 if failed is not None and item.row not in failed:
                     continue
                 candidates.append(item)
-            if where is None:
+            if compiled is None:
                 selected.update(r.row for r in candidates)
             else:
-                selected.update(_where_rows(where, candidates, manifest))
+                selected.update(_where_rows(compiled, candidates, manifest))
     if wanted is not None and found != wanted:
         missing = sorted(wanted - found)
         shown = ", ".join(repr(m) for m in missing[:MAX_SHOWN_IDS])

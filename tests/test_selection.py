@@ -57,9 +57,9 @@ def test_unknown_ids_are_an_error(manifest: str) -> None:
     [
         ('size == "1024x1024"', {1, 3, 6}),
         ("seed > 4", {2, 4}),  # CSV seed is a number; 'abc' and empty are NaN
-        ("seed.isna()", {3, 6}),
+        ("isnull(seed)", {3, 6}),
         ('`param.turbo` == "true"', {1, 4}),
-        ('id.str.startswith("dog")', {4, 6}),
+        ('startswith(id, "dog")', {4, 6}),
         ('team == "red" and not (size == "auto")', {1, 3, 6}),
         ('team in ["blue"]', {2, 4}),
         ("True", {1, 2, 3, 4, 6}),
@@ -79,7 +79,7 @@ def test_criteria_combine_with_and(manifest: str) -> None:
         ("size ==", "is not valid"),
         ('sise == "auto"', "did you mean 'size'"),
         ("seed + 1", "must be a condition"),
-        ("@secret > 1", "not defined"),
+        ("@secret > 1", "not valid"),
         ("   ", "empty"),
         ('__import__("os")', "not a supported function"),
     ],
@@ -90,7 +90,7 @@ def test_bad_where_fails_before_reading_rows(manifest: str, where: str, message:
 
 
 def test_where_type_mistakes_in_a_csv_are_explained(manifest: str) -> None:
-    with pytest.raises(ConfigError, match="in a CSV manifest every column but seed"):
+    with pytest.raises(ConfigError, match=r"column 'team' is text \(use num\(team\)"):
         select_rows(manifest, where="team > 3")
 
 
@@ -109,7 +109,7 @@ def test_parquet_columns_keep_their_types(tmp_path: Path) -> None:
     pq.write_table(table, path)
     assert select_rows(str(path), where="`param.turbo` == False") == {2}
     assert select_rows(str(path), where="score >= 0.1") == {1, 2}  # null is NaN: not selected
-    assert select_rows(str(path), where="n == 2 or score.isna()") == {3}
+    assert select_rows(str(path), where="n == 2 or isnull(score)") == {3}
     assert select_rows(str(path), ids=["12"]) == {3}
 
 
