@@ -9,6 +9,7 @@ from prefect.artifacts import acreate_link_artifact
 
 from pipeline.contact_sheet import contact_sheet, write_contact_sheet
 from pipeline.errors import ImgEditError
+from pipeline.netguard import AddressPolicy, source_policy
 from pipeline.storage import open_storage
 
 CONTACT_SHEET_ARTIFACT_KEY = "imgedit-contact-sheet"
@@ -17,13 +18,24 @@ log = logging.getLogger(__name__)
 
 
 async def publish_contact_sheet(
-    results_uri: str, output: str, run_id: str, endpoint_url: str | None
+    results_uri: str,
+    output: str,
+    run_id: str,
+    endpoint_url: str | None,
+    allow_private_sources: bool = False,
 ) -> str | None:
     """Render a sample of the run's rows (source | result) to PNG, store it, link it."""
     try:
         # In a thread: reading thumbnails and encoding the PNG would hold up the event loop
         # (and the flow's other end-of-run calls) for a second or so.
-        uri = await asyncio.to_thread(_render_and_store, results_uri, output, run_id, endpoint_url)
+        uri = await asyncio.to_thread(
+            _render_and_store,
+            results_uri,
+            output,
+            run_id,
+            endpoint_url,
+            source_policy(allow_private_sources),
+        )
     except ImgEditError as exc:
         # A missing thumbnail must not fail a run whose edits are all stored.
         log.warning("no contact sheet for run %s: %s", run_id, exc)
@@ -38,6 +50,10 @@ async def publish_contact_sheet(
     return uri
 
 
-def _render_and_store(results_uri: str, output: str, run_id: str, endpoint_url: str | None) -> str:
-    png = contact_sheet(results_uri, endpoint_url=endpoint_url, title=f"imgedit run {run_id}")
+def _render_and_store(
+    results_uri: str, output: str, run_id: str, endpoint_url: str | None, policy: AddressPolicy
+) -> str:
+    png = contact_sheet(
+        results_uri, endpoint_url=endpoint_url, title=f"imgedit run {run_id}", policy=policy
+    )
     return write_contact_sheet(open_storage(output, endpoint_url=endpoint_url), run_id, png)

@@ -27,6 +27,7 @@ synchronously (contact sheets, sidecars of earlier runs).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -35,6 +36,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from .errors import ConfigError, StorageError
+from .errors import BlockedAddressError, ConfigError, StorageError
 from .manifest_read import PARQUET_EXTENSIONS, canonical_name, suggest
 from .manifest_rows import (
     MAX_ID_CHARS,
@@ -54,6 +56,7 @@ from .manifest_rows import (
     SourceBase,
     fixed_param_column_reason,
 )
+from .netguard import AddressPolicy, guarded_transport, open_stream, source_policy
 from .rows import InvalidRow
 from .s3 import make_s3_client, parse_s3_uri
 from .sources import redact_uri
@@ -418,7 +421,7 @@ def build_manifest_from_prefix(
 class UriReader:
     """Reads whole objects by URI, synchronously: local paths, file://, s3://, http(s)://.
 
-    Thread-safe (one lazily created boto3 client and httpx client, shared). Errors are
+    Thread-safe (one lazily created boto3 client, shared). Errors are
     StorageError (StorageNotFound when the object does not exist), with credentials removed.
     """
 
@@ -428,15 +431,17 @@ class UriReader:
         endpoint_url: str | None = None,
         timeout: float = DEFAULT_READ_TIMEOUT,
         max_bytes: int = DEFAULT_MAX_READ_BYTES,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self.endpoint_url = endpoint_url
+        # http(s) reads go through netguard (an injected transport, for tests, replaces it).
         self._transport = transport
+        self.policy = policy or source_policy()
         self.timeout = timeout
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._s3: S3Client | None = None
-        self._http: httpx.Client | None = None
 
     def __call__(self, uri: str) -> bytes:
         return self.read(uri)
@@ -498,35 +503,38 @@ class UriReader:
             raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from exc
 
     def _read_http(self, uri: str) -> bytes:
+        # netguard is async; a sync caller (a contact sheet in a worker thread) gets a fetch
+        # on a short-lived thread of its own, so it works whether or not a loop runs here.
+        with ThreadPoolExecutor(1, thread_name_prefix="imgedit-http") as pool:
+            return pool.submit(asyncio.run, self._fetch_http(uri)).result()
+
+    async def _fetch_http(self, uri: str) -> bytes:
         shown = redact_uri(uri)
-        with self._lock:
-            if self._http is None:
-                self._http = httpx.Client(
-                    follow_redirects=True, timeout=self.timeout, transport=self._transport
-                )
-            client = self._http
+        transport = self._transport or guarded_transport(self.policy)
         try:
-            with client.stream("GET", uri) as resp:
+            async with (
+                httpx.AsyncClient(timeout=self.timeout, transport=transport) as client,
+                open_stream(client, uri) as resp,
+            ):
                 if resp.status_code == 404:
                     raise StorageNotFound(f"not found: {shown}")
                 if resp.status_code != 200:
                     raise StorageError(f"cannot read {shown}: HTTP {resp.status_code}")
                 buf = bytearray()
-                for chunk in resp.iter_bytes():
+                async for chunk in resp.aiter_bytes():
                     buf += chunk
                     if len(buf) > self.max_bytes:
                         raise StorageError(
                             f"cannot read {shown}: larger than {self.max_bytes} bytes"
                         )
                 return bytes(buf)
+        except BlockedAddressError as exc:
+            raise StorageError(str(exc)) from None
         except httpx.HTTPError as exc:
             raise StorageError(f"cannot read {shown}: {type(exc).__name__}") from exc
 
     def close(self) -> None:
-        with self._lock:
-            if self._http is not None:
-                self._http.close()
-                self._http = None
+        pass
 
     def __enter__(self) -> UriReader:
         return self

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -24,6 +24,7 @@ from .errors import (
     APIError,
     APIResponseError,
     APITimeoutError,
+    BlockedAddressError,
     DownloadError,
     InvalidImageError,
     ResponseTooLargeError,
@@ -31,6 +32,7 @@ from .errors import (
     error_for_status,
 )
 from .imageinfo import ImageInfo, probe
+from .netguard import AddressPolicy, guarded_transport, open_stream
 from .rows import EditParams
 
 ENV_API_BASE = "IMGEDIT_API_BASE"
@@ -210,6 +212,7 @@ class EditClient:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
+        download_policy: AddressPolicy | None = None,
     ) -> None:
         self.base_url = (base_url or os.environ.get(ENV_API_BASE) or spec.DEFAULT_API_BASE).rstrip(
             "/"
@@ -237,6 +240,11 @@ class EditClient:
             for _ in range(pools)
         ]
         self._in_flight = [0] * pools
+        # Result URLs on other hosts than the API's come from an answer we do not trust: they
+        # are fetched through netguard (public addresses only, unless the run opted in).
+        self._download_policy = download_policy or AddressPolicy()
+        self._download_transport = transport
+        self._downloads: httpx.AsyncClient | None = None
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "unset"
@@ -260,6 +268,8 @@ class EditClient:
     async def aclose(self) -> None:
         for pool in self._pools:
             await pool.aclose()
+        if self._downloads is not None:
+            await self._downloads.aclose()
 
     @contextlib.contextmanager
     def _pool(self) -> Iterator[httpx.AsyncClient]:
@@ -478,35 +488,61 @@ class EditClient:
         assert last is not None
         raise last
 
+    def _same_origin(self, url: str) -> bool:
+        parts = urlsplit(url)
+        return (parts.scheme, parts.hostname, parts.port) == self._base_origin
+
+    def _download_client(self) -> httpx.AsyncClient:
+        if self._downloads is None:
+            self._downloads = httpx.AsyncClient(
+                timeout=self._pools[0].timeout,
+                transport=self._download_transport or guarded_transport(self._download_policy),
+                follow_redirects=False,
+            )
+        return self._downloads
+
+    @contextlib.asynccontextmanager
+    async def _open_download(self, url: str) -> AsyncIterator[httpx.Response]:
+        """The API's own origin through its pools (it is where we send edits anyway); any
+        other host through netguard: checked addresses, checked redirect hops, no API key."""
+        if self._same_origin(url):
+            with self._pool() as http:
+                async with http.stream("GET", url) as response:
+                    yield response
+            return
+        async with open_stream(self._download_client(), url) as response:
+            yield response
+
     async def _download_once(self, url: str) -> bytes:
         where = urlsplit(url).netloc
         try:
-            with self._pool() as http:
-                async with http.stream("GET", url) as response:
-                    if response.status_code >= 400:
-                        err = DownloadError(
-                            f"result download from {where} answered HTTP {response.status_code}",
-                            status=response.status_code,
-                        )
-                        # Expired or missing will not come back; a 5xx might.
-                        err.retryable = response.status_code >= 500 or response.status_code == 429
-                        raise err
-                    declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > self.max_image_bytes:
+            async with self._open_download(url) as response:
+                if response.status_code >= 400:
+                    err = DownloadError(
+                        f"result download from {where} answered HTTP {response.status_code}",
+                        status=response.status_code,
+                    )
+                    # Expired or missing will not come back; a 5xx might.
+                    err.retryable = response.status_code >= 500 or response.status_code == 429
+                    raise err
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > self.max_image_bytes:
+                    raise ResponseTooLargeError(
+                        f"result at {where} is {declared} bytes, over the "
+                        f"{self.max_image_bytes} byte cap"
+                    )
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in response.aiter_bytes():
+                    total += len(chunk)
+                    if total > self.max_image_bytes:
                         raise ResponseTooLargeError(
-                            f"result at {where} is {declared} bytes, over the "
-                            f"{self.max_image_bytes} byte cap"
+                            f"result at {where} is over the {self.max_image_bytes} byte cap"
                         )
-                    chunks: list[bytes] = []
-                    total = 0
-                    async for chunk in response.aiter_bytes():
-                        total += len(chunk)
-                        if total > self.max_image_bytes:
-                            raise ResponseTooLargeError(
-                                f"result at {where} is over the {self.max_image_bytes} byte cap"
-                            )
-                        chunks.append(chunk)
-                    return b"".join(chunks)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except BlockedAddressError as exc:
+            raise UnsafeURLError(f"refusing to download a result: {exc}") from None
         except httpx.TimeoutException as exc:
             raise DownloadError(f"timed out downloading a result from {where}") from exc
         except httpx.HTTPError as exc:

@@ -30,6 +30,7 @@ from . import layout
 from .catalogue import UriReader, iter_parquet_batches
 from .errors import ImgEditError
 from .imageinfo import probe
+from .netguard import AddressPolicy
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -284,18 +285,22 @@ def contact_sheet(
     thumb: int = DEFAULT_THUMB,
     seed: int = 0,
     title: str | None = None,
+    policy: AddressPolicy | None = None,
 ) -> bytes:
     """The PNG bytes of a contact sheet of `results` (a results table, its path or URI).
 
     Images are read with `read` (a function of a URI), by default a UriReader (local paths,
-    s3:// with `endpoint_url`, http(s)://). ValueError for a sample or thumb out of range.
+    s3:// with `endpoint_url`, http(s):// under `policy`, see pipeline.netguard). ValueError
+    for a sample or thumb out of range.
     """
     if not 1 <= sample <= MAX_SAMPLE:
         raise ValueError(f"sample must be 1 to {MAX_SAMPLE}, not {sample}")
     if not MIN_THUMB <= thumb <= MAX_THUMB:
         raise ValueError(f"thumb must be {MIN_THUMB} to {MAX_THUMB} pixels, not {thumb}")
     own = read is None
-    reader: Reader = read if read is not None else UriReader(endpoint_url=endpoint_url)
+    reader: Reader = (
+        read if read is not None else UriReader(endpoint_url=endpoint_url, policy=policy)
+    )
     try:
         records, total = sample_rows(results, reader, sample=sample, seed=seed)
         lines = [

@@ -24,8 +24,10 @@ import httpx
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from PIL import Image
 
-from .errors import ConfigError, InvalidImageError, SourceError
+from .allowed_roots import AllowedRoots
+from .errors import BlockedAddressError, ConfigError, InvalidImageError, SourceError
 from .imageinfo import ImageInfo, probe
+from .netguard import MAX_REDIRECTS, AddressPolicy, guarded_transport, open_stream
 from .s3 import make_s3_client, parse_s3_uri
 from .spec import INPUT_FORMATS
 
@@ -39,8 +41,6 @@ else:  # boto3-stubs is a dev dependency only
 DEFAULT_HTTP_TIMEOUT = 30.0
 DEFAULT_MAX_BYTES = 50 * 2**20
 DEFAULT_CACHE_BYTES = 256 * 2**20
-# Redirect hops before giving up (httpx's own default is 20).
-MAX_REDIRECTS = 10
 READ_CHUNK = 2**20
 
 _FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WebP", "avif": "AVIF"}
@@ -90,8 +90,14 @@ class SourceLoader:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
         executor: Executor | None = None,
+        roots: AllowedRoots | None = None,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self.endpoint_url = endpoint_url
+        # Local and S3 sources must lie under these (IMGEDIT_ALLOWED_ROOTS); None: anywhere.
+        self.roots = roots
+        # Which addresses http(s) sources may come from (default: public ones only).
+        self.policy = policy or AddressPolicy()
         # None: asyncio's default pool (cpu+4 threads); a run passes its own, sized to its
         # concurrency, so S3 reads do not queue behind a handful of threads.
         self._executor = executor
@@ -199,6 +205,8 @@ class SourceLoader:
             ) from exc
 
     async def _read_and_check_inner(self, uri: str) -> Source:
+        if self.roots is not None and (reason := self.roots.reason(uri)) is not None:
+            raise _LoadFailure(f"{redact_uri(uri)} is {reason}")
         if uri.startswith(("http://", "https://")):
             data = await self._read_http(uri)
         elif uri.startswith("s3://"):
@@ -276,11 +284,12 @@ class SourceLoader:
 
     def _http_client(self) -> httpx.AsyncClient:
         if self._http is None:
+            # Redirects are followed by netguard.open_stream, each hop checked; an injected
+            # transport (tests) replaces the guarded one, not the URL checks.
             self._http = httpx.AsyncClient(
-                follow_redirects=True,
-                max_redirects=MAX_REDIRECTS,
+                follow_redirects=False,
                 timeout=httpx.Timeout(self.http_timeout),
-                transport=self._transport,
+                transport=self._transport or guarded_transport(self.policy),
             )
         return self._http
 
@@ -296,15 +305,15 @@ class SourceLoader:
             raise _LoadFailure(
                 f"timed out after {self.http_timeout:g} s fetching {shown}"
             ) from None
-        except httpx.TooManyRedirects:
-            raise _LoadFailure(f"too many redirects fetching {shown}") from None
+        except BlockedAddressError as exc:
+            raise _LoadFailure(str(exc)) from None
         except httpx.ConnectError as exc:
             raise _LoadFailure(f"cannot connect fetching {shown}: {_http_reason(exc)}") from None
         except httpx.HTTPError as exc:
             raise _LoadFailure(f"error fetching {shown}: {_http_reason(exc)}") from None
 
     async def _fetch(self, client: httpx.AsyncClient, uri: str, shown: str) -> bytes:
-        async with client.stream("GET", uri) as resp:
+        async with open_stream(client, uri, max_redirects=MAX_REDIRECTS) as resp:
             if resp.status_code != 200:
                 raise _LoadFailure(f"{shown} answered {resp.status_code}")
             declared = resp.headers.get("content-length")

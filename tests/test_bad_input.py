@@ -189,6 +189,8 @@ def reset_emulator(emu: EmulatorProcess) -> None:
 async def run_engine(
     manifest: Path, output: Path, emu: EmulatorProcess, **kw: Any
 ) -> tuple[RunSummary, pd.DataFrame]:
+    # Its http sources are on a loopback test server: reachable only through the opt-in.
+    kw.setdefault("allow_private_sources", True)
     summary = await run_manifest(
         RunOptions(manifest=str(manifest), output=str(output), api_base=emu.base_url, **kw)
     )

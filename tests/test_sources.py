@@ -22,6 +22,7 @@ from moto import mock_aws
 from PIL import Image
 
 from pipeline.errors import SourceError
+from pipeline.netguard import AddressPolicy
 from pipeline.sources import Source, SourceLoader, human_size, redact_uri
 
 T = TypeVar("T")
@@ -29,6 +30,9 @@ T = TypeVar("T")
 FAKE_KEY_ID = "AKIA" + "FAKEKEYID1234567"
 FAKE_SECRET = "fake/secret+key/do-not-print-0123456789"
 SLOW_SECONDS = 0.4
+
+# The test servers listen on loopback, which sources may reach only by opting in.
+LOOPBACK = AddressPolicy(allow_private=True)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -161,7 +165,7 @@ def server(http_server: _Server) -> _Server:
 
 
 async def _load(uri: str, **kw: Any) -> Source:
-    async with SourceLoader(**kw) as loader:
+    async with SourceLoader(**{"policy": LOOPBACK, **kw}) as loader:
         return await loader.load(uri)
 
 
@@ -263,7 +267,7 @@ def test_masks(tmp_path: Path) -> None:
     jpeg.write_bytes(image_bytes("JPEG", size=(640, 480)))
 
     async def main() -> list[Any]:
-        async with SourceLoader() as loader:
+        async with SourceLoader(policy=LOOPBACK) as loader:
             image = await loader.load(str(first))
             out: list[Any] = [await loader.load_mask(str(good), image)]
             for uri in (wrong_size, jpeg, tmp_path / "none.png"):
@@ -304,7 +308,7 @@ def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
 def test_s3_sources(s3: Any) -> None:
     async def main() -> tuple[Source, list[SourceError]]:
         errors = []
-        async with SourceLoader(max_bytes=len(PNG) + 10) as loader:
+        async with SourceLoader(policy=LOOPBACK, max_bytes=len(PNG) + 10) as loader:
             src = await loader.load("s3://src/dir/a.png")
             for uri in (
                 "s3://src/dir/missing.png",
@@ -316,7 +320,7 @@ def test_s3_sources(s3: Any) -> None:
                     await loader.load(uri, column="image[1]")
                 except SourceError as exc:
                     errors.append(exc)
-        async with SourceLoader(max_bytes=100) as small:
+        async with SourceLoader(policy=LOOPBACK, max_bytes=100) as small:
             try:
                 await small.load("s3://src/dir/a.png")
             except SourceError as exc:
@@ -403,7 +407,7 @@ def test_cache_reads_a_source_once(server: _Server) -> None:
     uri = server.url("/img-cached.png")
 
     async def main() -> SourceLoader:
-        async with SourceLoader() as loader:
+        async with SourceLoader(policy=LOOPBACK) as loader:
             a = await loader.load(uri)
             b = await loader.load(uri, column="image[1]")
             assert a is b
@@ -420,7 +424,7 @@ def test_cache_is_bounded_by_bytes(server: _Server) -> None:
 
     async def main() -> None:
         # Room for one image only: loading b evicts a.
-        async with SourceLoader(cache_bytes=len(PNG) + 1) as loader:
+        async with SourceLoader(policy=LOOPBACK, cache_bytes=len(PNG) + 1) as loader:
             await loader.load(a)
             await loader.load(a)
             await loader.load(b)
@@ -436,7 +440,7 @@ def test_concurrent_loads_share_one_read(server: _Server) -> None:
     missing = server.url("/missing-shared.png")
 
     async def main() -> tuple[list[Source], list[BaseException]]:
-        async with SourceLoader() as loader:
+        async with SourceLoader(policy=LOOPBACK) as loader:
             sources = await asyncio.gather(*(loader.load(uri) for _ in range(8)))
             failures = await asyncio.gather(
                 *(loader.load(missing, column=f"image[{i}]") for i in range(4)),
@@ -459,7 +463,7 @@ def test_failures_are_not_cached(server: _Server) -> None:
     uri = server.url("/missing-twice.png")
 
     async def main() -> None:
-        async with SourceLoader() as loader:
+        async with SourceLoader(policy=LOOPBACK) as loader:
             for _ in range(2):
                 with pytest.raises(SourceError):
                     await loader.load(uri)
@@ -473,7 +477,7 @@ def test_a_cancelled_waiter_does_not_cancel_the_shared_read(server: _Server) -> 
     uri = server.url("/slow-ok.png")
 
     async def main() -> Source:
-        async with SourceLoader() as loader:
+        async with SourceLoader(policy=LOOPBACK) as loader:
             first = asyncio.create_task(loader.load(uri))
             second = asyncio.create_task(loader.load(uri))
             await asyncio.sleep(0.05)
