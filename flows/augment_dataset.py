@@ -13,7 +13,7 @@ from flows.edit_manifest import edit_manifest
 from flows.settings import EditSettings, RunSettings
 from pipeline import layout
 from pipeline.augment import AugmentSpec, expand_manifest, write_dataset_table
-from pipeline.engine import new_run_id
+from pipeline.engine import check_flow_inputs, new_run_id
 from pipeline.storage import open_storage
 
 DATASET_ARTIFACT_KEY = "imgedit-dataset"
@@ -26,6 +26,7 @@ async def augment_dataset(
     prompts: list[str] | None = None,
     prompt_template: str | None = None,
     seeds: list[int] = [0],  # noqa: B006
+    where: str | None = None,
     edit: EditSettings = EditSettings(),  # noqa: B008
     run: RunSettings = RunSettings(),  # noqa: B008
 ) -> dict[str, Any]:
@@ -37,10 +38,13 @@ async def augment_dataset(
         prompts: Prompts, each applied to every source image
         prompt_template: Or one prompt filled from row columns, e.g. 'Put the {product} on a beach'
         seeds: Seeds, each applied to every prompt
+        where: Only expanded rows where this expression holds, e.g. seed > 1 and
+            contains(prompt, "beach") (the source's columns, prompt, seed; not Python)
         edit: How each image is edited (n: variants per request)
         run: API, limits and budget
     """
     logger = get_run_logger()
+    check_flow_inputs(manifest=manifest, output=output, where=where)
     run_id = new_run_id()
     settings = {k: v for k, v in edit.manifest_columns().items() if k not in ("seed", "n")}
     spec = AugmentSpec(
@@ -58,7 +62,11 @@ async def augment_dataset(
         logger.info("%d sources x prompts x seeds = %d rows", info.sources, info.rows)
         expanded_uri = storage.put_file(layout.run_prefix(run_id) + "expanded.parquet", expanded)
         summary: dict[str, Any] = await edit_manifest(
-            manifest=expanded_uri, output=output, run_id=run_id, **run.flow_kwargs()
+            manifest=expanded_uri,
+            output=output,
+            run_id=run_id,
+            select_where=where,
+            **run.flow_kwargs(),
         )
         dataset = write_dataset_table(
             summary["results_uri"],

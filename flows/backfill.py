@@ -27,8 +27,9 @@ async def backfill(
         manifest: Manifest (CSV/Parquet, local path or s3://)
         output: Output root: a local folder or s3://bucket/prefix
         ids: Only the rows with these ids
-        where: Only rows where this pandas expression over the manifest columns holds,
-            e.g. seed > 10 and output_format == "png"
+        where: Only rows where this expression over the manifest columns holds, e.g.
+            seed > 10 and output_format == "png" (comparisons, and/or/not, in [...],
+            contains/startswith/isnull...; not Python: see the README)
         failed_of_run: Only the rows that failed in this earlier run id
         overwrite: Redo the chosen rows even where results already exist
         run: API, limits and budget

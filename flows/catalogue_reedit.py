@@ -12,7 +12,7 @@ from flows.edit_manifest import edit_manifest
 from flows.settings import EditSettings, RunSettings
 from pipeline import layout
 from pipeline.catalogue import build_manifest_from_prefix
-from pipeline.engine import new_run_id
+from pipeline.engine import check_flow_inputs, new_run_id
 from pipeline.errors import ConfigError
 from pipeline.storage import open_storage
 
@@ -23,6 +23,7 @@ async def catalogue_reedit(
     source_prefix: str | None = None,
     prompt: str | None = None,
     manifest: str | None = None,
+    where: str | None = None,
     edit: EditSettings = EditSettings(),  # noqa: B008 - pydantic models are immutable defaults here
     run: RunSettings = RunSettings(),  # noqa: B008
 ) -> dict[str, Any]:
@@ -34,12 +35,15 @@ async def catalogue_reedit(
         source_prefix: Every image under this folder or s3:// prefix is a source
         prompt: The edit applied to every image of source_prefix
         manifest: Or: a manifest (CSV/Parquet) listing the catalogue
+        where: Only catalogue rows where this expression holds, e.g. startswith(image,
+            "s3://shop/shoes/") (image, id, prompt and the edit columns; not Python)
         edit: How each image is edited (with source_prefix)
         run: API, limits and budget
     """
     logger = get_run_logger()
     if (source_prefix is None) == (manifest is None):
         raise ConfigError("give either source_prefix (with a prompt) or manifest, not both")
+    check_flow_inputs(manifest=manifest, source_prefix=source_prefix, output=output, where=where)
     run_id = new_run_id()
     if source_prefix is not None:
         if not prompt:
@@ -52,7 +56,7 @@ async def catalogue_reedit(
             return {"run_id": run_id, "rows": 0, "by_status": {}, "cost_usd": 0.0}
     assert manifest is not None
     result: dict[str, Any] = await edit_manifest(
-        manifest=manifest, output=output, run_id=run_id, **run.flow_kwargs()
+        manifest=manifest, output=output, run_id=run_id, select_where=where, **run.flow_kwargs()
     )
     return result
 

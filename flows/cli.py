@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from prefect.client.schemas.objects import State
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.limits import DEFAULT_LIMIT_NAME, rate_limit_name, setup_limit
@@ -105,6 +106,20 @@ def run(
     retry_failed_of: Annotated[
         str | None, typer.Option(help="Only redo the rows that failed in this earlier run id")
     ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="Only rows where this expression holds, e.g. 'seed > 10 and size == \"1:1\"' "
+            "(comparisons, and/or/not, in [...], contains/startswith/isnull...; not Python)"
+        ),
+    ] = None,
+    allow_private_sources: Annotated[
+        bool,
+        typer.Option(
+            help="Also fetch http(s) sources from loopback and private networks "
+            "(default: refused; env IMGEDIT_ALLOW_PRIVATE_SOURCES=1)"
+        ),
+    ] = False,
     progress_bar: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)")
     ] = sys.stderr.isatty(),
@@ -113,6 +128,15 @@ def run(
     if response_format not in spec.RESPONSE_FORMATS:
         console.print(f"[red]--response-format must be one of {', '.join(spec.RESPONSE_FORMATS)}")
         raise typer.Exit(EXIT_CANNOT_RUN)
+    if where is not None:
+        # Refused here, before Prefect starts: a hostile or mistyped filter costs nothing.
+        from pipeline.where import parse_where
+
+        try:
+            parse_where(where)
+        except ImgEditError as exc:
+            console.print(f"[red bold]cannot run:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(EXIT_CANNOT_RUN) from None
     output = _absolute_local(output)
     manifest = _absolute_local(manifest)
     from flows.edit_manifest import edit_manifest
@@ -131,6 +155,8 @@ def run(
         "max_cost_usd": max_cost,
         "dry_run_estimate": dry_run_estimate,
         "retry_failed_of": retry_failed_of,
+        "select_where": where,
+        "allow_private_sources": allow_private_sources,
     }
     if model:
         params["model"] = model

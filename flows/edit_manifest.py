@@ -118,6 +118,7 @@ async def edit_manifest(
     select_where: str | None = None,
     row_start: Annotated[int, Field(ge=1)] = 1,
     row_end: Annotated[int | None, Field(ge=1)] = None,
+    allow_private_sources: bool = False,
 ) -> dict[str, Any]:
     """Edit every row of a manifest and store results, sidecars and a results table.
 
@@ -148,9 +149,12 @@ async def edit_manifest(
         shard_deployment: 'flow/deployment' the shards run as (default: this deployment, else edit-
             manifest/edit-manifest)
         select_ids: Only the rows with these ids (a backfill)
-        select_where: Only rows where this pandas expression holds, e.g. size == "1:1"
+        select_where: Only rows where this expression holds, e.g. seed > 10 and size == "1:1"
+            (comparisons, and/or/not, in [...], contains/startswith/isnull...; not Python)
         row_start: First manifest row of this run (shards set it)
         row_end: Row after the last one of this run (shards)
+        allow_private_sources: Also fetch http(s) sources from loopback and private networks
+            (ignored on workers with IMGEDIT_ALLOWED_ROOTS)
     """
     logger = get_run_logger()
     started, started_at = time.perf_counter(), utcnow()
@@ -177,6 +181,7 @@ async def edit_manifest(
         row_end=row_end,
         select_ids=tuple(select_ids or ()),
         select_where=select_where,
+        allow_private_sources=allow_private_sources,
     )
     rid = run_id or new_run_id(started_at)
     plan = plan_task(opts, rid)
@@ -195,7 +200,9 @@ async def edit_manifest(
     else:
         summary = await edit_here(opts, rid, plan, api_limit, started_at, started)
     await asyncio.gather(
-        publish_contact_sheet(summary.results_uri, output, summary.run_id, s3_endpoint_url),
+        publish_contact_sheet(
+            summary.results_uri, output, summary.run_id, s3_endpoint_url, allow_private_sources
+        ),
         acreate_table_artifact(
             key=SUMMARY_ARTIFACT_KEY,
             table=summary.table(),
@@ -335,6 +342,7 @@ async def fan_out(
             "s3_endpoint_url",
             "retry_failed_of",
             "select_where",
+            "allow_private_sources",
         )
     }
     base["select_ids"] = list(opts.select_ids) or None

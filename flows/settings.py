@@ -36,6 +36,11 @@ class RunSettings(BaseModel):
         None, description="S3 endpoint (MinIO, R2); empty: AWS_ENDPOINT_URL_S3, else AWS"
     )
     shards: int = Field(1, ge=1, le=1000, description="Child flow runs to spread the run over")
+    allow_private_sources: bool = Field(
+        False,
+        description="Also fetch http(s) sources from loopback and private networks (ignored on "
+        "workers with IMGEDIT_ALLOWED_ROOTS)",
+    )
 
     def flow_kwargs(self) -> dict[str, Any]:
         return self.model_dump()

@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import string
 import tempfile
 from collections import Counter
@@ -174,12 +175,31 @@ class _Part:
     conversion: str | None
 
 
+# A template is a form field: it is checked like one. Its length, its number of fields and
+# each field's width and precision are capped, so `{col:>50000000}` cannot allocate 100 MB
+# per row; a filled prompt over the API's limit fails its row as usual.
+MAX_TEMPLATE_CHARS = 4000
+MAX_TEMPLATE_FIELDS = 50
+MAX_FORMAT_WIDTH = 200
+# Python's format-spec mini-language, each part named so width and precision can be capped.
+_FORMAT_SPEC_RE = re.compile(
+    r"(?:(?P<fill>.)?[<>=^])?[-+ ]?z?#?0?(?P<width>[0-9]*)[,_]?"
+    r"(?:\.(?P<precision>[0-9]+))?[bcdeEfFgGnosxX%]?",
+    re.DOTALL,
+)
+
+
 def _parse_template(template: str) -> list[_Part]:
     """The template's parts; ValueError naming the problem (pydantic reports it)."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(
+            f"prompt template is {len(template)} characters; the limit is {MAX_TEMPLATE_CHARS}"
+        )
+    shown = template if len(template) <= 80 else template[:77] + "..."
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ValueError(f"prompt template {template!r} is not valid: {exc}") from None
+        raise ValueError(f"prompt template {shown!r} is not valid: {exc}") from None
     parts = []
     for literal, name, format_spec, conversion in parsed:
         if name is None:
@@ -187,13 +207,29 @@ def _parse_template(template: str) -> list[_Part]:
             continue
         if not name.strip() or name.strip().isdigit():
             raise ValueError(
-                f"prompt template {template!r} has a positional field {{{name}}}; name a "
+                f"prompt template {shown!r} has a positional field {{{name}}}; name a "
                 "column instead, e.g. {caption}"
             )
         if "{" in (format_spec or ""):
-            raise ValueError(f"prompt template {template!r}: nested fields are not supported")
+            raise ValueError(f"prompt template {shown!r}: nested fields are not supported")
+        _check_format_spec(format_spec or "", name.strip())
         parts.append(_Part(literal, name.strip(), format_spec or "", conversion))
+    if sum(p.column is not None for p in parts) > MAX_TEMPLATE_FIELDS:
+        raise ValueError(f"prompt template has more than {MAX_TEMPLATE_FIELDS} fields")
     return parts
+
+
+def _check_format_spec(spec: str, column: str) -> None:
+    m = _FORMAT_SPEC_RE.fullmatch(spec)
+    if m is None:
+        raise ValueError(f"prompt template field {{{column}}} has an invalid format {spec[:40]!r}")
+    for part in ("width", "precision"):
+        value = m.group(part)
+        if value and int(value) > MAX_FORMAT_WIDTH:
+            raise ValueError(
+                f"prompt template field {{{column}}}: {part} {value[:12]} is over the limit of "
+                f"{MAX_FORMAT_WIDTH}"
+            )
 
 
 def template_fields(template: str) -> list[str]:

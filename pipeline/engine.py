@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import done_index, layout, progress, spec
+from .allowed_roots import AllowedRoots, check_allowed
 from .client import EditClient, ResponseFormat
 from .errors import APIError, ManifestError, SourceError
 from .manifest import (
@@ -26,6 +27,7 @@ from .manifest import (
     open_manifest,
     validate_manifest,
 )
+from .netguard import source_policy
 from .results import (
     STATUSES,
     merge_tables_to_file,
@@ -47,9 +49,10 @@ from .runner import (
     request_for,
     run_windowed,
 )
-from .selection import select_rows
+from .selection import check_ids, select_rows
 from .sources import DEFAULT_HTTP_TIMEOUT, SourceLoader
 from .storage import Storage, open_storage
+from .where import parse_where
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ class RunOptions:
     # Only rows `row_start <= row < row_end` (a shard of a scaled-out run); others are absent.
     row_start: int = 1
     row_end: int | None = None
+    # Fetch http(s) sources from loopback, private and link-local addresses too (see
+    # pipeline.netguard); a worker with IMGEDIT_ALLOWED_ROOTS ignores it.
+    allow_private_sources: bool = False
 
     @property
     def row_range(self) -> RowRange | None:
@@ -184,8 +190,37 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
+def check_flow_inputs(
+    *,
+    manifest: str | None,
+    output: str,
+    where: str | None = None,
+    ids: Sequence[str] = (),
+    source_prefix: str | None = None,
+) -> None:
+    """Refuse, before any row is read, what no row can fix: a manifest, catalogue prefix or
+    output outside the worker's allowed roots, a `where` that is not the safe expression
+    language, an id list no form should hold."""
+    roots = AllowedRoots.from_env()
+    if manifest is not None:
+        check_allowed(manifest, "manifest", roots)
+    if source_prefix is not None:
+        check_allowed(source_prefix, "source_prefix", roots)
+    check_allowed(output, "output", roots)
+    if where is not None:
+        parse_where(where)
+    check_ids(ids)
+
+
+def check_run_inputs(opts: RunOptions) -> None:
+    check_flow_inputs(
+        manifest=opts.manifest, output=opts.output, where=opts.select_where, ids=opts.select_ids
+    )
+
+
 def plan_run(opts: RunOptions, run_id: str) -> RunPlan:
     """Validate the whole manifest (streaming, no API call); with `strict`, refuse invalid rows."""
+    check_run_inputs(opts)
     report = validate_manifest(
         opts.manifest, endpoint_url=opts.s3_endpoint_url, row_range=opts.row_range
     )
@@ -249,6 +284,8 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
             endpoint_url=opts.s3_endpoint_url,
             http_timeout=opts.source_timeout,
             executor=io_executor,
+            roots=AllowedRoots.from_env(),
+            policy=source_policy(opts.allow_private_sources),
         ),
         config=config,
         done_keys=done.keys,

@@ -39,6 +39,33 @@ class SourceError(ImgEditError):
         self.uri = uri
 
 
+class BlockedAddressError(ImgEditError):
+    """A URL we refuse to fetch: its scheme, its host's addresses, or too many redirects.
+
+    `url` is the refused URL, redacted (no user-info, query replaced by `...`); `host` and
+    `address` are set when an address was refused; `detail` is the message after the URL.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        url: str | None = None,
+        host: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        self.detail = detail
+        self.url = url
+        self.host = host
+        self.address = address
+        where = url if url is not None else host
+        super().__init__(f"refused {where}: {detail}" if where else f"refused: {detail}")
+
+    def for_url(self, shown_url: str) -> BlockedAddressError:
+        """The same refusal, naming `shown_url` (already redacted by the caller)."""
+        return BlockedAddressError(self.detail, url=shown_url, host=self.host, address=self.address)
+
+
 class InvalidImageError(ImgEditError):
     """Bytes that are not a complete, decodable image of a supported format."""
 
@@ -49,6 +76,10 @@ class StorageError(ImgEditError):
 
 class ConfigError(ImgEditError):
     """The run's configuration is unusable (bad output URI, missing API base...)."""
+
+
+class PathNotAllowedError(ConfigError):
+    """A manifest, output or source outside the worker's IMGEDIT_ALLOWED_ROOTS."""
 
 
 # --- the edit API ---------------------------------------------------------------------------

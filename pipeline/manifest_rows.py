@@ -12,7 +12,7 @@ import math
 import os
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -54,6 +54,12 @@ MAX_SHOWN_CHARS = 60
 # Integers written with more digits than this are out of every range we accept; checking the
 # length first keeps int() away from pathological inputs.
 MAX_INT_DIGITS = 30
+# A `params` (or JSON `images`) cell is a form field too: size, members and nesting capped.
+MAX_PARAMS_CHARS = 16 * 1024
+MAX_PARAMS_MEMBERS = 64
+MAX_PARAMS_DEPTH = 8
+# One `param.<name>` cell, as text.
+MAX_PARAM_VALUE_CHARS = 4096
 ID_DIGEST_BYTES = 8
 # Plain ASCII digit strings shorter than this are parsed without further ado.
 MAX_FAST_DIGITS = 19
@@ -251,20 +257,52 @@ def param_value(value: object) -> Any:
     return text
 
 
+def _json_depth(obj: object) -> int:
+    """How deeply lists and objects nest in `obj` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[object]
+        if isinstance(item, Mapping):
+            children = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_PARAMS_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _decode_json_cell(column: str, text: str, kind: str = "valid JSON") -> object:
+    """A JSON cell decoded within the size cap; _Problem naming the column otherwise."""
+    if len(text) > MAX_PARAMS_CHARS:
+        raise _Problem(f"{column} is {len(text)} characters; the limit is {MAX_PARAMS_CHARS}")
+    try:
+        return _JSON.decode(text)
+    except json.JSONDecodeError as exc:
+        raise _Problem(f"{column} is not {kind}: {exc.msg} at character {exc.pos}") from None
+    except RecursionError:
+        raise _Problem(f"{column} nests deeper than {MAX_PARAMS_DEPTH} levels") from None
+    except ValueError:
+        raise _Problem(f"{column} is not {kind}: NaN and Infinity are not allowed") from None
+
+
 def _parse_params(value: object) -> dict[str, Any]:
     """The `params` cell as a dict (null members dropped); raises _Problem otherwise."""
-    if isinstance(value, Mapping):
-        obj: object = dict(value)
-    else:
-        text = str(value).strip()
-        try:
-            obj = _JSON.decode(text)
-        except json.JSONDecodeError as exc:
-            raise _Problem(f"params is not valid JSON: {exc.msg} at character {exc.pos}") from None
-        except ValueError:
-            raise _Problem("params is not valid JSON: NaN and Infinity are not allowed") from None
+    obj: object = dict(value) if isinstance(value, Mapping) else None
+    if obj is None:
+        obj = _decode_json_cell("params", str(value).strip())
     if not isinstance(obj, dict):
         raise _Problem(f"params must be a JSON object, not {type(obj).__name__} {show(value)}")
+    if len(obj) > MAX_PARAMS_MEMBERS:
+        raise _Problem(f"params has {len(obj)} members; the limit is {MAX_PARAMS_MEMBERS}")
+    if _json_depth(obj) > MAX_PARAMS_DEPTH:
+        raise _Problem(f"params nests deeper than {MAX_PARAMS_DEPTH} levels")
+    if isinstance(value, Mapping) and len(json.dumps(obj, default=str)) > MAX_PARAMS_CHARS:
+        raise _Problem(f"params is over {MAX_PARAMS_CHARS} characters as JSON")
     return {str(k): v for k, v in obj.items() if v is not None}
 
 
@@ -274,10 +312,7 @@ def _split_images(value: object) -> list[object]:
         return list(value)
     text = str(value).strip()
     if text.startswith("["):
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise _Problem(f"images is not a valid JSON array: {exc.msg}") from None
+        parsed = _decode_json_cell("images", text, "a valid JSON array")
         if not isinstance(parsed, list):
             raise _Problem("images is not a valid JSON array")
         return parsed
@@ -536,7 +571,15 @@ class RowValidator:
                     if key.strip().lower() in FIXED_FIELDS:
                         errors.append(FieldError("params", _fixed_reason("params", key)))
         for column, name in self._params:
-            value = param_value(cells.get(column))
+            raw = cells.get(column)
+            if isinstance(raw, str) and len(raw) > MAX_PARAM_VALUE_CHARS:
+                errors.append(
+                    FieldError(
+                        column, f"{len(raw)} characters; the limit is {MAX_PARAM_VALUE_CHARS}"
+                    )
+                )
+                continue
+            value = param_value(raw)
             if value is None:
                 continue
             if name in extra:

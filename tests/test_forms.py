@@ -33,7 +33,7 @@ def test_form_fields_keep_their_bounds_and_choices() -> None:
     props = schema_of("flows/edit_manifest.py:edit_manifest")["properties"]
     assert props["concurrency"]["minimum"] == 1 and props["concurrency"]["maximum"] == 1024
     assert props["response_format"]["enum"] == ["b64_json", "url"]
-    assert "pandas expression" in props["select_where"]["description"]
+    assert "not Python" in props["select_where"]["description"]
 
 
 def test_deployment_parameters_are_valid_for_their_forms() -> None:

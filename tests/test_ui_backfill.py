@@ -131,7 +131,7 @@ async def test_a_backfill_started_from_the_ui_form_edits_only_the_chosen_rows(
                 # The form explains each field (from the flow's docstring); the UI renders
                 # descriptions as markdown a moment after the field itself.
                 description = where.locator(".schema-form-property__description")
-                await description.filter(has_text="pandas expression").wait_for(timeout=30_000)
+                await description.filter(has_text="not Python").wait_for(timeout=30_000)
                 # A field of the nested `run` settings model.
                 await field(page, "Concurrency (Optional)").locator("input").fill("3")
                 await page.get_by_role("button", name="Submit", exact=True).click()
