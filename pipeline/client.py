@@ -242,8 +242,9 @@ class EditClient:
         self._in_flight = [0] * pools
         # Result URLs on other hosts than the API's come from an answer we do not trust: they
         # are fetched through netguard (public addresses only, unless the run opted in).
+        # A given transport (tests) serves downloads too, unless a policy is given with it.
         self._download_policy = download_policy or AddressPolicy()
-        self._download_transport = transport
+        self._download_transport = transport if download_policy is None else None
         self._downloads: httpx.AsyncClient | None = None
 
     def __repr__(self) -> str:

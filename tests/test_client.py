@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipeline import errors
 from pipeline.client import EditClient, EditRequest, ImagePart, build_files, build_form
+from pipeline.netguard import AddressPolicy
 from pipeline.rows import EditParams
 
 API = "https://api.example.test/openai/v1"
@@ -182,6 +183,23 @@ async def test_result_urls_off_https_and_off_the_api_host_are_refused(url: str) 
 
     async with make_client(handler) as client:
         with pytest.raises(errors.UnsafeURLError) as info:
+            await client.edit(request_with())
+    assert not info.value.retryable
+
+
+@pytest.mark.parametrize("address", ["10.0.0.7", "169.254.169.254", "127.0.0.1", "fd00::1"])
+async def test_result_urls_on_internal_addresses_are_refused(address: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = ok_body()
+        body["data"] = [{"url": "https://media.example.test/a.png"}]
+        return httpx.Response(200, json=body)
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return [address]
+
+    policy = AddressPolicy(resolver=resolver)
+    async with make_client(handler, download_policy=policy) as client:
+        with pytest.raises(errors.UnsafeURLError, match=f"{address}, an? .*address") as info:
             await client.edit(request_with())
     assert not info.value.retryable
 
