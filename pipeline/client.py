@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import reprlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import httpx
 
 from . import spec
 from .errors import (
+    JSON_SEPARATOR_CHARS,
     APIConnectionError,
     APIError,
     APIResponseError,
@@ -29,7 +31,10 @@ from .errors import (
     InvalidImageError,
     ResponseTooLargeError,
     UnsafeURLError,
+    cut_text,
     error_for_status,
+    json_chars,
+    short_scalars,
 )
 from .imageinfo import ImageInfo, probe
 from .netguard import AddressPolicy, guarded_transport, open_stream
@@ -53,6 +58,8 @@ DEFAULT_MAX_IMAGE_BYTES = 50 * 2**20
 # Result URLs live ~60 min: a couple of quick download retries beat re-paying for the edit.
 DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_BACKOFF_S = 0.5
+# A reported cost we do not trust is kept as text for a person, this long at most.
+MAX_COST_RAW_CHARS = 64
 
 REQUEST_ID_HEADERS = ("x-lumenfall-request-id", "x-request-id")
 # Form fields the client sets itself; provider extras may not override them.
@@ -108,6 +115,15 @@ class OutputImage:
 
 @dataclass(frozen=True)
 class EditResponse:
+    """One answer, every text in it cut to the caps in `spec`.
+
+    `images` may be fewer than `n_asked` (the runner decides what to do with a short answer),
+    never more. `cost` is only a trusted reported cost: a finite number, not negative, at
+    most MAX_TRUSTED_COST_FACTOR times the list price of the images asked; a cost reported
+    but not trusted is in `cost_raw`, as text. `warnings` has one short sentence per thing
+    distrusted or cut.
+    """
+
     id: str | None
     created: int | None
     size: str | None  # as the API reports it; each image's `info` has what the bytes say
@@ -119,8 +135,11 @@ class EditResponse:
     executed_model: str | None
     model: str | None
     request_id: str | None
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # as sent, or its short scalar members when its JSON is too long
     latency_s: float
+    n_asked: int = 1
+    cost_raw: str | None = None
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,7 +232,14 @@ class EditClient:
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
         download_policy: AddressPolicy | None = None,
+        price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD,
     ) -> None:
+        if not (math.isfinite(price_per_image_usd) and price_per_image_usd >= 0):
+            raise ValueError(
+                f"price per image must be a finite USD amount >= 0, got {price_per_image_usd!r}"
+            )
+        # The list price a reported cost (and a dry-run estimate) is checked against.
+        self.price_per_image_usd = price_per_image_usd
         self.base_url = (base_url or os.environ.get(ENV_API_BASE) or spec.DEFAULT_API_BASE).rstrip(
             "/"
         )
@@ -313,13 +339,22 @@ class EditClient:
         except httpx.TimeoutException as exc:
             raise APITimeoutError(f"no answer from {url} within the timeout") from exc
         except httpx.ConnectError as exc:
-            raise APIConnectionError(f"cannot connect to {url}: {exc}", sent=False) from exc
+            raise APIConnectionError(
+                f"cannot connect to {url}: {_exc_text(exc)}", sent=False
+            ) from exc
         except httpx.HTTPError as exc:
             # Reset or dropped after the request went out: the edit may have run.
-            raise APIConnectionError(f"connection lost: {type(exc).__name__}: {exc}") from exc
+            raise APIConnectionError(
+                f"connection lost: {type(exc).__name__}: {_exc_text(exc)}"
+            ) from exc
+
+    def _cost_ceiling_usd(self, n_asked: int) -> float:
+        """The most a reported cost of `n_asked` images may be and still be believed."""
+        return spec.MAX_TRUSTED_COST_FACTOR * self.price_per_image_usd * n_asked
 
     @staticmethod
     def _request_id(response: httpx.Response, body: Any = None) -> str | None:
+        """Uncut: an error cuts it (APIError does), `edit` cuts it with a warning."""
         for name in REQUEST_ID_HEADERS:
             value = response.headers.get(name)
             if value:
@@ -365,31 +400,54 @@ class EditClient:
         )
         self._raise_for_status(response)
         body = self._json_object(response)
-        request_id = self._request_id(response, body)
+        warnings: list[str] = []
+        request_id = _capped(self._request_id(response, body), "request id", warnings)
+        n_asked = request.params.image_count()
         try:
-            images = await self._images(body)
+            images = await self._images(body, n_asked, warnings)
         except APIError as exc:
             exc.request_id = exc.request_id or request_id
             exc.status = exc.status or response.status_code
             raise
         meta = body.get("metadata")
-        metadata: dict[str, Any] = dict(meta) if isinstance(meta, Mapping) else {}
+        reported: Mapping[str, Any] = meta if isinstance(meta, Mapping) else {}
+        headers = response.headers
+        answer_id = _capped(body.get("id"), "id", warnings)
+        size = _capped(body.get("size"), "size", warnings)
+        output_format = _capped(body.get("output_format"), "output_format", warnings)
+        currency = _capped(
+            reported.get("cost_currency") or reported.get("currency"), "currency", warnings
+        )
+        provider = _capped(
+            reported.get("provider") or headers.get("x-lumenfall-provider"), "provider", warnings
+        )
+        executed_model = _capped(reported.get("executed_model"), "executed_model", warnings)
+        model = _capped(
+            reported.get("model") or headers.get("x-lumenfall-model"), "model", warnings
+        )
+        cost, cost_raw, distrust = trusted_cost(
+            reported.get("cost"), self._cost_ceiling_usd(n_asked), n_asked
+        )
+        if distrust:
+            warnings.append(distrust)
+        metadata = _capped_metadata(reported, warnings)
         return EditResponse(
-            id=_opt_str(body.get("id")),
+            id=answer_id,
             created=_opt_int(body.get("created")),
-            size=_opt_str(body.get("size")),
-            output_format=_opt_str(body.get("output_format")),
+            size=size,
+            output_format=output_format,
             images=images,
-            cost=_opt_float(metadata.get("cost")),
-            currency=_opt_str(metadata.get("cost_currency") or metadata.get("currency")),
-            provider=_opt_str(
-                metadata.get("provider") or response.headers.get("x-lumenfall-provider")
-            ),
-            executed_model=_opt_str(metadata.get("executed_model")),
-            model=_opt_str(metadata.get("model") or response.headers.get("x-lumenfall-model")),
+            cost=cost,
+            currency=currency,
+            provider=provider,
+            executed_model=executed_model,
+            model=model,
             request_id=request_id,
             metadata=metadata,
             latency_s=time.perf_counter() - started,
+            n_asked=n_asked,
+            cost_raw=cost_raw,
+            warnings=tuple(warnings),
         )
 
     async def estimate(self, request: EditRequest) -> CostEstimate:
@@ -403,19 +461,49 @@ class EditClient:
         )
         self._raise_for_status(response)
         body = self._json_object(response)
-        micros = body.get("total_cost_micros")
-        if not isinstance(micros, int | float):
-            raise APIResponseError("dry-run answer has no total_cost_micros")
+        n_asked = request.params.image_count()
+        micros = self._estimate_micros(body.get("total_cost_micros"), n_asked)
         components = body.get("components")
+        short = spec.MAX_API_SHORT_TEXT_CHARS
         return CostEstimate(
-            total_cost_micros=int(micros),
-            currency=str(body.get("currency") or spec.CURRENCY),
-            model=_opt_str(body.get("model")),
-            provider=_opt_str(body.get("provider")),
-            components=[dict(c) for c in components if isinstance(c, Mapping)]
-            if isinstance(components, list)
-            else [],
+            total_cost_micros=micros,
+            currency=cut_text(_opt_str(body.get("currency")) or spec.CURRENCY, short),
+            model=_opt_short(body.get("model")),
+            provider=_opt_short(body.get("provider")),
+            components=_capped_components(components) if isinstance(components, list) else [],
         )
+
+    def _estimate_micros(self, micros: Any, n_asked: int) -> int:
+        """A dry run's `total_cost_micros`, when it is a price we can plan a budget with.
+
+        Anything else is a 2xx we cannot use: not retried (the same question gets the same
+        answer) and not charged (a dry run charges nothing).
+        """
+        ceiling = self._cost_ceiling_usd(n_asked) * spec.MICROS_PER_USD
+        value = micros if isinstance(micros, int | float) and not isinstance(micros, bool) else None
+        number = _as_float(value) if value is not None else None
+        if micros is None:
+            problem = "has no total_cost_micros"
+        elif number is None:
+            shown = repr(_raw_text(micros)) if isinstance(micros, str) else _raw_text(micros)
+            problem = f"total_cost_micros {shown} is not a number"
+        elif not math.isfinite(number):
+            problem = f"total_cost_micros {number!r} is not a finite number"
+        elif number < 0:
+            problem = f"total_cost_micros {number!r} is negative"
+        elif number > ceiling:
+            problem = (
+                f"total_cost_micros {number!r} is over {spec.MAX_TRUSTED_COST_FACTOR:g}x the "
+                f"list price of {n_asked} image(s)"
+            )
+        else:
+            return int(number)
+        err = APIResponseError(
+            f"dry-run answer {problem}: a 2xx answer we cannot use (not retried)"
+        )
+        err.retryable = False
+        err.may_have_charged = False
+        raise err
 
     async def list_models(self) -> list[dict[str, Any]]:
         response = await self._send("GET", "models")
@@ -428,15 +516,30 @@ class EditClient:
         self._raise_for_status(response)
         return self._json_object(response)
 
-    async def _images(self, body: Mapping[str, Any]) -> list[OutputImage]:
+    async def _images(
+        self, body: Mapping[str, Any], n_asked: int, warnings: list[str]
+    ) -> list[OutputImage]:
+        """The answer's images, at most `n_asked` of them (extras are neither fetched nor
+        decoded); fewer is not an error here."""
         data = body.get("data")
         if not isinstance(data, list) or not data:
             raise APIResponseError("answer has no `data` images")
+        if len(data) > n_asked:
+            warnings.append(
+                f"answer has {len(data)} images for {n_asked} asked: kept the first {n_asked}"
+            )
+            data = data[:n_asked]
         out: list[OutputImage] = []
         for index, item in enumerate(data):
             if not isinstance(item, Mapping):
                 raise APIResponseError(f"data[{index}] is not an object")
-            revised = _opt_str(item.get("revised_prompt"))
+            which = "" if len(data) == 1 else f" of image {index + 1}"
+            revised = _capped(
+                item.get("revised_prompt"),
+                f"revised_prompt{which}",
+                warnings,
+                spec.MAX_API_TEXT_CHARS,
+            )
             b64 = item.get("b64_json")
             url = item.get("url")
             if isinstance(b64, str) and b64:
@@ -444,7 +547,7 @@ class EditClient:
                 source_url = None
             elif isinstance(url, str) and url:
                 raw = await self.download(url)
-                source_url = url
+                source_url = _capped(url, f"url{which}", warnings, spec.MAX_API_TEXT_CHARS)
             else:
                 raise APIResponseError(f"data[{index}] has neither b64_json nor url")
             try:
@@ -556,21 +659,112 @@ def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _opt_short(value: Any) -> str | None:
+    text = _opt_str(value)
+    return cut_text(text, spec.MAX_API_SHORT_TEXT_CHARS) if text is not None else None
+
+
 def _opt_int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _opt_float(value: Any) -> float | None:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if isinstance(value, int | float):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return int(value)
+
+
+def _exc_text(exc: BaseException) -> str:
+    """An exception's text for our own message: it may quote a server, so it is cut."""
+    return cut_text(str(exc), spec.MAX_API_SHORT_TEXT_CHARS)
+
+
+def _capped(
+    value: Any,
+    what: str,
+    warnings: list[str],
+    limit: int = spec.MAX_API_SHORT_TEXT_CHARS,
+) -> str | None:
+    """A text field of an answer cut to `limit`, with a warning when it had to be cut."""
+    text = _opt_str(value)
+    if text is None or len(text) <= limit:
+        return text
+    warnings.append(f"{what} cut from {len(text)} to {limit} characters")
+    return cut_text(text, limit)
+
+
+def _capped_metadata(metadata: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """`metadata` as sent, or its short scalar members (with a warning) when it is too long."""
+    chars = json_chars(metadata)
+    if chars <= spec.MAX_METADATA_JSON_CHARS:
+        return dict(metadata)
+    kept = short_scalars(metadata, spec.MAX_METADATA_JSON_CHARS)
+    warnings.append(
+        f"metadata cut: {chars} characters of JSON, over the {spec.MAX_METADATA_JSON_CHARS} "
+        f"cap; kept {len(kept)} of {len(metadata)} members"
+    )
+    return kept
+
+
+def _capped_components(components: list[Any]) -> list[dict[str, Any]]:
+    """A dry run's cost components, each cut like metadata, all within the metadata cap."""
+    out: list[dict[str, Any]] = []
+    used = json_chars(out)
+    for item in components:
+        if not isinstance(item, Mapping):
+            continue
+        part = short_scalars(item, spec.MAX_METADATA_JSON_CHARS)
+        size = json_chars(part) + (JSON_SEPARATOR_CHARS if out else 0)
+        if used + size > spec.MAX_METADATA_JSON_CHARS:
+            break
+        out.append(part)
+        used += size
+    return out
+
+
+def _as_float(value: int | float) -> float:
+    try:
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    except OverflowError:  # an int too large for a float
+        return math.inf
+
+
+def _raw_text(value: Any) -> str:
+    """A reported value as text for a person: a string as it is, anything else repr-like
+    (reprlib: a huge list or number stays short); cut to MAX_COST_RAW_CHARS."""
+    text = value if isinstance(value, str) else reprlib.repr(value)
+    return cut_text(text, MAX_COST_RAW_CHARS)
+
+
+def trusted_cost(
+    value: Any, ceiling_usd: float, n_asked: int
+) -> tuple[float | None, str | None, str | None]:
+    """(cost, cost_raw, warning) for a reported `metadata.cost`.
+
+    Trusted (cost set, the rest None): a finite int, float or numeric string, >= 0 and at
+    most `ceiling_usd`. Not trusted: cost None, cost_raw the value as text, and a warning.
+    Missing (None): all three None. Booleans are not numbers.
+    """
+    if value is None:
+        return None, None, None
+    raw = _raw_text(value)
+    shown = repr(raw) if isinstance(value, str) else raw
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = _as_float(value)
+        shown = repr(number)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None:
+        reason = "is not a number"
+    elif not math.isfinite(number):
+        reason = "is not a finite number"
+    elif number < 0:
+        reason = "is negative"
+    elif number > ceiling_usd:
+        reason = f"is over {spec.MAX_TRUSTED_COST_FACTOR:g}x the list price of {n_asked} image(s)"
+    else:
+        return number + 0.0, None, None  # + 0.0: -0.0 becomes 0.0
+    return None, raw, f"reported cost {shown} {reason}: not trusted"
 
 
 __all__ = [

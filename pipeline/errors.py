@@ -5,19 +5,112 @@ Each API error says three things the runner acts on:
 - `run_fatal`: no other row can succeed either (401, 402, unknown model), so the run stops;
 - `may_have_charged`: the request reached the server and the answer was lost, so the server
   may have charged for an edit we never received (a retry then risks a double charge).
-Anything else fails one row. Messages never contain credentials.
+Anything else fails one row. Messages never contain credentials, and text from the API in
+them (messages, codes, request ids, bodies) is cut to the caps in `spec`.
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from .spec import (
+    MAX_API_SHORT_TEXT_CHARS,
+    MAX_API_TEXT_CHARS,
+    MAX_METADATA_JSON_CHARS,
+    MAX_RETRY_AFTER_S,
+)
+
+# A non-JSON error body is most likely an HTML page: its start says enough.
+MAX_TEXT_ERROR_BODY_CHARS = 500
+CUT_MARKER = "... [cut, {n} characters]"
+MS_PER_S = 1000.0
+# "{}" around the members of a JSON object, ", " between two members or items.
+_JSON_BRACES_CHARS = len("{}")
+JSON_SEPARATOR_CHARS = len(", ")
+
 
 class ImgEditError(Exception):
     """Base of every error imgedit raises on purpose."""
+
+
+# --- text from the API ----------------------------------------------------------------------
+# Here rather than in the client: the error mapping below needs them too.
+
+
+def cut_text(text: str, limit: int) -> str:
+    """`text` when it fits in `limit` characters, else its start and a marker naming its
+    length (`... [cut, 5242880 characters]`): `limit` characters in all."""
+    if len(text) <= limit:
+        return text
+    marker = CUT_MARKER.format(n=len(text))
+    if len(marker) >= limit:
+        return text[:limit]
+    return text[: limit - len(marker)] + marker
+
+
+def json_chars(value: Any) -> int:
+    """How many characters `value` takes as JSON (as a sidecar writes it)."""
+    return len(json.dumps(value, default=str))
+
+
+def _short_scalar(value: Any) -> tuple[bool, Any]:
+    """(keep, value): a scalar whose text is short, strings cut to the short cap."""
+    if isinstance(value, str):
+        return True, cut_text(value, MAX_API_SHORT_TEXT_CHARS)
+    if value is None or isinstance(value, bool | float):
+        return True, value
+    if isinstance(value, int):
+        return len(str(value)) <= MAX_API_SHORT_TEXT_CHARS, value
+    return False, value
+
+
+def short_scalars(
+    mapping: Mapping[Any, Any], max_json_chars: int = MAX_METADATA_JSON_CHARS
+) -> dict[str, Any]:
+    """What is left of an oversized object: its scalar members with a short key and a short
+    text (strings cut to the short cap), in order, as many as fit in `max_json_chars`."""
+    out: dict[str, Any] = {}
+    used = _JSON_BRACES_CHARS
+    for key, value in mapping.items():
+        if not isinstance(key, str) or len(key) > MAX_API_SHORT_TEXT_CHARS:
+            continue
+        keep, short = _short_scalar(value)
+        if not keep:
+            continue
+        size = json_chars({key: short}) - _JSON_BRACES_CHARS
+        if out:
+            size += JSON_SEPARATOR_CHARS
+        if used + size > max_json_chars:
+            break
+        out[key] = short
+        used += size
+    return out
+
+
+def capped_object(
+    mapping: Mapping[Any, Any], max_json_chars: int = MAX_METADATA_JSON_CHARS
+) -> dict[str, Any]:
+    """`mapping` as it is when its JSON fits in `max_json_chars`, else its short scalars."""
+    if json_chars(mapping) <= max_json_chars:
+        return dict(mapping)
+    return short_scalars(mapping, max_json_chars)
+
+
+def capped_wait(seconds: float | None) -> float | None:
+    """A wait a server asked for, made safe to sleep: None for NaN or a negative value,
+    at most MAX_RETRY_AFTER_S (an infinite or absurd wait becomes the cap)."""
+    if seconds is None or math.isnan(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S)
+
+
+def _opt_short(text: str | None) -> str | None:
+    return cut_text(text, MAX_API_SHORT_TEXT_CHARS) if text is not None else None
 
 
 # --- input --------------------------------------------------------------------------------
@@ -71,7 +164,15 @@ class InvalidImageError(ImgEditError):
 
 
 class StorageError(ImgEditError):
-    """Reading or writing the output storage failed."""
+    """Reading or writing the output storage failed.
+
+    `fatal`: no other write will succeed either (no space left, a read-only filesystem or
+    bucket, access denied, credentials refused, no such bucket): the run stops spending.
+    """
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class ConfigError(ImgEditError):
@@ -98,11 +199,13 @@ class APIError(ImgEditError):
         status: int | None = None,
         request_id: str | None = None,
     ) -> None:
+        # Messages quote the API (error messages, exception text): never uncut.
+        message = cut_text(message, MAX_API_TEXT_CHARS)
         super().__init__(message)
         self.message = message
-        self.code = code
+        self.code = _opt_short(code)
         self.status = status
-        self.request_id = request_id
+        self.request_id = _opt_short(request_id)
 
     @property
     def error_code(self) -> str:
@@ -168,8 +271,8 @@ class APIStatusError(APIError):
         body: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message, code=code, status=status, request_id=request_id)
-        self.retry_after = retry_after
-        self.body = dict(body) if body else {}
+        self.retry_after = capped_wait(retry_after)
+        self.body = capped_object(body) if body else {}
 
     def __str__(self) -> str:
         code = f" {self.code}" if self.code else ""
@@ -260,27 +363,42 @@ _CODE_CLASSES: dict[str, type[APIStatusError]] = {
 }
 
 
+def _seconds(text: str, scale: float = 1.0) -> float | None:
+    try:
+        return capped_wait(float(text) / scale)
+    except ValueError:
+        return None
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Seconds to wait from `retry-after-ms`, or `Retry-After` (seconds or an HTTP date)."""
+    """Seconds to wait from `retry-after-ms`, or `Retry-After` (seconds or an HTTP date).
+
+    Never more than MAX_RETRY_AFTER_S: an infinite, absurd or far-future wait is the cap, so
+    every user of the value (tenacity's wait, the runner's rate gate) gets a capped one.
+    A negative or NaN number is garbage: ignored like any other unreadable value (None),
+    and `retry-after-ms` garbage falls back to `Retry-After`. A date in the past is 0.
+    """
     lowered = {k.lower(): v for k, v in headers.items()}
     ms = lowered.get("retry-after-ms")
     if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
+        waited = _seconds(ms, MS_PER_S)
+        if waited is not None:
+            return waited
     value = lowered.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return capped_wait(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        delta = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, OverflowError, OSError, IndexError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return capped_wait(max(0.0, delta))
 
 
 def error_for_status(
@@ -297,14 +415,16 @@ def error_for_status(
     if isinstance(body, Mapping):
         err = body.get("error")
         if isinstance(err, Mapping):
-            err_body = dict(err)
-            message = str(err.get("message") or message)
+            # Cut here and again in APIStatusError: an uncut message, code or body never
+            # reaches a results table or a log.
+            err_body = capped_object(err)
+            message = cut_text(str(err.get("message") or message), MAX_API_TEXT_CHARS)
             raw_code = err.get("code") or err.get("type")
-            code = str(raw_code) if raw_code else None
+            code = cut_text(str(raw_code), MAX_API_SHORT_TEXT_CHARS) if raw_code else None
         elif isinstance(body.get("message"), str):
-            message = str(body["message"])
+            message = cut_text(str(body["message"]), MAX_API_TEXT_CHARS)
     elif isinstance(body, str) and body.strip():
-        message = body.strip()[:500]
+        message = cut_text(body.strip(), MAX_TEXT_ERROR_BODY_CHARS)
     cls: type[APIStatusError] | None = _CODE_CLASSES.get(code or "")
     if cls is None:
         cls = _STATUS_CLASSES.get(status)

@@ -18,6 +18,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from .errors import APIError, APIStatusError
+from .spec import MAX_RETRY_AFTER_S as MAX_RETRY_AFTER_S  # re-exported: its old home
 
 DEFAULT_MAX_ATTEMPTS = 6
 # Total time one row may spend retrying before it ends failed (a later run picks it up).
@@ -26,8 +27,8 @@ INITIAL_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 # Full jitter on top of the exponential step, so many workers do not retry in lockstep.
 JITTER_FRACTION = 0.5
-# A server asking for more than this is treated as asking for this (the OpenAI SDK's cap).
-MAX_RETRY_AFTER_S = 120.0
+# MAX_RETRY_AFTER_S (from spec, re-exported here): a server asking for more is treated as
+# asking for that; errors.parse_retry_after applies it already, retry_after_of once more.
 
 
 @dataclass(frozen=True)

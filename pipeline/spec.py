@@ -23,6 +23,18 @@ MAX_COMPRESSION = 100
 PRICE_PER_IMAGE_USD = 0.01
 CURRENCY = "USD"
 MICROS_PER_USD = 1_000_000
+# A reported cost over this many times the list price of the images asked is absurd: a
+# gateway bug or a lie, never counted against a budget.
+MAX_TRUSTED_COST_FACTOR = 100.0
+
+# Caps on text the API sends back, applied before it reaches sidecars, tables or logs.
+MAX_API_TEXT_CHARS = 8192  # revised_prompt, error messages
+# ids, error codes, provider and model names, currency, request ids, sizes, output formats
+MAX_API_SHORT_TEXT_CHARS = 256
+MAX_METADATA_JSON_CHARS = 16_384  # `metadata` of an answer, the body of an error
+# A server asking for a longer wait than this is treated as asking for this (the OpenAI
+# SDK's cap): one Retry-After must not freeze a run.
+MAX_RETRY_AFTER_S = 120.0
 
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "gif", "webp", "avif")
 LOSSY_FORMATS: frozenset[str] = frozenset({"jpeg", "webp", "avif"})

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from pipeline import errors
+from pipeline import errors, spec
 from pipeline.client import EditClient, EditRequest, ImagePart, build_files, build_form
 from pipeline.netguard import AddressPolicy
 from pipeline.rows import EditParams
@@ -382,3 +382,323 @@ def test_models_are_listed() -> None:
 
     asyncio.run(go())
     assert json.dumps(ok_body())  # the helper body is JSON-serialisable
+
+
+# --- what the API says is not believed blindly, and never stored uncut ---------------------
+
+COST_SLOT = '"__COST__"'
+
+
+def answer_with_cost(literal: str | None, n_images: int = 1) -> httpx.Response:
+    """An answer whose `metadata.cost` is `literal` as JSON text (NaN and 1e999 included,
+    which Python's JSON reader turns into nan and inf); None: no cost at all."""
+    body = ok_body([png_bytes((16, 9))] * n_images)
+    metadata = body["metadata"]
+    assert isinstance(metadata, dict)
+    if literal is None:
+        del metadata["cost"]
+        return httpx.Response(200, json=body)
+    metadata["cost"] = "__COST__"
+    content = json.dumps(body).replace(COST_SLOT, literal)
+    return httpx.Response(200, content=content, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("literal", "cost", "raw", "warning"),
+    [
+        ("0.01", 0.01, None, None),
+        ('"0.01"', 0.01, None, None),
+        ("0", 0.0, None, None),
+        ("1.0", 1.0, None, None),  # exactly 100x the list price of one image
+        (None, None, None, None),
+        ("-5", None, "-5", "reported cost -5.0 is negative: not trusted"),
+        ('"NaN"', None, "NaN", "reported cost 'NaN' is not a finite number: not trusted"),
+        ("NaN", None, "nan", "reported cost nan is not a finite number: not trusted"),
+        (
+            '"Infinity"',
+            None,
+            "Infinity",
+            "reported cost 'Infinity' is not a finite number: not trusted",
+        ),
+        ("1e999", None, "inf", "reported cost inf is not a finite number: not trusted"),
+        ('"abc"', None, "abc", "reported cost 'abc' is not a number: not trusted"),
+        ('""', None, "", "reported cost '' is not a number: not trusted"),
+        ("true", None, "True", "reported cost True is not a number: not trusted"),
+        ("[0.01]", None, "[0.01]", "reported cost [0.01] is not a number: not trusted"),
+        (
+            "40000",
+            None,
+            "40000",
+            "reported cost 40000.0 is over 100x the list price of 1 image(s): not trusted",
+        ),
+        (
+            "1.01",
+            None,
+            "1.01",
+            "reported cost 1.01 is over 100x the list price of 1 image(s): not trusted",
+        ),
+    ],
+)
+async def test_only_a_believable_reported_cost_is_trusted(
+    literal: str | None, cost: float | None, raw: str | None, warning: str | None
+) -> None:
+    async with make_client(lambda request: answer_with_cost(literal)) as client:
+        resp = await client.edit(request_with())
+    assert resp.cost == (pytest.approx(cost) if cost is not None else None)
+    assert resp.cost_raw == raw
+    assert resp.warnings == ((warning,) if warning else ())
+    assert resp.n_asked == 1
+
+
+async def test_the_cost_ceiling_follows_the_images_asked_and_the_price() -> None:
+    async with make_client(lambda request: answer_with_cost("2.5", 2)) as client:
+        assert (await client.edit(request_with(n=3))).cost == pytest.approx(2.5)
+        over = await client.edit(request_with(n=2))
+    assert over.cost is None and over.cost_raw == "2.5"
+    assert over.warnings == (
+        "reported cost 2.5 is over 100x the list price of 2 image(s): not trusted",
+    )
+    dear = make_client(lambda request: answer_with_cost("40"), price_per_image_usd=1.0)
+    async with dear as client:
+        assert (await client.edit(request_with())).cost == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="price per image"):
+        make_client(lambda request: answer_with_cost("1"), price_per_image_usd=float("nan"))
+
+
+async def test_an_untrusted_cost_is_kept_short() -> None:
+    literal = json.dumps("9" * 10_000 + "x")
+    async with make_client(lambda request: answer_with_cost(literal)) as client:
+        resp = await client.edit(request_with())
+    assert resp.cost is None
+    assert resp.cost_raw is not None and len(resp.cost_raw) <= 64
+    assert resp.cost_raw.endswith("... [cut, 10001 characters]")
+    assert len(resp.warnings) == 1 and len(resp.warnings[0]) < 200
+
+
+async def test_a_huge_revised_prompt_is_cut_with_a_warning() -> None:
+    size = 20 * 2**20
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = ok_body()
+        body["data"] = [
+            {"b64_json": base64.b64encode(png_bytes()).decode(), "revised_prompt": "r" * size}
+        ]
+        return httpx.Response(200, json=body)
+
+    async with make_client(handler) as client:
+        resp = await client.edit(request_with())
+    revised = resp.images[0].revised_prompt
+    assert revised is not None and len(revised) == spec.MAX_API_TEXT_CHARS
+    assert revised.startswith("rrr") and revised.endswith(f"... [cut, {size} characters]")
+    assert resp.warnings == (f"revised_prompt cut from {size} to 8192 characters",)
+
+
+async def test_short_texts_of_an_answer_are_cut_with_warnings() -> None:
+    long = "z" * 1000
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = ok_body(id=long, size=long, output_format=long, created="__NAN__")
+        metadata = body["metadata"]
+        assert isinstance(metadata, dict)
+        metadata.update(provider=long, executed_model=long, model=long, cost_currency=long)
+        content = json.dumps(body).replace('"__NAN__"', "NaN")
+        headers = {"X-Lumenfall-Request-Id": long, "content-type": "application/json"}
+        return httpx.Response(200, content=content, headers=headers)
+
+    async with make_client(handler) as client:
+        resp = await client.edit(request_with())
+    short = spec.MAX_API_SHORT_TEXT_CHARS
+    texts = [resp.id, resp.size, resp.output_format, resp.provider, resp.executed_model]
+    texts += [resp.model, resp.currency, resp.request_id]
+    assert all(t is not None and len(t) == short for t in texts)
+    assert resp.created is None
+    assert set(resp.warnings) == {
+        f"{what} cut from 1000 to {short} characters"
+        for what in (
+            "request id",
+            "id",
+            "size",
+            "output_format",
+            "currency",
+            "provider",
+            "executed_model",
+            "model",
+        )
+    }
+
+
+async def test_huge_metadata_is_reduced_under_the_cap() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = ok_body()
+        metadata = body["metadata"]
+        assert isinstance(metadata, dict)
+        metadata["blob"] = "x" * 2_000_000
+        metadata["nested"] = {"deep": ["y" * 100] * 100}
+        metadata["k" * 1000] = 1
+        return httpx.Response(200, json=body)
+
+    async with make_client(handler) as client:
+        resp = await client.edit(request_with())
+    assert len(json.dumps(resp.metadata)) <= spec.MAX_METADATA_JSON_CHARS
+    assert resp.metadata["model"] == "p-image-edit" and resp.metadata["cost"] == 0.01
+    assert len(resp.metadata["blob"]) == spec.MAX_API_SHORT_TEXT_CHARS
+    assert "nested" not in resp.metadata and "k" * 1000 not in resp.metadata
+    assert resp.cost == pytest.approx(0.01) and resp.provider == "replicate"
+    [warning] = resp.warnings
+    assert warning.startswith("metadata cut: 2") and warning.endswith("kept 7 of 9 members")
+    assert "characters of JSON, over the 16384 cap" in warning
+
+
+async def test_metadata_of_many_members_stays_under_the_cap() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=ok_body(metadata={f"k{i}": i for i in range(200_000)}))
+
+    async with make_client(handler) as client:
+        resp = await client.edit(request_with())
+    assert len(json.dumps(resp.metadata)) <= spec.MAX_METADATA_JSON_CHARS
+    assert resp.metadata["k0"] == 0
+    assert resp.warnings[0].startswith("metadata cut: ")
+
+
+async def test_more_images_than_asked_keeps_the_first_ones() -> None:
+    images = [png_bytes((16, 9), (i * 40, 0, 0)) for i in range(4)]
+    async with make_client(lambda request: httpx.Response(200, json=ok_body(images))) as client:
+        resp = await client.edit(request_with(n=3))
+    assert [i.data for i in resp.images] == images[:3]
+    assert resp.n_asked == 3
+    assert resp.warnings == ("answer has 4 images for 3 asked: kept the first 3",)
+    assert [i.revised_prompt for i in resp.images] == ["rev 0", "rev 1", "rev 2"]
+
+
+async def test_extra_result_urls_are_not_even_downloaded() -> None:
+    fetched: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "media.example.test":
+            fetched.append(request.url.path)
+            return httpx.Response(200, content=png_bytes())
+        body = ok_body()
+        body["data"] = [{"url": f"https://media.example.test/{i}.png"} for i in range(3)]
+        return httpx.Response(200, json=body)
+
+    async with make_client(handler) as client:
+        resp = await client.edit(request_with())
+    assert fetched == ["/0.png"] and len(resp.images) == 1
+
+
+async def test_fewer_images_than_asked_is_no_error_here() -> None:
+    async with make_client(lambda request: httpx.Response(200, json=ok_body())) as client:
+        resp = await client.edit(request_with(n=3))
+    assert len(resp.images) == 1 and resp.n_asked == 3
+    assert resp.warnings == ()
+
+
+async def test_a_huge_error_message_is_cut_everywhere_it_goes() -> None:
+    size = 5 * 2**20
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        err = {"message": "m" * size, "code": "C" * 1000, "param": ["p"] * 1000}
+        return httpx.Response(400, json={"error": err}, headers={"x-request-id": "i" * 1000})
+
+    async with make_client(handler) as client:
+        with pytest.raises(errors.BadRequestError) as info:
+            await client.edit(request_with())
+    exc = info.value
+    marker = f"... [cut, {size} characters]"
+    assert len(exc.message) == spec.MAX_API_TEXT_CHARS and exc.message.endswith(marker)
+    assert len(str(exc)) < spec.MAX_API_TEXT_CHARS + 2 * spec.MAX_API_SHORT_TEXT_CHARS
+    assert str(exc).endswith(marker)
+    assert exc.code is not None and len(exc.code) == spec.MAX_API_SHORT_TEXT_CHARS
+    assert exc.request_id is not None and len(exc.request_id) == spec.MAX_API_SHORT_TEXT_CHARS
+    assert len(json.dumps(exc.body)) <= spec.MAX_METADATA_JSON_CHARS
+    assert set(exc.body) == {"message", "code"}  # the list is not a short scalar
+    assert len(exc.body["message"]) == spec.MAX_API_SHORT_TEXT_CHARS
+
+
+async def test_a_huge_text_error_body_is_cut() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, text="<html>" + "x" * 5_000_000)
+
+    async with make_client(handler) as client:
+        with pytest.raises(errors.ServerError) as info:
+            await client.edit(request_with())
+    assert len(info.value.message) == errors.MAX_TEXT_ERROR_BODY_CHARS
+    assert info.value.message.startswith("<html>xxx")
+
+
+async def test_transport_error_text_is_cut() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("peer said: " + "q" * 1_000_000)
+
+    async with make_client(handler) as client:
+        with pytest.raises(errors.APIConnectionError) as info:
+            await client.edit(request_with())
+    assert len(str(info.value)) < 2 * spec.MAX_API_SHORT_TEXT_CHARS
+    assert "peer said: qqq" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "999999"}, spec.MAX_RETRY_AFTER_S),
+        ({"Retry-After": "1e999"}, spec.MAX_RETRY_AFTER_S),
+        ({"Retry-After": "inf"}, spec.MAX_RETRY_AFTER_S),
+        ({"retry-after-ms": "1e12"}, spec.MAX_RETRY_AFTER_S),
+        ({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}, spec.MAX_RETRY_AFTER_S),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # in the past: now
+        ({"Retry-After": "NaN"}, None),
+        ({"Retry-After": "-3"}, None),
+        ({"retry-after-ms": "nan"}, None),
+        ({"retry-after-ms": "-5", "Retry-After": "2"}, 2.0),
+        ({"retry-after-ms": "soon", "Retry-After": "2"}, 2.0),
+        ({"Retry-After": "Fri, 99 Foo 99999 99:99:99 GMT"}, None),
+        ({"Retry-After": "x" * 100_000}, None),
+    ],
+)
+def test_retry_after_is_capped_and_garbage_is_ignored(
+    headers: dict[str, str], expected: float | None
+) -> None:
+    assert errors.parse_retry_after(headers) == expected
+
+
+async def test_a_429_asking_for_days_is_capped_on_the_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        err = {"message": "slow down", "code": "RATE_LIMITED"}
+        return httpx.Response(429, json={"error": err}, headers={"Retry-After": "999999"})
+
+    async with make_client(handler) as client:
+        with pytest.raises(errors.RateLimitError) as info:
+            await client.edit(request_with())
+    assert info.value.retry_after == spec.MAX_RETRY_AFTER_S
+
+
+@pytest.mark.parametrize(
+    "literal", ["-1", "NaN", "1e999", "true", '"10000"', "1000000000000", "null"]
+)
+async def test_an_unusable_dry_run_estimate_is_refused(literal: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        content = '{"estimated": true, "total_cost_micros": ' + literal + ', "currency": "USD"}'
+        return httpx.Response(200, content=content, headers={"content-type": "application/json"})
+
+    async with make_client(handler) as client:
+        with pytest.raises(errors.APIResponseError, match="cannot use") as info:
+            await client.estimate(request_with())
+    assert not info.value.retryable and not info.value.may_have_charged
+
+
+async def test_dry_run_texts_and_components_are_capped() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {
+            "total_cost_micros": 10000,
+            "currency": "U" * 1000,
+            "model": "m" * 1000,
+            "components": [{"type": "output", "note": "n" * 100_000}] * 1000,
+        }
+        return httpx.Response(200, json=body)
+
+    async with make_client(handler) as client:
+        est = await client.estimate(request_with())
+    assert est.total_cost_micros == 10000
+    assert len(est.currency) == len(est.model or "") == spec.MAX_API_SHORT_TEXT_CHARS
+    assert 0 < len(est.components) < 1000
+    assert len(json.dumps(est.components)) <= spec.MAX_METADATA_JSON_CHARS

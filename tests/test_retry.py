@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 from tenacity import RetryCallState
 
-from pipeline import errors
+from pipeline import errors, spec
 from pipeline.retry import (
     MAX_BACKOFF_S,
     MAX_RETRY_AFTER_S,
@@ -33,6 +34,26 @@ def test_retry_after_is_honoured_and_capped() -> None:
     wait = wait_retry_after_or_backoff(0.5, 30.0, random.Random(1))
     assert 7.0 <= wait(state_after(rate_limited(7.0), 1)) <= 8.0
     assert MAX_RETRY_AFTER_S <= wait(state_after(rate_limited(9999.0), 1)) <= MAX_RETRY_AFTER_S + 1
+
+
+def test_the_cap_lives_in_spec_and_is_applied_where_the_value_is_made() -> None:
+    assert MAX_RETRY_AFTER_S == spec.MAX_RETRY_AFTER_S == 120.0
+    # Every user of `retry_after` (the runner's rate gate too) sees a capped value.
+    asked = errors.parse_retry_after({"Retry-After": "999999"})
+    assert asked == MAX_RETRY_AFTER_S
+    assert rate_limited(1e9).retry_after == MAX_RETRY_AFTER_S
+    assert rate_limited(math.inf).retry_after == MAX_RETRY_AFTER_S
+    assert rate_limited(math.nan).retry_after is None
+    assert rate_limited(-3.0).retry_after is None
+    wait = wait_retry_after_or_backoff(0.5, 30.0, random.Random(3))
+    assert MAX_RETRY_AFTER_S <= wait(state_after(rate_limited(asked), 1)) <= MAX_RETRY_AFTER_S + 1
+
+
+def test_garbage_retry_after_falls_back_to_backoff() -> None:
+    wait = wait_retry_after_or_backoff(0.5, 30.0, random.Random(4))
+    for after in (math.nan, -3.0):
+        waited = wait(state_after(rate_limited(after), 1))
+        assert math.isfinite(waited) and 0.25 <= waited <= 0.5
 
 
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
