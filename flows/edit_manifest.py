@@ -16,15 +16,18 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.deployments import arun_deployment
 from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run as flow_run_runtime
+from prefect.states import Cancelled
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from flows.artifacts import publish_contact_sheet
 from flows.limits import DEFAULT_LIMIT_NAME, api_slots, rate_permits
 from pipeline import layout, progress, spec
+from pipeline.chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
 from pipeline.client import DEFAULT_TIMEOUT_S
 from pipeline.engine import (
     RunOptions,
@@ -41,18 +44,17 @@ from pipeline.engine import (
     write_summary,
 )
 from pipeline.errors import ImgEditError
+from pipeline.interrupts import stop_on_signals
 from pipeline.manifest import open_manifest
 from pipeline.results import utcnow
 from pipeline.retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS
 from pipeline.rows import ParsedRow
+from pipeline.run_control import INTERRUPTED
 from pipeline.runner import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_IN_FLIGHT,
     DEFAULT_CONCURRENCY,
-    ChunkStats,
     RunContext,
-    process_chunk,
-    run_windowed,
 )
 from pipeline.storage import open_storage
 
@@ -119,7 +121,8 @@ async def edit_manifest(
     row_start: Annotated[int, Field(ge=1)] = 1,
     row_end: Annotated[int | None, Field(ge=1)] = None,
     allow_private_sources: bool = False,
-) -> dict[str, Any]:
+    exclusive_output: bool = False,
+) -> dict[str, Any] | State[Any]:
     """Edit every row of a manifest and store results, sidecars and a results table.
 
     Args:
@@ -155,6 +158,8 @@ async def edit_manifest(
         row_end: Row after the last one of this run (shards)
         allow_private_sources: Also fetch http(s) sources from loopback and private networks
             (ignored on workers with IMGEDIT_ALLOWED_ROOTS)
+        exclusive_output: No other run writes to this output now: lets a run start on a store
+            that ignores conditional writes, where jobs cannot be claimed
     """
     logger = get_run_logger()
     started, started_at = time.perf_counter(), utcnow()
@@ -182,6 +187,7 @@ async def edit_manifest(
         select_ids=tuple(select_ids or ()),
         select_where=select_where,
         allow_private_sources=allow_private_sources,
+        exclusive_output=exclusive_output,
     )
     rid = run_id or new_run_id(started_at)
     plan = plan_task(opts, rid)
@@ -217,6 +223,15 @@ async def edit_manifest(
         summary.cost_usd,
         summary.results_uri,
     )
+    if summary.stop_kind == INTERRUPTED:
+        # Not a failure of the run: a person or a supervisor stopped it, and what was paid is
+        # stored. Cancelled carries the summary, so the caller still gets its numbers.
+        left = summary.skipped_by_reason.get(INTERRUPTED, 0)
+        return Cancelled(
+            message=f"run {summary.run_id} {summary.stopped_by}: {left} rows left; run the "
+            f"same command again to continue. Results: {summary.results_uri}",
+            data=summary.to_dict(),
+        )
     if summary.stopped_by:
         raise RunAborted(
             f"run {summary.run_id} stopped: {summary.stopped_by}. "
@@ -257,13 +272,20 @@ async def edit_here(
             ctx.set_concurrency(slots)
             ctx.permits = await rate_permits(api_limit, slots)
             tracker = await ProgressTracker.start(rid, plan.rows)
-            with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as source:
+            with (
+                stop_on_signals(ctx.stop),
+                open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as source,
+            ):
+                ctx.start()
                 stats = await run_windowed(
                     iter_chunks(source, opts.chunk_size, opts.row_range),
                     # quote: else Prefect walks every row of every chunk, twice, looking for
                     # futures among the task's arguments (~0.15 s a chunk of 1000 rows).
                     lambda i, rows: tracker.after(edit_chunk_task(ctx, i, quote(rows))),
                     window=opts.chunks_in_flight,
+                    stopped=lambda: ctx.stop.stopped,
+                    # Chunks a stopped run never starts: one quick part each, no task runs.
+                    skip=lambda i, rows: tracker.after(skip_chunk(ctx, i, rows)),
                 )
         return finalize_task(ctx, plan, stats, started_at, started)
     finally:
@@ -343,6 +365,7 @@ async def fan_out(
             "retry_failed_of",
             "select_where",
             "allow_private_sources",
+            "exclusive_output",
         )
     }
     base["select_ids"] = list(opts.select_ids) or None

@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.asyncio import concurrency, rate_limit
 from prefect.exceptions import ObjectNotFound
 
-from pipeline.runner import BatchedPermits
+from pipeline.run_control import BatchedPermits
 
 DEFAULT_LIMIT_NAME = "imgedit-api"
 # Renewed by Prefect in the background; short enough that a crashed holder's slots come back

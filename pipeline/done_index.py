@@ -9,13 +9,17 @@ A resume reads the segments instead of listing `jobs/`.
     index/done/<name>.parquet        a segment: job keys whose sidecars exist
     index/open/<run_id>.<chunk>      a chunk that may have committed jobs no segment holds yet
 
-Safety after a kill: a chunk writes its open marker before its first commit and deletes it
-after its segment. A killed chunk leaves its marker; while any marker is present, a run
-checks each job missing from the index for its sidecar (one HEAD per row still to edit, none
-per done row) and indexes what it finds. Markers of other runs are never removed
-automatically (a run cannot tell a dead chunk from a slow one); `rebuild_index` does it on
-the user's word that no run is writing to the output. The shards of one scaled-out run skip
-each other's markers (live chunks, other rows), never their own.
+Safety after a kill: a chunk writes a leased open marker before its first commit, renews it
+while it lives (with the claims, see `claims`), and deletes it after its last segment. A
+chunk indexes its committed jobs every few seconds and only then gives back their claims, so
+a job committed but not yet indexed always has a claim. A run that starts finds dead
+markers and dead claims (their lease ran out, or their process is gone from this host),
+indexes the jobs whose sidecars those claims point at, and removes both; a live marker or
+claim is left alone (its jobs' claims make this run wait for them). A marker without a lease
+(an older version's) still makes a run check each job missing from the index for its sidecar
+before editing it, as does any marker when the store cannot do claims.
+`rebuild_index` (`imgedit reindex`) lists every sidecar, on the user's word that no run is
+writing to the output, and clears every marker and claim.
 
 An output without `index/root.json` (written before the index existed, or by a run that did
 not finish its first listing) is listed in full once; the listing becomes a segment and the
@@ -35,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import layout
+from .claims import CLAIMS_PREFIX, PROBE_PREFIX, LeaseBody, dead_claims
 from .errors import StorageError
 from .results import table_to_parquet_bytes, utcnow
 from .storage import DEFAULT_LIST_WORKERS, Storage, StorageNotFound
@@ -68,15 +73,18 @@ class DoneJobs:
     check_unindexed: bool = False
     # "index", or "listing" when the sidecars had to be listed (no index root yet).
     source: str = "index"
+    # Open chunks of other runs that may still be writing (live, or without a lease).
     open_chunks: int = 0
+    # Jobs that dead chunks had committed without indexing, found and indexed now.
+    recovered: int = 0
 
 
 def segment_key(name: str) -> str:
     return f"{SEGMENTS_PREFIX}{layout.check_run_id(name)}{SEGMENT_SUFFIX}"
 
 
-def chunk_segment_key(run_id: str, chunk: int) -> str:
-    return segment_key(f"{layout.check_run_id(run_id)}.{chunk:06d}")
+def chunk_segment_key(run_id: str, chunk: int, seq: int = 0) -> str:
+    return segment_key(f"{layout.check_run_id(run_id)}.{chunk:06d}.{seq:04d}")
 
 
 def open_marker_key(run_id: str, chunk: int) -> str:
@@ -99,37 +107,32 @@ def write_segment(storage: Storage, key: str, job_keys: Iterable[str]) -> None:
     storage.put_bytes(key, segment_bytes(job_keys), "application/vnd.apache.parquet")
 
 
-def mark_open(storage: Storage, run_id: str, chunk: int) -> None:
-    body = {"run_id": run_id, "chunk": chunk, "opened_at": utcnow().isoformat()}
-    storage.put_bytes(open_marker_key(run_id, chunk), json.dumps(body).encode(), "application/json")
+def mark_open(storage: Storage, run_id: str, chunk: int, body: bytes | None = None) -> None:
+    """The chunk's open marker: `body` is a leased one (see claims), renewed while it lives."""
+    if body is None:
+        legacy = {"run_id": run_id, "chunk": chunk, "opened_at": utcnow().isoformat()}
+        body = json.dumps(legacy).encode()
+    storage.put_bytes(open_marker_key(run_id, chunk), body, "application/json")
 
 
-def close_chunk(
-    storage: Storage,
-    run_id: str,
-    chunk: int,
-    committed: Sequence[str],
-    *,
-    delete_marker: bool = True,
+def write_chunk_segment(
+    storage: Storage, run_id: str, chunk: int, seq: int, committed: Sequence[str]
 ) -> bool:
-    """Index a finished chunk's committed jobs, then drop its open marker.
-
-    Returns False when the segment could not be written: the marker then stays, so later
-    runs check those jobs' sidecars instead of trusting the index.
-    """
+    """Index jobs a chunk committed. False when the segment could not be written: the chunk's
+    marker and the jobs' claims then stay, and later runs find the jobs through them."""
     try:
-        if committed:
-            write_segment(storage, chunk_segment_key(run_id, chunk), committed)
+        write_segment(storage, chunk_segment_key(run_id, chunk, seq), committed)
     except StorageError as exc:
-        log.warning("chunk %d: cannot index its %d jobs (%s)", chunk, len(committed), exc)
+        log.warning("chunk %d: cannot index %d jobs (%s)", chunk, len(committed), exc)
         return False
-    if not delete_marker:
-        return True
+    return True
+
+
+def close_marker(storage: Storage, run_id: str, chunk: int) -> None:
     try:
         storage.delete(open_marker_key(run_id, chunk))
     except StorageError as exc:
         log.warning("chunk %d: cannot remove its open marker (%s)", chunk, exc)
-    return True
 
 
 def list_sidecars(storage: Storage) -> set[str]:
@@ -159,29 +162,66 @@ def _read_segments(
     return jobs
 
 
-def _list_index(storage: Storage, run_id: str | None = None) -> tuple[list[str], list[str], bool]:
+def _list_index(storage: Storage) -> tuple[list[str], list[str], bool]:
     segments, markers, rooted = [], [], False
     for key in storage.list_keys(INDEX_PREFIX):
         if key == ROOT_KEY:
             rooted = True
         elif key.startswith(SEGMENTS_PREFIX) and key.endswith(SEGMENT_SUFFIX):
             segments.append(key)
-        elif key.startswith(OPEN_PREFIX) and not _is_sibling_marker(key, run_id):
+        elif key.startswith(OPEN_PREFIX):
             markers.append(key)
     return sorted(segments), markers, rooted
 
 
-def _is_sibling_marker(key: str, run_id: str | None) -> bool:
-    """Whether `key` is the open marker of another shard of the scaled-out run `run_id` is a
-    shard of. Those chunks are live (the same fan-out started them) and edit other rows, so
-    they need no sidecar checks. The shard's own markers always count: they are left by an
-    earlier attempt of this very shard (a retried flow run) that was killed.
-    """
-    parent = layout.shard_parent(run_id) if run_id else None
-    if parent is None:
-        return False
-    marker_run = key[len(OPEN_PREFIX) :].rpartition(".")[0]
-    return marker_run != run_id and layout.shard_parent(marker_run) == parent
+@dataclass
+class _Markers:
+    live: list[str]
+    dead: list[tuple[str, str]]  # (key, etag)
+    legacy: list[str]  # written by a version without leases: alive or dead, nobody knows
+
+
+def _classify(storage: Storage, markers: Sequence[str]) -> _Markers:
+    out = _Markers([], [], [])
+    for key in markers:
+        try:
+            data, etag = storage.get_with_etag(key)
+        except StorageNotFound:
+            continue  # its chunk ended meanwhile
+        body = LeaseBody.decode(data)
+        if body is None:
+            out.legacy.append(key)
+        elif body.dead():
+            out.dead.append((key, etag))
+        else:
+            out.live.append(key)
+    return out
+
+
+def _recover_dead(storage: Storage, dead_markers: Sequence[tuple[str, str]]) -> set[str]:
+    """Index the jobs dead holders committed (found through their dead claims), then clear
+    the dead claims and markers. A live marker or claim is never touched."""
+    recovered: set[str] = set()
+    claims = dead_claims(storage)
+    for _key, job, _etag in claims:
+        if job is not None and storage.exists(layout.sidecar_key(job)):
+            recovered.add(job)
+    if recovered:
+        write_segment(storage, segment_key(_new_segment_name("recovered")), recovered)
+    for key, _job, etag in claims:
+        storage.delete_if_match(key, etag)
+    for key, etag in dead_markers:
+        storage.delete_if_match(key, etag)
+    if claims or dead_markers:
+        log.info(
+            "cleared %d dead claims and %d dead open markers under %s; %d of their jobs were "
+            "done and are now indexed",
+            len(claims),
+            len(dead_markers),
+            storage.root_uri,
+            len(recovered),
+        )
+    return recovered
 
 
 def _write_root(storage: Storage, how: str) -> None:
@@ -209,13 +249,17 @@ def _delete_all(storage: Storage, keys: Sequence[str]) -> None:
         list(pool.map(storage.delete, keys))
 
 
-def load_done(storage: Storage, run_id: str | None = None) -> DoneJobs:
+def load_done(storage: Storage, *, claims: bool = True) -> DoneJobs:
     """The jobs done under `storage`'s output, from its index (built first if missing).
 
-    `run_id` is the run that asks: a shard of a scaled-out run ignores its siblings' markers.
+    With `claims` (the run claims its jobs), dead chunks are cleaned up here: the jobs their
+    dead claims committed are indexed, and dead claims and markers removed; live ones need
+    nothing, as their jobs' claims make this run wait for them. Without claims (a store
+    without conditional writes), any marker means each job missing from the index must be
+    checked for its sidecar first (`check_unindexed`), as must a marker without a lease.
     """
     for attempt in range(READ_ATTEMPTS):
-        segments, markers, rooted = _list_index(storage, run_id)
+        segments, markers, rooted = _list_index(storage)
         try:
             indexed = _read_segments(storage, segments)
             break
@@ -223,6 +267,10 @@ def load_done(storage: Storage, run_id: str | None = None) -> DoneJobs:
             if attempt == READ_ATTEMPTS - 1:
                 raise
             log.info("an index segment went away while read (merged by another run); again")
+    found = _classify(storage, markers)
+    recovered = _recover_dead(storage, found.dead) if claims else set()
+    check = bool(found.legacy) or (not claims and bool(found.dead or found.live))
+    others = len(found.live) + len(found.legacy) + (0 if claims else len(found.dead))
     if not rooted:
         listed = list_sidecars(storage)
         log.info("no done index under %s: listed %d sidecars", storage.root_uri, len(listed))
@@ -230,10 +278,10 @@ def load_done(storage: Storage, run_id: str | None = None) -> DoneJobs:
         if new:
             write_segment(storage, segment_key(_new_segment_name("listing")), new)
         _write_root(storage, "listing")
-        return DoneJobs(indexed | listed, bool(markers), "listing", len(markers))
+        return DoneJobs(indexed | listed | recovered, check, "listing", others, len(recovered))
     if len(segments) > COMPACT_AT:
         _compact(storage, segments, indexed)
-    return DoneJobs(indexed, bool(markers), "index", len(markers))
+    return DoneJobs(indexed | recovered, check, "index", others, len(recovered))
 
 
 def rebuild_index(storage: Storage) -> DoneJobs:
@@ -242,8 +290,9 @@ def rebuild_index(storage: Storage) -> DoneJobs:
     Only when no run is writing to the output: a live chunk's marker would be cleared too.
     """
     segments, markers, _ = _list_index(storage)
+    claims = [k for k in storage.list_keys(CLAIMS_PREFIX) if not k.startswith(PROBE_PREFIX)]
     listed = list_sidecars(storage)
     write_segment(storage, segment_key(_new_segment_name("rebuilt")), listed)
     _write_root(storage, "rebuild")
-    _delete_all(storage, [*segments, *markers])
+    _delete_all(storage, [*segments, *markers, *claims])
     return DoneJobs(listed, False, "listing", 0)

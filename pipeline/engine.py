@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
+import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import done_index, layout, progress, spec
 from .allowed_roots import AllowedRoots, check_allowed
+from .chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
+from .claims import DEFAULT_LEASE_S, Claims
+from .claims import probe as claims_probe
 from .client import EditClient, ResponseFormat
-from .errors import APIError, ManifestError, SourceError
+from .errors import APIError, ConfigError, ManifestError, SourceError
+from .interrupts import stop_on_signals
 from .manifest import (
     Manifest,
     RowRange,
@@ -37,17 +45,15 @@ from .results import (
 )
 from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS, RetryPolicy
 from .rows import ManifestRow, ParsedRow
+from .run_control import RunStop
 from .runner import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_IN_FLIGHT,
     DEFAULT_CONCURRENCY,
-    ChunkStats,
     RunConfig,
     RunContext,
     io_thread_pool,
-    process_chunk,
     request_for,
-    run_windowed,
 )
 from .selection import check_ids, select_rows
 from .sources import DEFAULT_HTTP_TIMEOUT, SourceLoader
@@ -55,6 +61,8 @@ from .storage import Storage, open_storage
 from .where import parse_where
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,11 @@ class RunOptions:
     # Fetch http(s) sources from loopback, private and link-local addresses too (see
     # pipeline.netguard); a worker with IMGEDIT_ALLOWED_ROOTS ignores it.
     allow_private_sources: bool = False
+    # No other run writes to the output: lets a run start on a store that ignores
+    # conditional writes (no claims there); see pipeline.claims.
+    exclusive_output: bool = False
+    # How long a claim or open marker of this run lives without renewal (see claims).
+    lease_seconds: float = DEFAULT_LEASE_S
 
     @property
     def row_range(self) -> RowRange | None:
@@ -150,6 +163,18 @@ class RunSummary:
     finished_at: str
     stopped_by: str | None = None
     estimated_cost_usd: float | None = None
+    # "stopped" (a run-fatal API error, storage that cannot take results) or "interrupted"
+    # (Ctrl-C, SIGTERM); None when the run went through.
+    stop_kind: str | None = None
+    # Answers without a trusted cost (missing, negative, NaN, absurd...): their images at the
+    # run's price, which is what the budget counted them at.
+    cost_assumed_usd: float = 0.0
+    distrusted_costs: int = 0
+    # Rows that waited on another run's claim of their job; requests abandoned unanswered
+    # when an interrupted run stopped waiting (each may have been charged).
+    claims_waited: int = 0
+    abandoned: int = 0
+    storage_failures: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +196,13 @@ class RunSummary:
                 "metric": f"possible double charge ({self.currency})",
                 "value": round(self.possible_double_charge_usd, 4),
             },
+            {
+                "metric": f"cost assumed, not reported ({self.currency})",
+                "value": round(self.cost_assumed_usd, 4),
+            },
+            {"metric": "costs not trusted", "value": self.distrusted_costs},
+            {"metric": "rows that waited on another run", "value": self.claims_waited},
+            {"metric": "requests abandoned unanswered", "value": self.abandoned},
             {"metric": "latency p50 (s)", "value": _round(self.latency_p50_s)},
             {"metric": "latency p95 (s)", "value": _round(self.latency_p95_s)},
             {"metric": "elapsed (s)", "value": round(self.elapsed_s, 2)},
@@ -248,34 +280,54 @@ def iter_chunks(
     yield from enumerate(manifest.batches(chunk_size, row_range))
 
 
-def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) -> RunContext:
+@dataclass(frozen=True)
+class RunParts:
+    """What a run would otherwise build itself: given here by tests and embedders."""
+
+    storage: Storage | None = None
+    api_transport: httpx.AsyncBaseTransport | None = None
+
+
+def open_context(opts: RunOptions, run_id: str, parts: RunParts | None = None) -> RunContext:
     """Storage, API client and source loader for a run, and the set of jobs already done."""
-    storage = storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
+    parts = parts or RunParts()
+    storage = parts.storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
     config = opts.run_config()
     client = EditClient(
+        transport=parts.api_transport,
         base_url=opts.api_base,
         model=opts.model,
         timeout=opts.request_timeout,
         # The limiter keeps at most `concurrency` requests (and their downloads) in flight;
         # idle connections beyond that only cost CPU (see client.CONNECTIONS_PER_POOL).
         max_connections=opts.concurrency,
+        price_per_image_usd=config.price_per_image_usd,
+    )
+    io_executor = io_thread_pool(config.concurrency)
+    claims = Claims(
+        storage,
+        run_id,
+        partial(_in_thread, io_executor),
+        lease_s=opts.lease_seconds,
+        enabled=claims_supported(storage, opts),
     )
     done = (
         done_index.DoneJobs(set())
         if opts.overwrite
-        else done_index.load_done(storage, run_id=run_id)
+        else done_index.load_done(storage, claims=claims.enabled)
     )
     if done.keys:
         log.info("%d jobs already done under %s", len(done.keys), storage.root_uri)
+    if done.recovered:
+        log.info("%d jobs of killed runs were found done and indexed", done.recovered)
     if done.check_unindexed:
         log.warning(
-            "%d chunks of other runs under %s are open (running, or killed before they "
-            "indexed their jobs): each row still to edit is first checked for a stored result "
-            "(`imgedit reindex` clears the markers of killed runs)",
+            "%d chunks of other runs under %s are open without a lease (an older version, or "
+            "a store without conditional writes): each row still to edit is first checked for "
+            "a stored result (`imgedit reindex` clears the markers of killed runs)",
             done.open_chunks,
             storage.root_uri,
         )
-    io_executor = io_thread_pool(config.concurrency)
     return RunContext(
         run_id=run_id,
         storage=storage,
@@ -292,7 +344,35 @@ def open_context(opts: RunOptions, run_id: str, storage: Storage | None = None) 
         check_unindexed=done.check_unindexed,
         io_executor=io_executor,
         only_rows=selected_rows(opts, storage),
+        claims=claims,
     )
+
+
+async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(executor, partial(fn, *args))
+
+
+def claims_supported(storage: Storage, opts: RunOptions) -> bool:
+    """Whether the run claims its jobs: the store honours conditional writes (probed once).
+
+    Where it does not, the run refuses to start unless `exclusive_output` says no other run
+    writes to the output, and then runs without claims (a warning says so).
+    """
+    if claims_probe(storage):
+        return True
+    if not opts.exclusive_output:
+        raise ConfigError(
+            f"the store of {storage.root_uri} ignores conditional writes (If-None-Match), so "
+            "two runs on this output could pay for the same edits twice and nothing could "
+            "stop them. Run with --exclusive-output (flow: exclusive_output) if no other run "
+            "writes to this output while this one runs; nothing was sent"
+        )
+    log.warning(
+        "the store of %s ignores conditional writes: running without claims, on your word "
+        "that no other run writes to this output now",
+        storage.root_uri,
+    )
+    return False
 
 
 def selected_rows(opts: RunOptions, storage: Storage) -> set[int] | None:
@@ -336,6 +416,10 @@ async def preflight(ctx: RunContext, opts: RunOptions, plan: RunPlan) -> RunPlan
 
 
 async def close_context(ctx: RunContext) -> None:
+    if ctx.claims is not None:
+        await ctx.claims.stop()
+        # A stopped run gives back what it still holds: the next run need not wait for it.
+        await ctx.claims.release(list(ctx.claims.held))
     await ctx.client.aclose()
     await ctx.loader.aclose()
     ctx.close()
@@ -350,17 +434,30 @@ SUMMARY_COLUMNS = [
     "latency_s",
     "possible_double_charges",
     "possible_double_charge_usd",
+    "error_code",
+    "claim_wait_s",
+    "cost_raw",
 ]
 
 
-def merge_results(storage: Storage, table_keys: Sequence[str], run_id: str) -> tuple[str, pa.Table]:
+def merge_results(
+    storage: Storage,
+    table_keys: Sequence[str],
+    run_id: str,
+    in_memory: Mapping[str, bytes] | None = None,
+) -> tuple[str, pa.Table]:
     """Stream result tables (chunk parts, or shards' tables) into the run's results table.
 
-    Returns its URI and the columns a summary needs.
+    `in_memory` holds parts that could not be written when their rows finished: they are
+    merged from memory. Returns the table's URI and the columns a summary needs.
     """
+    held = in_memory or {}
     path = temp_parquet_path()
     try:
-        tables = (read_parquet_bytes(storage.get_bytes(key)) for key in table_keys)
+        tables = (
+            read_parquet_bytes(held[key] if key in held else storage.get_bytes(key))
+            for key in table_keys
+        )
         merge_tables_to_file(tables, path)
         uri = storage.put_file(layout.results_key(run_id), path)
         return uri, pq.read_table(path, columns=SUMMARY_COLUMNS)
@@ -377,10 +474,12 @@ def write_summary(
     *,
     started_at: datetime,
     started: float,
+    stop: RunStop | None = None,
     stopped_by: str | None = None,
+    price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD,
 ) -> RunSummary:
     summary = RunSummary(
-        **summarize(table),
+        **summarize(table, price_per_image_usd),
         run_id=run_id,
         manifest=plan.manifest,
         output=plan.output,
@@ -389,7 +488,8 @@ def write_summary(
         elapsed_s=time.perf_counter() - started,
         started_at=started_at.isoformat(),
         finished_at=utcnow().isoformat(),
-        stopped_by=stopped_by,
+        stopped_by=stop.reason if stop is not None and stop.stopped else stopped_by,
+        stop_kind=stop.kind if stop is not None else ("stopped" if stopped_by else None),
         estimated_cost_usd=plan.estimated_cost_usd,
     )
     storage.put_bytes(
@@ -409,7 +509,8 @@ def finalize_run(
     started: float,
 ) -> RunSummary:
     """Merge the chunk parts into the run's results table and write its summary."""
-    results_uri, table = merge_results(ctx.storage, [s.part_key for s in stats], ctx.run_id)
+    keys = [key for s in stats for key in s.part_keys]
+    results_uri, table = merge_results(ctx.storage, keys, ctx.run_id, ctx.unwritten_parts)
     return write_summary(
         ctx.storage,
         ctx.run_id,
@@ -418,11 +519,14 @@ def finalize_run(
         table,
         started_at=started_at,
         started=started,
-        stopped_by=str(ctx.stop.error) if ctx.stop.error else None,
+        stop=ctx.stop,
+        price_per_image_usd=ctx.config.price_per_image_usd,
     )
 
 
-def summarize(table: pa.Table) -> dict[str, Any]:
+def summarize(
+    table: pa.Table, price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD
+) -> dict[str, Any]:
     """Counts, cost and latency percentiles from a results table (or its SUMMARY_COLUMNS)."""
     status = table.column("status")
     by_status = {s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in STATUSES}
@@ -435,6 +539,9 @@ def summarize(table: pa.Table) -> dict[str, Any]:
         q = pc.quantile(latency, q=[0.5, 0.95]).to_pylist()
         p50, p95 = q[0], q[1]
     currencies = [c for c in pc.unique(table.column("currency").drop_null()).to_pylist() if c]
+    answered = table.filter(pc.is_valid(table.column("n_outputs")))
+    unpriced = answered.filter(pc.is_null(answered.column("cost")))
+    codes = table.column("error_code")
     return {
         "rows": table.num_rows,
         "by_status": by_status,
@@ -450,6 +557,11 @@ def summarize(table: pa.Table) -> dict[str, Any]:
         ),
         "latency_p50_s": p50,
         "latency_p95_s": p95,
+        "cost_assumed_usd": round(_sum(unpriced.column("n_outputs")) * price_per_image_usd, 6),
+        "distrusted_costs": int(pc.sum(pc.is_valid(table.column("cost_raw"))).as_py() or 0),
+        "claims_waited": int(pc.sum(pc.is_valid(table.column("claim_wait_s"))).as_py() or 0),
+        "abandoned": int(pc.sum(pc.equal(codes, "abandoned")).as_py() or 0),
+        "storage_failures": int(pc.sum(pc.equal(codes, "storage_error")).as_py() or 0),
     }
 
 
@@ -457,28 +569,33 @@ def _sum(column: pa.ChunkedArray) -> int:
     return int(pc.sum(column).as_py() or 0)
 
 
-async def run_manifest(opts: RunOptions) -> RunSummary:
+async def run_manifest(opts: RunOptions, parts: RunParts | None = None) -> RunSummary:
     """Plan, edit and finalize a whole manifest in this process (the engine without Prefect)."""
     started, started_at = time.perf_counter(), utcnow()
     run_id = opts.run_id or new_run_id(started_at)
     plan = plan_run(opts, run_id)
     progress.publish_plan(run_id, plan.rows, plan.estimated_cost_usd)
-    ctx = open_context(opts, run_id)
+    ctx = open_context(opts, run_id, parts)
     try:
-        plan = await preflight(ctx, opts, plan)
-        with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
-            stats = await run_windowed(
-                iter_chunks(manifest, opts.chunk_size, opts.row_range),
-                lambda i, rows: process_chunk(ctx, i, rows),
-                window=opts.chunks_in_flight,
-            )
-        return finalize_run(ctx, plan, stats, started_at=started_at, started=started)
+        with stop_on_signals(ctx.stop):
+            plan = await preflight(ctx, opts, plan)
+            ctx.start()
+            with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
+                stats = await run_windowed(
+                    iter_chunks(manifest, opts.chunk_size, opts.row_range),
+                    lambda i, rows: process_chunk(ctx, i, rows),
+                    window=opts.chunks_in_flight,
+                    stopped=lambda: ctx.stop.stopped,
+                    skip=lambda i, rows: skip_chunk(ctx, i, rows),
+                )
+            return finalize_run(ctx, plan, stats, started_at=started_at, started=started)
     finally:
         await close_context(ctx)
 
 
 __all__ = [
     "RunOptions",
+    "RunParts",
     "RunPlan",
     "RunSummary",
     "close_context",

@@ -2,7 +2,7 @@
 
 images/<k[:2]>/<key>-<i>.<ext>     result image i of a job (written first)
 jobs/<k[:2]>/<key>.json            the job's sidecar, written last: it marks the job done
-runs/<run_id>/parts/<chunk>.parquet  results of one chunk (written as each chunk ends)
+runs/<run_id>/parts/<chunk>-<seq>.parquet  results of a chunk's rows, every few seconds
 runs/<run_id>/results.parquet      the run's results table, one row per manifest row
 runs/<run_id>/summary.json         the run's summary
 runs/<run_id>/contact-sheet.png    before/after thumbnails of a sample of the run's rows
@@ -26,6 +26,10 @@ def _check_key(key: str) -> str:
     if not _KEY_RE.match(key):
         raise ValueError(f"not a job key: {key!r}")
     return key
+
+
+def is_job_key(text: str) -> bool:
+    return bool(_KEY_RE.match(text))
 
 
 def check_run_id(run_id: str) -> str:
@@ -67,8 +71,13 @@ def run_prefix(run_id: str) -> str:
     return f"{RUNS_PREFIX}{check_run_id(run_id)}/"
 
 
-def part_key(run_id: str, chunk: int) -> str:
-    return f"{run_prefix(run_id)}parts/{chunk:06d}.parquet"
+def part_key(run_id: str, chunk: int, seq: int = 0) -> str:
+    """Results part `seq` of a chunk: a chunk writes one every few seconds as rows finish."""
+    return f"{run_prefix(run_id)}parts/{chunk:06d}-{seq:04d}.parquet"
+
+
+def parts_prefix(run_id: str) -> str:
+    return f"{run_prefix(run_id)}parts/"
 
 
 def results_key(run_id: str) -> str:

@@ -6,10 +6,10 @@ import io
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +28,7 @@ SKIP_DUPLICATE = "duplicate"  # another row of this run has the same job key
 SKIP_STOPPED = "stopped"  # a run-fatal error (401, 402...) stopped the run first
 SKIP_BUDGET = "budget"  # starting it would have passed --max-cost
 SKIP_NOT_SELECTED = "not_selected"  # outside this run's selection (e.g. --retry-failed-of)
+SKIP_INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM stopped the run first
 
 RESULTS_SCHEMA = pa.schema(
     [
@@ -61,6 +62,12 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("possible_double_charge_usd", pa.float64()),
         pa.field("started_at", pa.timestamp("ms", tz="UTC")),
         pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+        # Seconds this row waited on another run's claim of the same job (see claims).
+        pa.field("claim_wait_s", pa.float64()),
+        # A reported cost that was not trusted (negative, NaN, absurd...), as the API sent it.
+        pa.field("cost_raw", pa.string()),
+        # What in the API's answer was distrusted or cut, `; `-separated.
+        pa.field("warnings", pa.string()),
     ]
 )
 
@@ -108,9 +115,9 @@ class ResultRow:
     possible_double_charge_usd: float = 0.0
     started_at: datetime | None = None
     finished_at: datetime | None = None
-
-    def as_record(self) -> dict[str, Any]:
-        return asdict(self)
+    claim_wait_s: float | None = None
+    cost_raw: str | None = None
+    warnings: str | None = None
 
 
 def rows_to_table(rows: Sequence[ResultRow]) -> pa.Table:
@@ -163,6 +170,7 @@ __all__ = [
     "SKIP_BUDGET",
     "SKIP_DONE",
     "SKIP_DUPLICATE",
+    "SKIP_INTERRUPTED",
     "SKIP_NOT_SELECTED",
     "SKIP_STOPPED",
     "STATUSES",

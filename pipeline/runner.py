@@ -1,4 +1,10 @@
-"""The async engine: edits a chunk of manifest rows under bounded concurrency, a result each."""
+"""The async engine's rows: each manifest row to exactly one result, paid at most once.
+
+A valid row's sources are loaded and hashed into a job key; a job already done is skipped;
+otherwise the run claims the job (see `pipeline.claims`), edits it under the run's limits
+(`pipeline.run_control`) with retries, stores its images and then its sidecar, and reports
+it to its chunk's journal (see `pipeline.chunk`), which indexes it and gives the claim back.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,14 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import __version__, done_index, layout, progress, spec
+from . import __version__, layout, spec
+from .claims import Claims
 from .client import EditClient, EditRequest, EditResponse, ImagePart, ResponseFormat
 from .errors import APIError, RateLimitError, SourceError, StorageError
 from .jobkey import job_key
@@ -21,17 +27,30 @@ from .results import (
     SKIP_BUDGET,
     SKIP_DONE,
     SKIP_DUPLICATE,
+    SKIP_INTERRUPTED,
     SKIP_NOT_SELECTED,
     SKIP_STOPPED,
     ResultRow,
-    rows_to_table,
-    table_to_parquet_bytes,
     utcnow,
 )
 from .retry import RetryPolicy, retrying
 from .rows import InvalidRow, ManifestRow, ParsedRow
+from .run_control import (
+    Abandoned,
+    BatchedPermits,
+    Budget,
+    BudgetExhausted,
+    GateTimeout,
+    RateGate,
+    RunStop,
+    RunStopped,
+    StorageHealth,
+)
 from .sources import Source, SourceLoader, redact_uri
 from .storage import Storage
+
+if TYPE_CHECKING:
+    from .chunk import ChunkJournal
 
 log = logging.getLogger(__name__)
 
@@ -61,108 +80,8 @@ class RunConfig:
             raise ValueError("max_cost_usd must not be negative")
 
 
-class RunStopped(Exception):
-    """Internal: a run-fatal error elsewhere stopped the run before this row's next attempt."""
-
-
-class BudgetExhausted(Exception):
-    """Internal: starting this request could pass the run's --max-cost."""
-
-
-class Budget:
-    """`--max-cost`: no request starts once spent plus in flight could pass the limit.
-
-    Each attempt reserves its worst case (n x price) before it starts and settles to what
-    the API reported (or, for a lost answer, the worst case) when it ends.
-    """
-
-    def __init__(self, max_cost_usd: float | None) -> None:
-        self.max_cost_usd = max_cost_usd
-        self.spent = 0.0
-        self.in_flight = 0.0
-        self.refused = False
-
-    @property
-    def exhausted(self) -> bool:
-        return self.refused
-
-    def reserve(self, amount: float) -> bool:
-        if self.max_cost_usd is not None and (
-            self.spent + self.in_flight + amount > self.max_cost_usd + 1e-9
-        ):
-            self.refused = True
-            return False
-        self.in_flight += amount
-        return True
-
-    def settle(self, reserved: float, charged: float) -> None:
-        self.in_flight -= reserved
-        self.spent += charged
-
-
-class BatchedPermits:
-    """Permits for requests (e.g. a requests-per-minute limit) fetched `batch` at a time.
-
-    Fetching a permit from a remote limiter costs a round trip; one fetch per batch keeps that
-    off the per-request path.
-    """
-
-    def __init__(self, take: Callable[[int], Awaitable[None]], batch: int) -> None:
-        self._take = take
-        self.batch = batch
-        self._left = 0
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            if self._left == 0:
-                await self._take(self.batch)
-                self._left = self.batch
-            self._left -= 1
-
-
-class RunStop:
-    """The first run-fatal error (401, 402, unknown model) stops every new request of the run."""
-
-    def __init__(self) -> None:
-        self.error: APIError | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self.error is not None
-
-    def trip(self, exc: APIError) -> None:
-        if self.error is None:
-            self.error = exc
-            log.error("run stopped: %s", exc)
-
-
-class RateGate:
-    """After a 429 with Retry-After, no worker of the run starts a request before it expires."""
-
-    def __init__(self) -> None:
-        self._until = 0.0
-
-    def pause(self, seconds: float) -> None:
-        self._until = max(self._until, time.monotonic() + seconds)
-
-    async def wait(self) -> None:
-        while (delay := self._until - time.monotonic()) > 0:
-            await asyncio.sleep(delay)
-
-
-@dataclass(frozen=True)
-class ChunkStats:
-    """What a chunk did, and where its results part is (the run's table is merged from those)."""
-
-    chunk: int
-    rows: int
-    by_status: dict[str, int]
-    part_key: str
-
-
 class RunContext:
-    """What the chunks of one run share in one process: clients, limits, the done set."""
+    """What the chunks of one run share in one process: clients, limits, claims, the done set."""
 
     def __init__(
         self,
@@ -176,6 +95,7 @@ class RunContext:
         check_unindexed: bool = False,
         io_executor: ThreadPoolExecutor | None = None,
         only_rows: set[int] | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self.run_id = layout.check_run_id(run_id)
         self.storage = storage
@@ -183,10 +103,11 @@ class RunContext:
         self.loader = loader
         self.config = config
         self.done_keys: set[str] = done_keys if done_keys is not None else set()
-        # The done index may miss jobs a killed chunk committed: check a job's sidecar
-        # before editing it (see pipeline.done_index).
+        # The done index may miss jobs that a chunk without claims committed: check a job's
+        # sidecar before editing it (see pipeline.done_index).
         self.check_unindexed = check_unindexed
         self.stop = RunStop()
+        self.storage_health = StorageHealth(self.stop)
         self.budget = Budget(config.max_cost_usd)
         self.gate = RateGate()
         self.limiter = asyncio.Semaphore(config.concurrency)
@@ -196,6 +117,15 @@ class RunContext:
         self.only_rows = only_rows
         # When set, every request takes a permit first (a shared rate limit).
         self.permits: BatchedPermits | None = None
+        # One claim per job edited, across runs; None: this run is the output's only writer.
+        self.claims = claims
+        # Results parts that could not be written: kept here, written with the final table.
+        self.unwritten_parts: dict[str, bytes] = {}
+
+    def start(self) -> None:
+        """Start what runs beside the rows: the renewal of claims and open markers."""
+        if self.claims is not None:
+            self.claims.start()
 
     def set_concurrency(self, limit: int) -> None:
         """Change the request limit; only before the first request of the run."""
@@ -208,6 +138,7 @@ class RunContext:
         )
 
     def close(self) -> None:
+        self.stop.close()
         self.io_executor.shutdown(wait=True)
 
 
@@ -219,6 +150,9 @@ def io_thread_pool(concurrency: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(
         max_workers=max(8, concurrency * WORKERS_PER_SLOT), thread_name_prefix="imgedit-io"
     )
+
+
+# --- result rows ---------------------------------------------------------------------------
 
 
 def _requested_size(row: ManifestRow) -> str | None:
@@ -272,49 +206,54 @@ def not_selected_result(row: ParsedRow) -> ResultRow:
     )
 
 
+def stopped_result(ctx: RunContext, row: ParsedRow) -> ResultRow:
+    """The result of a row the stopped run never started: skipped (or invalid, as it is)."""
+    if ctx.only_rows is not None and row.row not in ctx.only_rows:
+        return not_selected_result(row)
+    if isinstance(row, InvalidRow):
+        return invalid_result(row)
+    result = _base_result(row)
+    result.finished_at = result.started_at
+    return _stopped(ctx, result)
+
+
 def _finish(result: ResultRow, started: float) -> ResultRow:
     result.finished_at = utcnow()
     result.elapsed_s = time.perf_counter() - started
     return result
 
 
-class ChunkJournal:
-    """What a chunk tells the done index: it is open before its first commit, and which
-    jobs it found done that the index lacked."""
+def _done(result: ResultRow) -> ResultRow:
+    result.status = "skipped"
+    result.reason = SKIP_DONE
+    return result
 
-    def __init__(self, ctx: RunContext, chunk: int) -> None:
-        self.ctx = ctx
-        self.chunk = chunk
-        self.opened = False
-        self.found: set[str] = set()
-        self._lock = asyncio.Lock()
 
-    async def before_commit(self) -> None:
-        if self.opened:
-            return
-        async with self._lock:
-            if not self.opened:
-                await self.ctx.io(
-                    done_index.mark_open, self.ctx.storage, self.ctx.run_id, self.chunk
-                )
-                self.opened = True
+def _stopped(ctx: RunContext, result: ResultRow) -> ResultRow:
+    result.status = "skipped"
+    result.reason = SKIP_INTERRUPTED if ctx.stop.interrupted else SKIP_STOPPED
+    if ctx.stop.reason is not None:
+        result.error_code = ctx.stop.code
+        result.error_message = f"not attempted: the run stopped on {ctx.stop.reason}"
+    return result
 
-    async def close(self, results: Sequence[ResultRow]) -> None:
-        committed = self.found | {
-            r.job_key for r in results if r.status == "succeeded" and r.job_key
-        }
-        if not (committed or self.opened):
-            return
-        # Should indexing fail, the open marker (ours, or the one that made us look for
-        # sidecars) stays, and later runs look for these jobs' sidecars too.
-        await self.ctx.io(
-            done_index.close_chunk,
-            self.ctx.storage,
-            self.ctx.run_id,
-            self.chunk,
-            sorted(committed),
-            delete_marker=self.opened,
-        )
+
+def _duplicate(result: ResultRow, first: ResultRow) -> ResultRow:
+    """A second row with the same job key: no second edit, it shares the first's outputs."""
+    result.status = "skipped" if first.status in ("succeeded", "skipped") else first.status
+    result.reason = SKIP_DUPLICATE
+    result.output_uris = list(first.output_uris)
+    result.actual_size = first.actual_size
+    result.output_format = first.output_format
+    result.n_outputs = first.n_outputs
+    result.revised_prompt = first.revised_prompt
+    if first.status not in ("succeeded", "skipped"):
+        result.error_code = first.error_code
+        result.error_message = f"same job as row {first.row}, which ended {first.status}"
+    return result
+
+
+# --- a row ---------------------------------------------------------------------------------
 
 
 async def process_row(
@@ -362,65 +301,63 @@ async def _process_valid(
     )
     result.job_key = key
     result.sidecar_uri = ctx.storage.uri_for(layout.sidecar_key(key))
-    if key in ctx.done_keys and not ctx.config.overwrite:
+    overwrite = ctx.config.overwrite
+    if key in ctx.done_keys and not overwrite:
         return _done(result)
     first = ctx._inflight.get(key)
     if first is not None:
         return _duplicate(result, await asyncio.shield(first))
-    if ctx.check_unindexed and not ctx.config.overwrite:
-        try:
-            found = await ctx.io(ctx.storage.exists, layout.sidecar_key(key))
-        except StorageError as exc:
-            result.error_code = "storage_error"
-            result.error_message = f"cannot check whether the job is already done: {exc}"
-            return result
-        if found:
-            ctx.done_keys.add(key)
-            if journal is not None:
-                journal.found.add(key)
-            return _done(result)
-        first = ctx._inflight.get(key)
-        if first is not None:
-            return _duplicate(result, await asyncio.shield(first))
-
+    # From here this row is the one working on the job in this process: other rows with the
+    # same key wait for its result instead of claiming the job themselves.
     future: asyncio.Future[ResultRow] = asyncio.get_running_loop().create_future()
     ctx._inflight[key] = future
+    claimed = False
     try:
+        if await _already_done(ctx, key, result, journal):
+            return _done(result)
+        if ctx.claims is not None:
+            chunk = journal.chunk if journal is not None else None
+            got = await ctx.claims.acquire(
+                key, chunk, lambda: ctx.stop.stopped, check_done=not overwrite
+            )
+            if got.waited_s:
+                result.claim_wait_s = round(got.waited_s, 3)
+            if got.state == "stopped":
+                return _stopped(ctx, result)
+            if got.state == "done":
+                ctx.done_keys.add(key)
+                if journal is not None:
+                    journal.found(key)
+                return _done(result)
+            claimed = True
         await _edit_and_store(ctx, row, sources, mask, result, journal)
+        return result
+    except StorageError as exc:
+        ctx.storage_health.failed(exc)
+        result.status = "failed"
+        result.error_code = "storage_error"
+        result.error_message = f"cannot claim or check the job in the output: {exc}"
+        return result
     finally:
         del ctx._inflight[key]
         future.set_result(result)
-    return result
+        if claimed and ctx.claims is not None and result.status != "succeeded":
+            # Nothing to index: give the job back now for whoever runs it next.
+            await ctx.claims.release([key])
 
 
-def _done(result: ResultRow) -> ResultRow:
-    result.status = "skipped"
-    result.reason = SKIP_DONE
-    return result
-
-
-def _stopped(ctx: RunContext, result: ResultRow) -> ResultRow:
-    result.status = "skipped"
-    result.reason = SKIP_STOPPED
-    if ctx.stop.error is not None:
-        result.error_code = ctx.stop.error.error_code
-        result.error_message = f"not attempted: the run stopped on {ctx.stop.error}"
-    return result
-
-
-def _duplicate(result: ResultRow, first: ResultRow) -> ResultRow:
-    """A second row with the same job key: no second edit, it shares the first's outputs."""
-    result.status = "skipped" if first.status == "succeeded" else first.status
-    result.reason = SKIP_DUPLICATE
-    result.output_uris = list(first.output_uris)
-    result.actual_size = first.actual_size
-    result.output_format = first.output_format
-    result.n_outputs = first.n_outputs
-    result.revised_prompt = first.revised_prompt
-    if first.status != "succeeded":
-        result.error_code = first.error_code
-        result.error_message = f"same job as row {first.row}, which ended {first.status}"
-    return result
+async def _already_done(
+    ctx: RunContext, key: str, result: ResultRow, journal: ChunkJournal | None
+) -> bool:
+    """With the done index not to be trusted alone (no claims), a HEAD of the sidecar."""
+    if not ctx.check_unindexed or ctx.config.overwrite:
+        return False
+    found = await ctx.io(ctx.storage.exists, layout.sidecar_key(key))
+    if found:
+        ctx.done_keys.add(key)
+        if journal is not None:
+            journal.found(key)
+    return found
 
 
 async def request_for(ctx: RunContext, row: ManifestRow) -> EditRequest:
@@ -457,21 +394,23 @@ def _request(
     )
 
 
-async def _edit_and_store(
-    ctx: RunContext,
-    row: ManifestRow,
-    sources: Sequence[Source],
-    mask: Source | None,
-    result: ResultRow,
-    journal: ChunkJournal | None = None,
-) -> None:
-    request = _request(ctx, row, sources, mask)
+# --- the edit ------------------------------------------------------------------------------
+
+
+async def _edit(
+    ctx: RunContext, row: ManifestRow, request: EditRequest, result: ResultRow
+) -> EditResponse | None:
+    """The API's answer after retries, or None with `result` saying why there is none."""
     price = row.params.image_count() * ctx.config.price_per_image_usd
+    deadline = time.monotonic() + ctx.config.retry.max_seconds
     lost = 0
 
     async def attempt() -> EditResponse:
         nonlocal lost
-        await ctx.gate.wait()
+        try:
+            await ctx.gate.wait(ctx.stop, deadline)
+        except GateTimeout:
+            raise _GateClosed from None
         async with ctx.limiter:
             # Checked after the wait for a slot: the run may have stopped meanwhile.
             if ctx.stop.stopped:
@@ -481,15 +420,21 @@ async def _edit_and_store(
             if not ctx.budget.reserve(price):
                 raise BudgetExhausted
             result.attempts += 1
-            charged: float | None = None
+            charged: float | None = 0.0
             try:
-                response = await ctx.client.edit(request)
-                charged = response.cost if response.cost is not None else price
+                with ctx.stop.request():
+                    response = await ctx.client.edit(request)
+                # Not reported, or not trusted (see client): the worst case, for the budget.
+                charged = response.cost if response.cost is not None else None
                 return response
+            except Abandoned:
+                lost += 1
+                charged = None
+                raise
             except APIError as exc:
                 if exc.may_have_charged:
                     lost += 1
-                    charged = price  # unknown: count the worst case against the budget
+                    charged = None  # unknown: count the worst case against the budget
                 if exc.run_fatal:
                     ctx.stop.trip(exc)
                 if isinstance(exc, RateLimitError) and exc.retry_after:
@@ -497,7 +442,7 @@ async def _edit_and_store(
                 log.debug("row %s attempt %s: %s", row.row, result.attempts, exc)
                 raise
             finally:
-                ctx.budget.settle(price, charged or 0.0)
+                ctx.budget.settle(price, charged)
 
     def should_stop() -> bool:
         return ctx.stop.stopped or ctx.budget.exhausted
@@ -507,10 +452,15 @@ async def _edit_and_store(
         async for attempt_state in retrying(ctx.config.retry, should_stop=should_stop):
             with attempt_state:
                 response = await attempt()
-        assert response is not None
-    except RunStopped:
+        return response
+    except (RunStopped, Abandoned) as exc:
         _stopped(ctx, result)
-        return
+        if isinstance(exc, Abandoned):
+            result.error_code = "abandoned"
+            result.error_message = (
+                f"abandoned after {ctx.stop.drain_grace_s:g} s without an answer when the run "
+                "was interrupted; the API may have charged it"
+            )
     except BudgetExhausted:
         result.status = "skipped"
         result.reason = SKIP_BUDGET
@@ -519,30 +469,68 @@ async def _edit_and_store(
             f"not started: it could cost USD {price:.2f} and the run's budget of USD "
             f"{ctx.config.max_cost_usd:.2f} would be passed; a later run can continue it"
         )
-        return
+    except _GateClosed:
+        result.status = "failed"
+        result.error_code = "rate_limited"
+        result.error_message = (
+            "the API asked to wait past this row's time limit "
+            f"({ctx.config.retry.max_seconds:g} s); a later run can continue it"
+        )
     except APIError as exc:
         result.status = "failed"
         result.error_code = exc.error_code
         result.error_message = str(exc)
         result.request_id = exc.request_id
-        return
     finally:
         result.possible_double_charges = lost
         result.possible_double_charge_usd = round(lost * price, 6)
+    return None
 
+
+class _GateClosed(Exception):
+    """Internal: the rate gate would hold the row past its time limit (not retried)."""
+
+
+async def _edit_and_store(
+    ctx: RunContext,
+    row: ManifestRow,
+    sources: Sequence[Source],
+    mask: Source | None,
+    result: ResultRow,
+    journal: ChunkJournal | None = None,
+) -> None:
+    request = _request(ctx, row, sources, mask)
+    response = await _edit(ctx, row, request, result)
+    if response is None:
+        return
     _record_response(result, response)
+    short = len(response.images) < response.n_asked
     try:
-        if journal is not None:
+        if journal is not None and not short:
             await journal.before_commit()
-        await _store(ctx, row, sources, mask, request, response, result)
+        await _store(ctx, row, sources, mask, request, response, result, commit=not short)
     except StorageError as exc:
+        ctx.storage_health.failed(exc)
         result.status = "failed"
         result.error_code = "storage_error"
         result.error_message = f"edit done and paid, but storing it failed: {exc}"
         result.output_uris = []
         return
-    ctx.done_keys.add(result.job_key or "")
+    ctx.storage_health.ok()
+    if short:
+        # Kept, but not done: a later run asks for the whole job again.
+        result.status = "failed"
+        result.error_code = "short_answer"
+        result.error_message = (
+            f"asked for {response.n_asked} images, the API answered {len(response.images)}: "
+            "kept, not marked done"
+        )
+        return
+    assert result.job_key is not None
+    ctx.done_keys.add(result.job_key)
     result.status = "succeeded"
+    if journal is not None:
+        journal.committed(result.job_key)
 
 
 def _record_response(result: ResultRow, response: EditResponse) -> None:
@@ -554,6 +542,8 @@ def _record_response(result: ResultRow, response: EditResponse) -> None:
         (i.revised_prompt for i in response.images if i.revised_prompt), None
     )
     result.cost = response.cost
+    result.cost_raw = response.cost_raw
+    result.warnings = "; ".join(response.warnings) or None
     result.currency = response.currency
     result.latency_s = response.latency_s
     result.request_id = response.request_id
@@ -568,6 +558,8 @@ async def _store(
     request: EditRequest,
     response: EditResponse,
     result: ResultRow,
+    *,
+    commit: bool = True,
 ) -> None:
     """Images first, then the sidecar: a job without a sidecar is not done, whatever else exists."""
     assert result.job_key is not None
@@ -582,6 +574,8 @@ async def _store(
         )
     )
     result.output_uris = list(uris)
+    if not commit:
+        return
     sidecar = sidecar_document(ctx, row, sources, mask, request, response, result)
     data = json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode()
     await ctx.io(
@@ -647,6 +641,8 @@ def sidecar_document(
         "actual_size": result.actual_size,
         "revised_prompt": result.revised_prompt,
         "cost": response.cost,
+        "cost_raw": response.cost_raw,
+        "warnings": list(response.warnings),
         "currency": response.currency,
         "provider": response.provider,
         "executed_model": response.executed_model,
@@ -657,52 +653,17 @@ def sidecar_document(
     }
 
 
-async def process_chunk(ctx: RunContext, chunk: int, rows: Sequence[ParsedRow]) -> ChunkStats:
-    """Edit every row of a chunk, index its jobs, write its results part; returns its stats."""
-    results: list[ResultRow | None] = [None] * len(rows)
-    next_index = 0
-    journal = ChunkJournal(ctx, chunk)
-
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < len(rows):
-            i = next_index
-            next_index += 1
-            r = await process_row(ctx, rows[i], journal)
-            results[i] = r
-            progress.publish_row(ctx.run_id, r)
-
-    workers = min(len(rows), ctx.config.concurrency * WORKERS_PER_SLOT)
-    await asyncio.gather(*(worker() for _ in range(workers)))
-    done = [r for r in results if r is not None]
-    await journal.close(done)
-    key = layout.part_key(ctx.run_id, chunk)
-    await ctx.io(ctx.storage.put_bytes, key, table_to_parquet_bytes(rows_to_table(done)))
-    return ChunkStats(chunk, len(done), dict(Counter(r.status for r in done)), key)
-
-
-async def run_windowed(
-    chunks: Iterable[tuple[int, Sequence[ParsedRow]]],
-    process: Callable[[int, Sequence[ParsedRow]], Awaitable[ChunkStats]],
-    window: int = DEFAULT_CHUNKS_IN_FLIGHT,
-) -> list[ChunkStats]:
-    """Run `process` over chunks with at most `window` in flight, reading chunks lazily."""
-    pending: set[asyncio.Task[ChunkStats]] = set()
-    finished: list[ChunkStats] = []
-    try:
-        for index, rows in chunks:
-            pending.add(asyncio.ensure_future(process(index, rows)))
-            if len(pending) >= window:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                finished.extend(t.result() for t in done)
-        if pending:
-            done, pending = await asyncio.wait(pending)
-            finished.extend(t.result() for t in done)
-    finally:
-        # A chunk that failed (its results part could not be written) ends the run: the
-        # others must not go on editing unobserved.
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-    return sorted(finished, key=lambda s: s.chunk)
+__all__ = [
+    "DEFAULT_CHUNKS_IN_FLIGHT",
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_CONCURRENCY",
+    "RunConfig",
+    "RunContext",
+    "invalid_result",
+    "io_thread_pool",
+    "not_selected_result",
+    "process_row",
+    "request_for",
+    "sidecar_document",
+    "stopped_result",
+]

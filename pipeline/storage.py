@@ -7,6 +7,9 @@ under the storage's root; nothing a key says can reach outside that root.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import itertools
 import os
 import re
@@ -50,6 +53,8 @@ _CLIENT_CODES_DENIED = frozenset({"AccessDenied", "403", "Forbidden", "AllAccess
 _CLIENT_CODES_BAD_CREDENTIALS = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
+# A conditional write whose condition failed (412), or lost a race with another (409).
+_CLIENT_CODES_PRECONDITION = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 # `scheme://user:password@host` in an endpoint URL quoted by an error message.
 _USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
 
@@ -81,6 +86,10 @@ class Storage(Protocol):
         workers: int = DEFAULT_LIST_WORKERS,
     ) -> Iterator[str]: ...
     def delete(self, key: str) -> None: ...
+    def put_if_absent(self, key: str, data: bytes) -> str | None: ...
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None: ...
+    def get_with_etag(self, key: str) -> tuple[bytes, str]: ...
+    def delete_if_match(self, key: str, etag: str) -> bool: ...
 
 
 def check_key(key: str) -> str:
@@ -237,11 +246,71 @@ class LocalStorage(_ShardedListing):
             os.replace(tmp, path)
             tmp = None
         except OSError as exc:
-            raise StorageError(f"cannot write {path}: {_os_reason(exc)}") from exc
+            raise StorageError(
+                f"cannot write {path}: {_os_reason(exc)}", fatal=_os_fatal(exc)
+            ) from exc
         finally:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+    # --- conditional writes: claims and leases (see pipeline.claims) ----------------------
+
+    @contextlib.contextmanager
+    def _cas(self, path: Path) -> Iterator[None]:
+        """One compare-and-swap at a time on `path`, across processes: an flock on its folder
+        (a lock file would be litter in the output)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot lock {path.parent}: {_os_reason(exc)}", fatal=_os_fatal(exc)
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_etag(self, path: Path) -> str | None:
+        try:
+            return _etag(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {_os_reason(exc)}") from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create `key` with `data` unless it exists; its ETag, or None when it existed."""
+        path = self._path(key)
+        with self._cas(path):
+            if path.exists():
+                return None
+            self._atomic_write(path, lambda f: f.write(data))
+        return _etag(data)
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace `key` if its ETag is still `etag`; the new ETag, or None when it changed."""
+        path = self._path(key)
+        with self._cas(path):
+            if self._read_etag(path) != etag:
+                return None
+            self._atomic_write(path, lambda f: f.write(data))
+        return _etag(data)
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, _etag(data)
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete `key` if its ETag is still `etag`; False when it changed or is gone."""
+        path = self._path(key)
+        with self._cas(path):
+            if self._read_etag(path) != etag:
+                return False
+            self.delete(key)
+        return True
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -302,6 +371,19 @@ class LocalStorage(_ShardedListing):
 
 def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
+
+
+# No later write can succeed while these last: stop spending on edits that cannot be stored.
+_FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _os_fatal(exc: OSError) -> bool:
+    return exc.errno in _FATAL_ERRNOS
+
+
+def _etag(data: bytes) -> str:
+    # What S3 gives a single-part PUT: the MD5 of the bytes, quoted.
+    return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
 
 
 # --- S3 ----------------------------------------------------------------------------------
@@ -428,13 +510,67 @@ class S3Storage(_ShardedListing):
         except (ClientError, BotoCoreError) as exc:
             raise self._error("delete", s3_key, exc) from exc
 
+    # --- conditional writes: claims and leases (see pipeline.claims) ----------------------
+
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> str | None:
+        s3_key = self._key(key)
+        extra: dict[str, Any] = dict(condition)
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=s3_key, Body=data, **extra)
+        except ClientError as exc:
+            if _client_code(exc) in _CLIENT_CODES_PRECONDITION or _status(exc) in (409, 412):
+                return None
+            if "IfMatch" in condition and _client_code(exc) in _CLIENT_CODES_NOT_FOUND:
+                return None
+            raise self._error("write", s3_key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._error("write", s3_key, exc) from exc
+        return str(resp.get("ETag") or _etag(data))
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create `key` unless it exists (`If-None-Match: *`); its ETag, or None if it existed."""
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace `key` if its ETag is `etag` (`If-Match`); the new ETag, or None."""
+        return self._conditional_put(key, data, IfMatch=etag)
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        s3_key = self._key(key)
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=s3_key)
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            return data, str(resp.get("ETag") or _etag(data))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error("read", s3_key, exc) from exc
+
+    def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete `key` if its ETag is still `etag`; False when it changed or is gone.
+
+        Read, compare, delete: S3's conditional DELETE is not everywhere yet, and the window
+        only matters for a claim taken over in the same instant (see pipeline.claims).
+        """
+        try:
+            _, current = self.get_with_etag(key)
+        except StorageNotFound:
+            return False
+        if current != etag:
+            return False
+        self.delete(key)
+        return True
+
     def _error(self, action: str, s3_key: str, exc: ClientError | BotoCoreError) -> StorageError:
         """A StorageError for a failed call, saying what failed in words (no credentials)."""
         where = f"s3://{self.bucket}/{s3_key}"
         if isinstance(exc, NoCredentialsError):
             return StorageError(
                 f"cannot {action} {where}: no AWS credentials found "
-                "(environment, shared config, or instance role)"
+                "(environment, shared config, or instance role)",
+                fatal=True,
             )
         if isinstance(exc, BotoCoreError):
             return StorageError(f"cannot {action} {where}: {redact_text(str(exc))}")
@@ -442,15 +578,28 @@ class S3Storage(_ShardedListing):
         code = str(error.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in _CLIENT_CODES_NO_BUCKET:
-            return StorageError(f"cannot {action} {where}: bucket {self.bucket!r} does not exist")
+            return StorageError(
+                f"cannot {action} {where}: bucket {self.bucket!r} does not exist", fatal=True
+            )
         if code in _CLIENT_CODES_NOT_FOUND or (status == 404 and action in ("read", "check")):
             return StorageNotFound(f"not found: {where}")
         if code in _CLIENT_CODES_DENIED:
-            return StorageError(f"cannot {action} {where}: access denied")
+            return StorageError(f"cannot {action} {where}: access denied", fatal=True)
         if code in _CLIENT_CODES_BAD_CREDENTIALS:
-            return StorageError(f"cannot {action} {where}: credentials refused ({code})")
+            return StorageError(
+                f"cannot {action} {where}: credentials refused ({code})", fatal=True
+            )
         message = redact_text(str(error.get("Message") or code or f"HTTP {status}"))
         return StorageError(f"cannot {action} {where}: {code or 'error'}: {message}")
+
+
+def _client_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int | None:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if isinstance(status, int) else None
 
 
 def redact_text(text: str) -> str:

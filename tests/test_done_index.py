@@ -15,7 +15,7 @@ from moto import mock_aws
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline import done_index, layout
+from pipeline import claims, done_index, layout
 from pipeline.emulator import EmulatorProcess
 from pipeline.engine import RunOptions, RunSummary, run_manifest
 from pipeline.errors import StorageError
@@ -265,19 +265,21 @@ def test_the_index_on_s3_is_built_from_a_listing_once(
         assert listings == [len(jobs)]
 
 
-def test_a_shard_checks_sidecars_for_its_own_killed_attempt_not_for_its_siblings(
+def test_live_leased_markers_cost_nothing_and_a_legacy_marker_still_means_checking(
     tmp_path: Path,
 ) -> None:
     storage = LocalStorage(tmp_path)
     storage.put_bytes(done_index.ROOT_KEY, b"{}")
     shard, sibling = layout.shard_run_id("R1", 1), layout.shard_run_id("R1", 2)
-    done_index.mark_open(storage, sibling, 0)
-    # Siblings' chunks are live and edit other rows; for anyone else they are open chunks.
-    assert not done_index.load_done(storage, run_id=shard).check_unindexed
-    assert done_index.load_done(storage, run_id="R2").check_unindexed
-    assert done_index.load_done(storage, run_id=layout.shard_run_id("R2", 1)).check_unindexed
-    assert done_index.load_done(storage).check_unindexed
-    # A killed earlier attempt of this very shard (a retried flow run) always counts.
+    live = claims.lease_body(sibling, "t", 60.0, 0)
+    done_index.mark_open(storage, sibling, 0, live)
+    # A live chunk of any run (a sibling shard or another run) needs no sidecar checks: its
+    # jobs' claims make a run wait for them.
+    found = done_index.load_done(storage)
+    assert not found.check_unindexed and found.open_chunks == 1
+    # Without claims (a store without conditional writes) any open chunk means checking.
+    assert done_index.load_done(storage, claims=False).check_unindexed
+    # A marker without a lease (an older version's) cannot be judged: check, as before.
     done_index.mark_open(storage, shard, 3)
-    again = done_index.load_done(storage, run_id=shard)
-    assert again.check_unindexed and again.open_chunks == 1
+    again = done_index.load_done(storage)
+    assert again.check_unindexed and again.open_chunks == 2
