@@ -8,8 +8,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_link_artifact
+from prefect.client.schemas.objects import State
 
-from flows.edit_manifest import edit_manifest
+from flows.edit_manifest import edit_subflow
 from flows.settings import EditSettings, RunSettings
 from pipeline import layout
 from pipeline.augment import AugmentSpec, expand_manifest, write_dataset_table
@@ -29,7 +30,7 @@ async def augment_dataset(
     where: str | None = None,
     edit: EditSettings = EditSettings(),  # noqa: B008
     run: RunSettings = RunSettings(),  # noqa: B008
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[Any]:
     """Expand, edit, and write `runs/<run_id>/dataset.parquet`: one row per output image.
 
     Args:
@@ -61,13 +62,15 @@ async def augment_dataset(
         info = expand_manifest(spec, expanded, endpoint_url=run.s3_endpoint_url)
         logger.info("%d sources x prompts x seeds = %d rows", info.sources, info.rows)
         expanded_uri = storage.put_file(layout.run_prefix(run_id) + "expanded.parquet", expanded)
-        summary: dict[str, Any] = await edit_manifest(
+        summary = await edit_subflow(
             manifest=expanded_uri,
             output=output,
             run_id=run_id,
             select_where=where,
             **run.flow_kwargs(),
         )
+        if not isinstance(summary, dict):
+            return summary  # interrupted: no dataset table for a run that did not finish
         dataset = write_dataset_table(
             summary["results_uri"],
             expanded,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
-from flows.edit_manifest import edit_manifest
+from flows.edit_manifest import edit_subflow
 from flows.settings import RunSettings
 from pipeline.errors import ConfigError
 
@@ -20,7 +21,7 @@ async def backfill(
     failed_of_run: str | None = None,
     overwrite: bool = False,
     run: RunSettings = RunSettings(),  # noqa: B008
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[Any]:
     """Edit only the chosen rows (every criterion given must hold); the others are skipped.
 
     Args:
@@ -36,7 +37,7 @@ async def backfill(
     """
     if not (ids or where or failed_of_run):
         raise ConfigError("choose the rows: ids, a where expression, or failed_of_run")
-    result: dict[str, Any] = await edit_manifest(
+    return await edit_subflow(
         manifest=manifest,
         output=output,
         select_ids=ids,
@@ -45,4 +46,3 @@ async def backfill(
         overwrite=overwrite,
         **run.flow_kwargs(),
     )
-    return result

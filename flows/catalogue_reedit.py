@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import State
 
-from flows.edit_manifest import edit_manifest
+from flows.edit_manifest import edit_subflow
 from flows.settings import EditSettings, RunSettings
 from pipeline import layout
 from pipeline.catalogue import build_manifest_from_prefix
@@ -26,7 +27,7 @@ async def catalogue_reedit(
     where: str | None = None,
     edit: EditSettings = EditSettings(),  # noqa: B008 - pydantic models are immutable defaults here
     run: RunSettings = RunSettings(),  # noqa: B008
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[Any]:
     """Re-edit the catalogue: results are keyed by each source's content hash, so only sources
     that changed (or are new) since the last run cost an API call.
 
@@ -55,10 +56,9 @@ async def catalogue_reedit(
             logger.warning("no images under %s: nothing to do", source_prefix)
             return {"run_id": run_id, "rows": 0, "by_status": {}, "cost_usd": 0.0}
     assert manifest is not None
-    result: dict[str, Any] = await edit_manifest(
+    return await edit_subflow(
         manifest=manifest, output=output, run_id=run_id, select_where=where, **run.flow_kwargs()
     )
-    return result
 
 
 def build_catalogue_manifest(

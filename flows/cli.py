@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ out = Console()
 EXIT_OK = 0
 EXIT_ROWS_FAILED = 1
 EXIT_CANNOT_RUN = 2
+EXIT_INCOMPLETE = 3
 
 
 @contextlib.contextmanager
@@ -140,6 +142,7 @@ def run(
     output = _absolute_local(output)
     manifest = _absolute_local(manifest)
     from flows.edit_manifest import edit_manifest
+    from flows.local_api import LocalApiError, local_prefect_api
     from flows.progress_bar import RunProgressBar
 
     params: dict[str, Any] = {
@@ -164,24 +167,58 @@ def run(
         params["max_attempts"] = max_attempts
     if request_timeout:
         params["request_timeout"] = request_timeout
-    with _maybe_emulator(emulator) as emulator_base:
-        params["api_base"] = emulator_base or api_base
-        bar = RunProgressBar(console) if progress_bar else contextlib.nullcontext()
-        with bar:
-            state: State[Any] = asyncio.run(_run_flow(edit_manifest, params))
+    # Until the engine takes over Ctrl-C for the run (see pipeline.interrupts), a SIGTERM
+    # means what a Ctrl-C means: stop, without a traceback.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with _maybe_emulator(emulator) as emulator_base:
+            params["api_base"] = emulator_base or api_base
+            with local_prefect_api(lambda m: console.print(f"[dim]{escape(m)}[/dim]")):
+                bar = RunProgressBar(console) if progress_bar else contextlib.nullcontext()
+                with bar:
+                    state: State[Any] = asyncio.run(_run_flow(edit_manifest, params))
+    except LocalApiError as exc:
+        console.print(f"[red bold]cannot run:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(EXIT_CANNOT_RUN) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted before any edit was sent[/]; nothing was paid")
+        raise typer.Exit(EXIT_INCOMPLETE) from None
+    raise typer.Exit(_report(state))
+
+
+def _report(state: State[Any]) -> int:
+    """Print what the run did and say what to do next; its exit status."""
+    if state.is_cancelled():
+        data = state.result(raise_on_failure=False)
+        if isinstance(data, dict):
+            _print_summary(data)
+        console.print(f"[yellow bold]{escape(state.message or 'interrupted')}[/]")
+        return EXIT_INCOMPLETE
     if state.is_failed() or state.is_crashed():
         result = state.result(raise_on_failure=False)
         message = str(result) if isinstance(result, BaseException) else state.message
-        console.print(f"[red bold]run failed:[/] {message}")
-        raise typer.Exit(EXIT_CANNOT_RUN)
+        console.print(f"[red bold]run failed:[/] {escape(str(message))}", highlight=False)
+        return EXIT_CANNOT_RUN
     summary: dict[str, Any] = state.result()
-    out.print(_summary_table(summary))
-    out.print(f"results table: {summary['results_uri']}")
-    out.print(f"images and sidecars: {summary['output']}/images/, {summary['output']}/jobs/")
+    _print_summary(summary)
+    budget = summary["skipped_by_reason"].get("budget", 0)
+    if budget:
+        console.print(
+            f"[yellow]incomplete: {budget} rows were left for the budget[/]; raise --max-cost "
+            "and run the same command again to continue"
+        )
+        return EXIT_INCOMPLETE
     failed = summary["by_status"].get("failed", 0) + summary["by_status"].get("invalid", 0)
     if failed:
         console.print(f"[yellow]{failed} rows failed or were invalid: see the results table")
-        raise typer.Exit(EXIT_ROWS_FAILED)
+        return EXIT_ROWS_FAILED
+    return EXIT_OK
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    out.print(_summary_table(summary))
+    out.print(f"results table: {summary['results_uri']}")
+    out.print(f"images and sidecars: {summary['output']}/images/, {summary['output']}/jobs/")
 
 
 async def _run_flow(flow: Any, params: dict[str, Any]) -> State[Any]:

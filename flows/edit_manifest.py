@@ -241,6 +241,16 @@ async def edit_manifest(
     return summary.to_dict()
 
 
+async def edit_subflow(**params: Any) -> dict[str, Any] | State[Any]:
+    """`edit-manifest` as a subflow of another flow: its summary, or, when it was
+    interrupted, its Cancelled state, for the calling flow to end with too."""
+    state: State[Any] = await edit_manifest(**params, return_state=True)
+    if state.is_cancelled():
+        return state
+    summary: dict[str, Any] = await state.aresult()
+    return summary
+
+
 async def edit_here(
     opts: RunOptions,
     rid: str,
