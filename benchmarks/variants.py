@@ -70,6 +70,26 @@ async def runner(args: dict[str, Any]) -> dict[str, Any]:
     return {**timing, **_summary_fields(summary.to_dict())}
 
 
+async def runner_noclaims(args: dict[str, Any]) -> dict[str, Any]:
+    """The runner with claims off (as on a store without conditional writes, with
+    --exclusive-output): beside `runner`, what claiming each job costs."""
+    import pipeline.engine
+
+    pipeline.engine.claims_probe = lambda storage: False  # type: ignore[assignment]
+    from pipeline.engine import RunOptions, run_manifest
+
+    opts = RunOptions(
+        manifest=args["manifest"],
+        output=args["output"],
+        api_base=args["api_base"],
+        concurrency=args["concurrency"],
+        s3_endpoint_url=args["s3_endpoint_url"],
+        exclusive_output=True,
+    )
+    summary, timing = await _timed(lambda: run_manifest(opts))
+    return {**timing, **_summary_fields(summary.to_dict())}
+
+
 async def flow(args: dict[str, Any]) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
 
@@ -139,6 +159,7 @@ def _summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
 VARIANTS: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]] = {
     "baseline": baseline,
     "runner": runner,
+    "runner-noclaims": runner_noclaims,
     "flow": flow,
     "prefect-start": prefect_start,
     "validate": validate,

@@ -122,6 +122,13 @@ def run(
             "(default: refused; env IMGEDIT_ALLOW_PRIVATE_SOURCES=1)"
         ),
     ] = False,
+    exclusive_output: Annotated[
+        bool,
+        typer.Option(
+            help="No other run writes to the output: lets a run start on a store that ignores "
+            "conditional writes (no claims there)"
+        ),
+    ] = False,
     progress_bar: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)")
     ] = sys.stderr.isatty(),
@@ -160,6 +167,7 @@ def run(
         "retry_failed_of": retry_failed_of,
         "select_where": where,
         "allow_private_sources": allow_private_sources,
+        "exclusive_output": exclusive_output,
     }
     if model:
         params["model"] = model
