@@ -141,7 +141,9 @@ class ChunkJournal:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.nudge.wait(), FLUSH_INTERVAL_S)
             self.nudge.clear()
-            await self.flush()
+            # Shielded: the flusher is cancelled when the chunk ends, and a flush cut short
+            # after it took the rows would lose them; the chunk's last flush waits for it.
+            await asyncio.shield(self.flush())
 
     async def close(self) -> None:
         """The last flush, then the marker goes (only if every segment was written)."""

@@ -37,6 +37,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from . import layout
+from .constants import DEFAULT_LEASE_S
 from .errors import StorageError
 from .results import utcnow
 from .storage import Storage, StorageNotFound
@@ -48,9 +49,8 @@ IO = Callable[..., Awaitable[Any]]
 
 CLAIMS_PREFIX = "claims/"
 PROBE_PREFIX = f"{CLAIMS_PREFIX}probe/"
-# How long a claim (or an open marker) lives without renewal. A killed run's jobs wait this
-# long before another run takes them over; a live run renews three times per lease.
-DEFAULT_LEASE_S = 90.0
+# A live run renews its claims (and open markers) this many times per lease; a killed run's
+# jobs wait at most the lease (constants.DEFAULT_LEASE_S) before another run takes them over.
 RENEWALS_PER_LEASE = 3
 # How often a waiter looks at a claim it waits on, and at the job's sidecar.
 CLAIM_POLL_S = 2.0
@@ -194,6 +194,7 @@ class _Held:
     etag: str
     chunk: int | None
     lost: bool = False
+    renewed: float = field(default_factory=time.monotonic)  # when it was written, monotonic
 
 
 @dataclass
@@ -313,22 +314,29 @@ class Claims:
     # --- holding -------------------------------------------------------------------------
 
     async def release(self, job_keys: Iterable[str]) -> None:
-        """Give up the claims of `job_keys` (indexed, or failed); errors only logged."""
+        """Give up the claims of `job_keys` (indexed, or failed); errors only logged.
+
+        Claims renewed within half a lease are surely still ours: they go in one batched
+        delete (one request per 1000 on S3). An older one could have been taken over by a
+        waiter if this run stalled: it is deleted only if its ETag is still ours.
+        """
         held = [(k, self.held.pop(k)) for k in job_keys if k in self.held]
-        for start in range(0, len(held), RENEW_BATCH):
-            batch = held[start : start + RENEW_BATCH]
-            results = await asyncio.gather(
-                *(
-                    self.io(self.storage.delete_if_match, claim_key(k), h.etag)
-                    for k, h in batch
-                    if not h.lost
-                ),
-                return_exceptions=True,
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    # A claim left behind dies at its lease; the job is indexed either way.
-                    log.warning("cannot release a claim: %s", result)
+        fresh_before = time.monotonic() - self.lease_s / 2
+        fresh = [claim_key(k) for k, h in held if not h.lost and h.renewed > fresh_before]
+        stale = [(k, h) for k, h in held if not h.lost and h.renewed <= fresh_before]
+        try:
+            if fresh:
+                await self.io(self.storage.delete_many, fresh)
+        except StorageError as exc:
+            # A claim left behind dies at its lease; the job is indexed either way.
+            log.warning("cannot release %d claims: %s", len(fresh), exc)
+        results = await asyncio.gather(
+            *(self.io(self.storage.delete_if_match, claim_key(k), h.etag) for k, h in stale),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("cannot release a claim: %s", result)
 
     async def renew(self) -> None:
         """Renew every claim and open marker this run holds (once)."""
@@ -356,6 +364,7 @@ class Claims:
                         )
                 else:
                     held.etag = etag
+                    held.renewed = time.monotonic()
         for key, chunk in list(self.markers.items()):
             try:
                 await self.io(self.storage.put_bytes, key, self.body(chunk), "application/json")

@@ -90,6 +90,7 @@ class Storage(Protocol):
     def put_if_match(self, key: str, data: bytes, etag: str) -> str | None: ...
     def get_with_etag(self, key: str) -> tuple[bytes, str]: ...
     def delete_if_match(self, key: str, etag: str) -> bool: ...
+    def delete_many(self, keys: Sequence[str]) -> None: ...
 
 
 def check_key(key: str) -> str:
@@ -302,6 +303,10 @@ class LocalStorage(_ShardedListing):
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
         data = self.get_bytes(key)
         return data, _etag(data)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.delete(key)
 
     def delete_if_match(self, key: str, etag: str) -> bool:
         """Delete `key` if its ETag is still `etag`; False when it changed or is gone."""
@@ -547,6 +552,27 @@ class S3Storage(_ShardedListing):
             return data, str(resp.get("ETag") or _etag(data))
         except (ClientError, BotoCoreError) as exc:
             raise self._error("read", s3_key, exc) from exc
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete `keys` with one request per 1000 (S3's DeleteObjects)."""
+        for start in range(0, len(keys), S3_LIST_PAGE_SIZE):
+            batch: list[Any] = [
+                {"Key": self._key(k)} for k in keys[start : start + S3_LIST_PAGE_SIZE]
+            ]
+            try:
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise self._error("delete", batch[0]["Key"], exc) from exc
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"cannot delete {len(errors)} of {len(batch)} objects, e.g. "
+                    f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')}",
+                    fatal=str(first.get("Code")) in _CLIENT_CODES_DENIED,
+                )
 
     def delete_if_match(self, key: str, etag: str) -> bool:
         """Delete `key` if its ETag is still `etag`; False when it changed or is gone.
