@@ -6,9 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.limits import DEFAULT_LIMIT_NAME
-from pipeline import spec
-from pipeline.runner import DEFAULT_CONCURRENCY
+from pipeline.constants import DEFAULT_CONCURRENCY, DEFAULT_LIMIT_NAME
 
 OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
 AspectRatio = Literal["auto", "1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4"]
@@ -22,7 +20,11 @@ class RunSettings(BaseModel):
     api_base: str | None = Field(
         None, description="API base URL; empty: the workers' IMGEDIT_API_BASE, else Lumenfall"
     )
-    model: str = Field(spec.DEFAULT_MODEL, description="Model name sent to the API")
+    model: str | None = Field(
+        None,
+        description="Model name sent to the API; empty: the workers' IMGEDIT_MODEL, else "
+        "p-image-edit",
+    )
     concurrency: int = Field(
         DEFAULT_CONCURRENCY, ge=1, le=1024, description="Edit requests in flight at once"
     )

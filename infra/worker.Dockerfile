@@ -19,9 +19,13 @@ COPY pipeline pipeline
 COPY flows flows
 COPY manifests manifests
 COPY prefect.yaml ./
+# The compose stack's one-shot `setup` service runs this (only this: infra/.env may hold keys).
+COPY infra/setup.sh infra/setup.sh
 RUN pip install --no-deps .
 
-RUN useradd --create-home --uid 1000 imgedit && chown -R imgedit /opt/imgedit
+RUN useradd --create-home --uid 1000 imgedit \
+    && chmod 755 infra/setup.sh \
+    && chown -R imgedit /opt/imgedit
 USER imgedit
 
 # Flow runs start in /opt/imgedit (prefect.yaml's pull step), so `flows/...` entrypoints resolve.

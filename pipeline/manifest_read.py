@@ -13,6 +13,7 @@ import contextlib
 import csv
 import difflib
 import os
+import re
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -58,6 +59,25 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, co
 
 # Parquet types each column may have; anything else cannot hold the values.
 _INT_COLUMNS = frozenset({"seed", "n", "output_compression"})
+
+# Telling a multi-line value that swallowed rows (a quote left open) from a real multi-line
+# prompt: see CsvReader._rowlike_lines.
+_SOURCE_COLUMNS = frozenset({"image", "images", "mask"})
+_IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".gif",
+    ".avif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+)
+_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://\S+$")
 
 
 @dataclass(frozen=True)
@@ -287,6 +307,10 @@ class CsvReader:
         header = self._read_header()
         self.delimiter = sniff_delimiter(header)
         self.columns = next(csv.reader([header], delimiter=self.delimiter), [])
+        # Where the image sources are, for telling swallowed rows from multi-line prompts.
+        self._source_indices = [
+            i for i, raw in enumerate(self.columns) if canonical_name(raw) in _SOURCE_COLUMNS
+        ]
 
     def _stream(self) -> pa.NativeFile:
         raw = self._source.open()
@@ -408,6 +432,7 @@ class CsvReader:
         names = [cmap.canonical.get(raw) for raw in reader.schema.names]
         known = [(i, name) for i, name in enumerate(names) if name is not None]
         known_names = [name for _, name in known]
+        value_at = dict(known)
         next_row = 1
         held: RawRow | None = None
         last_values: tuple[Any, ...] = ()
@@ -435,7 +460,9 @@ class CsvReader:
                     held = RawRow(
                         next_row,
                         dict(zip(known_names, values, strict=True)),
-                        self._swallowed_rows(known_names, values),
+                        self._swallowed_rows(
+                            value_at, {i: v for (i, _), v in zip(known, values, strict=True)}
+                        ),
                     )
                     next_row += 1
                 if batch.num_rows:
@@ -456,26 +483,32 @@ class CsvReader:
         finally:
             stream.close()
 
-    def _swallowed_rows(self, names: list[str], values: tuple[Any, ...]) -> tuple[FieldError, ...]:
+    def _swallowed_rows(
+        self, value_at: dict[int, str], row: dict[int, object]
+    ) -> tuple[FieldError, ...]:
         """Problems when a row's value looks like it swallowed rows between two quotes.
 
         A quote opened in one row and closed in a later one makes pyarrow merge the rows in
-        between into one value: that value spans lines that look like rows (as many
-        delimiters as a row has) and keeps a stray quote. A real multi-line prompt seldom has
-        both, so only then is the row refused (it would otherwise be paid for with the wrong
-        prompt while the swallowed rows vanish).
+        between into one value: that value spans lines that look like rows (see
+        `_rowlike_lines`) and keeps a stray quote (the closing one, read as text). Only a
+        value with both is refused: it would otherwise be paid for with the wrong prompt
+        while the swallowed rows vanish.
+
+        `value_at` maps raw column index -> canonical name of the columns read; `row` the
+        row's values by raw column index.
         """
-        threshold = max(1, len(self.columns) - 1)
-        for name, value in zip(names, values, strict=True):
-            if not isinstance(value, str) or "\n" not in value or '"' not in value:
+        for index, name in value_at.items():
+            value = row.get(index)
+            if not isinstance(value, str) or '"' not in value:
                 continue
-            lines = value.split("\n")[1:]
-            rowlike = sum(1 for line in lines if line.count(self.delimiter) >= threshold - 1)
+            if "\n" not in value and "\r" not in value:
+                continue
+            lines, rowlike = self._rowlike_lines(value, row)
             if rowlike:
                 return (
                     FieldError(
                         name,
-                        f"{name} runs over {len(lines) + 1} lines, {rowlike} of them like rows "
+                        f"{name} runs over {lines} lines, {rowlike} of them like rows "
                         "and a stray quote: is a quote unclosed? (rows in it were not read)",
                     ),
                 )
@@ -486,25 +519,62 @@ class CsvReader:
 
         pyarrow accepts a quote left open at the end of a file: the rest of the file becomes
         one value of the last row. That value then ends with the file's final line break and
-        holds lines that look like rows (as many delimiters as a row has); a real multi-line
-        value rarely ends with a line break.
+        holds lines that look like rows (see `_rowlike_lines`); a real multi-line value
+        rarely ends with a line break, and even then seldom has such lines.
         """
-        threshold = max(1, len(names) - 1)
-        for name, value in zip(names, values, strict=False):
+        row = dict(enumerate(values))
+        for index, name in enumerate(names):
+            value = row.get(index)
             if not isinstance(value, str) or not value.endswith(("\n", "\r")):
                 continue
-            lines = value.rstrip("\r\n").split("\n")[1:]
-            rowlike = sum(1 for line in lines if line.count(self.delimiter) >= threshold)
+            lines, rowlike = self._rowlike_lines(value, row)
             if rowlike:
                 column = canonical_name(name) or name
                 return (
                     FieldError(
                         column,
-                        f"the last row's {column} runs over {len(lines) + 1} lines, {rowlike} "
+                        f"the last row's {column} runs over {lines} lines, {rowlike} "
                         "of them like rows; is a quote unclosed?",
                     ),
                 )
         return ()
+
+    def _rowlike_lines(self, value: str, row: dict[int, object]) -> tuple[int, int]:
+        """(lines of `value`, how many of its lines after the first look like manifest rows).
+
+        Counting delimiters alone cannot tell: with 2 or 3 columns, any prompt line holding a
+        comma has "as many delimiters as a row". What a swallowed row has and prose lacks is
+        an image source where the manifest keeps its sources. A line looks like a row when,
+        split at the delimiter (a swallowed line holds no lone quote: one would have ended
+        the value), it has
+          * exactly as many fields as the header, and
+          * in an image, images or mask column, a value shaped like a source: a URL
+            (`scheme://...`, no spaces), a name ending in an image extension (with a `/` if
+            it has spaces: `my photos/cat 1.png` but not `Use cat.png`), or a space-free
+            path in the same folder as this row's own value of that column.
+        The value's last line may also be the start of the row whose quote closed the value
+        (`b.png,` + the rest of that field): there, two or more fields whose leading,
+        complete ones hold such a source in a source column count too.
+        So `Write "SALE" on the sign` / `and make it red, bold` is a prompt in any manifest,
+        and `b.png,make it red` inside a value is a swallowed row. The price: a prompt line
+        made of an image name, the delimiter and (for wider manifests) exactly enough
+        further delimiters (`ref.png, keep its style` with 2 columns) still reads as a row.
+        """
+        lines = _LINE_BREAK_RE.split(value.rstrip("\r\n"))
+        sources = self._source_indices
+        width = len(self.columns)
+        rowlike = 0
+        for number, line in enumerate(lines[1:], 2):
+            fields = line.split(self.delimiter)
+            if len(fields) == width:
+                candidates = sources
+            elif number == len(lines) and 2 <= len(fields) < width:
+                candidates = [i for i in sources if i < len(fields) - 1]
+            else:
+                continue
+            if any(_source_shaped(fields[i], row.get(i)) for i in candidates):
+                rowlike += 1
+        return len(lines), rowlike
 
     def count_rows(self, cmap: ColumnMap) -> int:
         """Data rows, ragged ones included, converting only the (unique) prompt column."""
@@ -530,6 +600,28 @@ class CsvReader:
         finally:
             stream.close()
         return total + ragged
+
+
+def _source_shaped(text: str, own: object) -> bool:
+    """Whether a CSV field looks like an image source (or `|` list of them); see above."""
+    parts = [part.strip() for part in text.split("|")]
+    if not all(parts):
+        return False
+    folder = ""
+    first = own.split("|", 1)[0].strip() if isinstance(own, str) else ""
+    if "/" in first:
+        folder = first.rsplit("/", 1)[0] + "/"
+    for part in parts:
+        spaced = any(ch.isspace() for ch in part)
+        if _URL_RE.match(part):
+            continue
+        path = part.lower().split("?", 1)[0]
+        if path.endswith(_IMAGE_SUFFIXES) and (not spaced or "/" in part):
+            continue
+        if folder and not spaced and part.startswith(folder) and len(part) > len(folder):
+            continue
+        return False
+    return True
 
 
 def _pyarrow_row(message: str) -> int | None:

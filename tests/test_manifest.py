@@ -448,6 +448,97 @@ def test_multiline_last_value_is_fine(tmp_path: Path) -> None:
     )
 
 
+def csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+# Multi-line prompts a person writes: commas (one a line, as many as a 2- or 3-column row has
+# delimiters, and a whole 10-column row's worth), quotes, blank lines, a line ending in a comma,
+# one-word lines and a line break at the very end of the value.
+MULTILINE_PROMPTS = [
+    'Write "SALE" on the sign\nand make it red',
+    'Write "SALE" on the sign\nand make it red, bold\n\nthen add "50% off", below it',
+    'Make it "vintage",\n\nsepia, grain\nRed, bold\nmore, contrast, please\n',
+    'Style: "noir"\na, b, c, d, e, f, g, h, i, j\nk,l,m,n,o,p,q,r,s\nend',
+    'Keep the logo at top-left\n"as is"\n\n\nfinally, sharpen\n\n',
+]
+WIDE_HEADER = [
+    "id",
+    "image",
+    "prompt",
+    "seed",
+    "n",
+    "size",
+    "output_format",
+    "output_compression",
+    "user",
+    "param.style",
+]
+
+
+def wide_line(number: int, prompt: str) -> str:
+    cells = [f"r{number}", f"img/{number}.png", csv_cell(prompt), str(number), "1"]
+    return ",".join([*cells, "1024x1024", "jpeg", "80", f"u{number}", "vivid"])
+
+
+@pytest.mark.parametrize("width", [2, 3, 10])
+def test_multiline_prompts_validate_in_manifests_of_any_width(tmp_path: Path, width: int) -> None:
+    def line(number: int, prompt: str) -> str:
+        if width == 2:
+            return f"img/{number}.png,{csv_cell(prompt)}"
+        if width == 3:
+            return f"img/{number}.png,{csv_cell(prompt)},{number}"
+        return wide_line(number, prompt)
+
+    header = {2: "image,prompt", 3: "image,prompt,seed", 10: ",".join(WIDE_HEADER)}[width]
+    prompts = [*MULTILINE_PROMPTS, "plain"]
+    lines = [header] + [line(n, p) for n, p in enumerate(prompts, 1)]
+    # Each prompt also as the last row (a value there may end with a line break).
+    for last in MULTILINE_PROMPTS:
+        rows = parse(write(tmp_path, "\n".join([*lines[:-1], line(99, last)]) + "\n"))
+        assert [valid(r).prompt for r in rows] == [p.strip() for p in [*prompts[:-1], last]]
+    rows = parse(write(tmp_path, "\n".join(lines) + "\n"))
+    assert [valid(r).prompt for r in rows] == [p.strip() for p in prompts]
+    assert [r.row for r in rows] == list(range(1, len(prompts) + 1))
+    # Also with CRLF line ends and the prompt as the last column.
+    if width == 3:
+        crlf = "image,seed,prompt\r\n" + "".join(
+            f"img/{n}.png,{n},{csv_cell(p.replace(chr(10), chr(13) + chr(10)))}\r\n"
+            for n, p in enumerate(prompts, 1)
+        )
+        rows = parse(write(tmp_path, crlf))
+        assert [valid(r).prompt for r in rows] == [p.replace("\n", "\r\n").strip() for p in prompts]
+
+
+SWALLOWING = [
+    # (manifest, the bad row, its column, words of the reason): a quote left open swallows
+    # the rows after it, up to the next quote (or to the end of the file).
+    ('image,prompt\na.png,"open\nb.png,q\nc.png,"r"\nd.png,s\n', 1, "prompt", "stray quote"),
+    ('image,prompt\na.png,"open\nb.png,"q"\nc.png,r\n', 1, "prompt", "stray quote"),
+    ('image,prompt\na.png,p\nb.png,"Write ""SALE""\nc.png,q\nd.png,r\n', 2, "prompt", "last row"),
+    ('image,prompt\na.png,p\nb.png,"open\nc.png,q\n', 2, "prompt", "last row"),
+    ('image,prompt\na.png,p\nb.png,"open\nhttps://h/x,q\n', 2, "prompt", "last row"),
+    ('image,prompt\nimg/a,p\nimg/b,"open\nimg/c,q\n', 2, "prompt", "last row"),
+    ('image,prompt,seed\na.png,"open,1\nb.png,q,2\nc.png,"r",3\n', 1, "prompt", "stray quote"),
+    ('image,prompt,seed\na.png,"open,1\nb.png,"r",3\nd.png,s,4\n', 1, "prompt", "stray quote"),
+    ('image,seed,prompt\na.png,1,p\nb.png,2,"open\nc.png,3,q\n', 2, "prompt", "last row"),
+    ('image,seed,prompt\na.png,1,"open\nb.png,2,"q"\nc.png,3,r\n', 1, "prompt", "stray quote"),
+    ('prompt,image\n"open,a.png\nq,b.png\n"r",c.png\n', 1, "prompt", "stray quote"),
+]
+
+
+@pytest.mark.parametrize(("text", "row", "column", "words"), SWALLOWING)
+def test_an_unclosed_quote_is_reported_in_narrow_manifests(
+    tmp_path: Path, text: str, row: int, column: str, words: str
+) -> None:
+    rows = parse(write(tmp_path, text))
+    bad = [r for r in rows if isinstance(r, InvalidRow)]
+    assert [r.row for r in bad] == [row], rows
+    [(found, reason)] = problems(bad[0])
+    assert found == column
+    assert "is a quote unclosed?" in reason and words in reason, reason
+
+
 def test_quotes_inside_unquoted_values_are_kept(tmp_path: Path) -> None:
     row = valid(one(tmp_path, "image,prompt", 'a.png,a 5" statue'))
     assert row.prompt == 'a 5" statue'
