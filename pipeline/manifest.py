@@ -53,7 +53,7 @@ import contextlib
 import os
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -190,26 +190,31 @@ class Manifest:
         return self._reader.count_rows(self._cmap)
 
     def validate(
-        self, *, max_errors: int = MAX_REPORTED_ERRORS, row_range: RowRange | None = None
+        self,
+        *,
+        max_errors: int = MAX_REPORTED_ERRORS,
+        row_range: RowRange | None = None,
+        left: Callable[[int], bool] | None = None,
     ) -> ValidationReport:
-        """One full pass: counts, the first `max_errors` invalid rows, per-column tallies."""
+        """One full pass: counts, the first `max_errors` invalid rows, per-column tallies.
+
+        With `left` (a row number -> whether the run still has to edit it), the report also
+        counts the valid rows and images left to pay for (`rows_left`, `images_left`).
+        """
         report = ValidationReport(
             uri=self.uri,
             format=self.format,
             columns=list(self.columns),
             unknown_columns=list(self.unknown_columns),
         )
+        rows_left = images_left = 0
         for parsed in self.rows(row_range):
-            report.rows += 1
-            if isinstance(parsed, ManifestRow):
-                report.valid += 1
-                report.images += parsed.params.image_count()
-                continue
-            report.invalid += 1
-            if len(report.errors) < max_errors:
-                report.errors.append(parsed)
-            for column in {e.column for e in parsed.errors}:
-                report.errors_by_column[column] += 1
+            report.add(parsed, max_errors=max_errors)
+            if left is not None and isinstance(parsed, ManifestRow) and left(parsed.row):
+                rows_left += 1
+                images_left += parsed.params.image_count()
+        if left is not None:
+            report.rows_left, report.images_left = rows_left, images_left
         return report
 
     def close(self) -> None:
@@ -261,6 +266,25 @@ class ValidationReport:
     images: int = 0  # output images the valid rows ask for (the sum of n)
     errors: list[InvalidRow] = field(default_factory=list)  # the first MAX_REPORTED_ERRORS
     errors_by_column: Counter[str] = field(default_factory=Counter)  # invalid rows per column
+    # Valid rows and images a run still has to pay for (not done, selected); see validate.
+    rows_left: int | None = None
+    images_left: int | None = None
+    # Valid rows whose sources were read and checked (pipeline.source_check); None: not checked.
+    sources_checked: int | None = None
+    source_invalid: int = 0  # of those, rows with a missing or unusable source or mask
+
+    def add(self, parsed: ParsedRow, *, max_errors: int = MAX_REPORTED_ERRORS) -> None:
+        """Count one row (valid or not) into the report, keeping the first `max_errors`."""
+        self.rows += 1
+        if isinstance(parsed, ManifestRow):
+            self.valid += 1
+            self.images += parsed.params.image_count()
+            return
+        self.invalid += 1
+        if len(self.errors) < max_errors:
+            self.errors.append(parsed)
+        for column in {e.column for e in parsed.errors}:
+            self.errors_by_column[column] += 1
 
     @property
     def ok(self) -> bool:
@@ -282,10 +306,11 @@ def validate_manifest(
     endpoint_url: str | None = None,
     max_errors: int = MAX_REPORTED_ERRORS,
     row_range: RowRange | None = None,
+    left: Callable[[int], bool] | None = None,
 ) -> ValidationReport:
     """Open the manifest and validate every row; ManifestError for manifest-level problems."""
     with open_manifest(uri, endpoint_url=endpoint_url) as manifest:
-        return manifest.validate(max_errors=max_errors, row_range=row_range)
+        return manifest.validate(max_errors=max_errors, row_range=row_range, left=left)
 
 
 def format_error(row: InvalidRow) -> list[str]:
@@ -318,6 +343,17 @@ def format_report(report: ValidationReport, *, max_listed: int = DEFAULT_LISTED_
             for c, k in report.errors_by_column.most_common()
         )
         lines.append(f"invalid rows by column: {tally}")
+    if report.images_left is not None:
+        lines.append(
+            f"left to edit: {report.rows_left} of {report.valid} valid rows, "
+            f"{report.images_left} images (about {spec.CURRENCY} "
+            f"{report.images_left * spec.PRICE_PER_IMAGE_USD:.2f}); the others are done"
+        )
+    if report.sources_checked is not None:
+        lines.append(
+            f"sources read for {report.sources_checked} valid rows: "
+            f"{report.source_invalid} with a missing or unusable image or mask"
+        )
     listed = 0
     for row in report.errors:
         for line in format_error(row):

@@ -142,18 +142,9 @@ class SourceLoader:
     async def load_mask(self, uri: str, first: Source) -> Source:
         """The mask at `uri`: a PNG of the same dimensions as `first` (the edited image)."""
         mask = await self.load(uri, column="mask")
-        if mask.info.format != "png":
-            raise SourceError(
-                f"mask must be a PNG, got {_FORMAT_NAMES[mask.info.format]}: {redact_uri(uri)}",
-                column="mask",
-                uri=redact_uri(uri),
-            )
-        if (mask.info.width, mask.info.height) != (first.info.width, first.info.height):
-            raise SourceError(
-                f"mask is {mask.info.size} but the first image is {first.info.size}",
-                column="mask",
-                uri=redact_uri(uri),
-            )
+        problem = mask_problem(uri, mask.info, first.info)
+        if problem is not None:
+            raise SourceError(problem, column="mask", uri=redact_uri(uri))
         return mask
 
     async def aclose(self) -> None:
@@ -329,6 +320,16 @@ class SourceLoader:
 
     def _too_large(self, where: str) -> str:
         return f"larger than {human_size(self.max_bytes)}: {where}"
+
+
+def mask_problem(uri: str, mask: ImageInfo, first: ImageInfo | None) -> str | None:
+    """Why the mask at `uri` does not fit the first image (None: it does): a PNG of the same
+    dimensions. Without `first` (it could not be loaded) only the format is checked."""
+    if mask.format != "png":
+        return f"mask must be a PNG, got {_FORMAT_NAMES[mask.format]}: {redact_uri(uri)}"
+    if first is not None and (mask.width, mask.height) != (first.width, first.height):
+        return f"mask is {mask.size} but the first image is {first.size}"
+    return None
 
 
 def _check_image(uri: str, data: bytes) -> Source:
