@@ -1,28 +1,56 @@
-"""The `imgedit` command: run a manifest through the flow, validate one, serve the emulator."""
+"""The `imgedit` command: run a manifest through the flow, validate one, serve the emulator.
+
+`--help` of every command imports neither Prefect nor the emulator's app: what they need is
+imported inside the command that runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from prefect.client.schemas.objects import State
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.limits import DEFAULT_LIMIT_NAME, rate_limit_name, setup_limit
-from pipeline import spec
-from pipeline.emulator import EmulatorProcess, emulator_command
+from flows.history_cli import register as register_history_commands
+from pipeline import __version__, spec
+from pipeline.constants import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_LIMIT_NAME,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_RETRY_SECONDS,
+    DEFAULT_TIMEOUT_S,
+)
+from pipeline.emulator import emulator_command
 from pipeline.errors import ImgEditError
-from pipeline.manifest import format_report, validate_manifest
-from pipeline.runner import DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
+
+EXIT_OK = 0
+EXIT_ROWS_FAILED = 1
+EXIT_CANNOT_RUN = 2
+EXIT_INCOMPLETE = 3
+EXIT_CODES = (
+    "Exit status: 0 every row done (succeeded or skipped); 1 rows failed or invalid (the "
+    "results table says which and why); 2 the run could not start, or a run-fatal error "
+    "stopped it (bad manifest, no key, 401/402, storage that cannot take results); 3 "
+    "incomplete: interrupted (Ctrl-C, SIGTERM) or cut short by --max-cost: the same command "
+    "continues it."
+)
+# Failure reasons listed at the end of a run, most frequent first.
+TOP_FAILURE_REASONS = 5
+EXAMPLE_MESSAGE_CHARS = 160
 
 app = typer.Typer(
     name="imgedit",
@@ -30,14 +58,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's panels cut option names and help at 80 columns.
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 out = Console()
 
-EXIT_OK = 0
-EXIT_ROWS_FAILED = 1
-EXIT_CANNOT_RUN = 2
-EXIT_INCOMPLETE = 3
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"imgedit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Apply one image edit to thousands of images: manifest -> edit API -> storage."""
 
 
 @contextlib.contextmanager
@@ -45,23 +86,45 @@ def _maybe_emulator(enabled: bool) -> Iterator[str | None]:
     if not enabled:
         yield None
         return
+    from pipeline.emulator import EmulatorProcess
+
     with EmulatorProcess() as emulator:
         console.print(f"[dim]emulator serving {emulator.base_url}[/dim]")
         yield emulator.base_url
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"run {summary['run_id']}", show_header=False)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
     from pipeline.engine import RunSummary
 
+    table = Table(title=f"run {summary['run_id']}", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right", overflow="fold")
     for row in RunSummary(**summary).table():
-        table.add_row(str(row["metric"]), str(row["value"]))
+        table.add_row(str(row["metric"]), escape(str(row["value"])))
     return table
 
 
-@app.command()
+def _cannot(what: str, exc: BaseException | str) -> typer.Exit:
+    console.print(f"[red bold]{what}:[/] {escape(str(exc))}", highlight=False)
+    return typer.Exit(EXIT_CANNOT_RUN)
+
+
+def _rows(spec_text: str) -> tuple[int, int]:
+    """`A:B` (1-based, inclusive) as the range start and end (exclusive)."""
+    first, sep, last = spec_text.partition(":")
+    try:
+        start = int(first) if first.strip() else 1
+        end = int(last) + 1 if sep and last.strip() else None
+    except ValueError:
+        raise typer.BadParameter(f"--rows {spec_text!r}: expected A:B, e.g. 1:100") from None
+    if not sep:
+        end = start + 1
+    if start < 1 or (end is not None and end <= start):
+        raise typer.BadParameter(f"--rows {spec_text!r}: rows are 1-based and A <= B")
+    return start, end if end is not None else 0
+
+
+@app.command(epilog=EXIT_CODES)
 def run(
     manifest: Annotated[str, typer.Argument(help="Manifest: local path or s3://, CSV or Parquet")],
     output: Annotated[
@@ -72,10 +135,29 @@ def run(
         str | None,
         typer.Option(help="API base URL (default: IMGEDIT_API_BASE, else the Lumenfall gateway)"),
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model (default: IMGEDIT_MODEL)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model (default: IMGEDIT_MODEL, else p-image-edit)")
+    ] = None,
     concurrency: Annotated[
         int, typer.Option(min=1, help="Edit requests in flight at once")
     ] = DEFAULT_CONCURRENCY,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            help="Only rows where this expression holds, e.g. 'seed > 10 and size == \"1:1\"' "
+            "(comparisons, and/or/not, in [...], contains/startswith/isnull...; not Python)"
+        ),
+    ] = None,
+    ids: Annotated[
+        str | None, typer.Option(help="Only the rows with these ids, comma-separated")
+    ] = None,
+    rows: Annotated[
+        str | None, typer.Option(help="Only rows A to B (1-based, inclusive), e.g. 1:100")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="Only the first N rows the run would edit: try a few first"),
+    ] = None,
     strict: Annotated[
         bool, typer.Option(help="Fail before any API call if any row is invalid")
     ] = False,
@@ -84,20 +166,6 @@ def run(
         typer.Option(help="Start the bundled API emulator on a free loopback port for this run"),
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Redo rows whose results already exist")] = False,
-    max_attempts: Annotated[int | None, typer.Option(min=1, help="Attempts per row")] = None,
-    request_timeout: Annotated[
-        float | None, typer.Option(help="Seconds before an attempt counts as lost")
-    ] = None,
-    chunk_size: Annotated[
-        int, typer.Option(min=1, help="Rows per Prefect task")
-    ] = DEFAULT_CHUNK_SIZE,
-    response_format: Annotated[
-        str, typer.Option(help="b64_json (inline) or url (downloaded at once)")
-    ] = "b64_json",
-    s3_endpoint_url: Annotated[
-        str | None, typer.Option(help="S3 endpoint URL (MinIO, R2...); default AWS_ENDPOINT_URL_S3")
-    ] = None,
-    run_id: Annotated[str | None, typer.Option(help="Name of the run (default: a new id)")] = None,
     max_cost: Annotated[
         float | None,
         typer.Option(min=0, help="Budget in USD: no request starts once it could be passed"),
@@ -108,13 +176,25 @@ def run(
     retry_failed_of: Annotated[
         str | None, typer.Option(help="Only redo the rows that failed in this earlier run id")
     ] = None,
-    where: Annotated[
-        str | None,
-        typer.Option(
-            help="Only rows where this expression holds, e.g. 'seed > 10 and size == \"1:1\"' "
-            "(comparisons, and/or/not, in [...], contains/startswith/isnull...; not Python)"
-        ),
+    max_attempts: Annotated[
+        int, typer.Option(min=1, help="Attempts per row, the first included")
+    ] = DEFAULT_MAX_ATTEMPTS,
+    max_retry_seconds: Annotated[
+        float, typer.Option(min=0.001, help="Seconds one row may spend retrying")
+    ] = DEFAULT_MAX_RETRY_SECONDS,
+    request_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds before an attempt counts as lost")
+    ] = DEFAULT_TIMEOUT_S,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Rows per Prefect task")
+    ] = DEFAULT_CHUNK_SIZE,
+    response_format: Annotated[
+        str, typer.Option(help="b64_json (inline) or url (downloaded at once)")
+    ] = "b64_json",
+    s3_endpoint_url: Annotated[
+        str | None, typer.Option(help="S3 endpoint URL (MinIO, R2...); default AWS_ENDPOINT_URL_S3")
     ] = None,
+    run_id: Annotated[str | None, typer.Option(help="Name of the run (default: a new id)")] = None,
     allow_private_sources: Annotated[
         bool,
         typer.Option(
@@ -130,34 +210,46 @@ def run(
         ),
     ] = False,
     progress_bar: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal)")
-    ] = sys.stderr.isatty(),
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bar  [default: on at a terminal]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the edit-manifest flow on MANIFEST, writing to --output."""
     if response_format not in spec.RESPONSE_FORMATS:
-        console.print(f"[red]--response-format must be one of {', '.join(spec.RESPONSE_FORMATS)}")
-        raise typer.Exit(EXIT_CANNOT_RUN)
-    if where is not None:
-        # Refused here, before Prefect starts: a hostile or mistyped filter costs nothing.
-        from pipeline.where import parse_where
+        raise _cannot("--response-format", f"must be one of {', '.join(spec.RESPONSE_FORMATS)}")
+    row_start, row_end = _rows(rows) if rows else (1, 0)
+    id_list = [i.strip() for i in ids.split(",") if i.strip()] if ids is not None else []
+    if ids is not None and not id_list:
+        raise _cannot("--ids", "no id given")
+    # Refused here, before Prefect starts: a hostile or mistyped filter, or a missing key,
+    # costs nothing and says so at once.
+    from pipeline.client import check_credentials
 
-        try:
+    try:
+        if where is not None:
+            from pipeline.where import parse_where
+
             parse_where(where)
-        except ImgEditError as exc:
-            console.print(f"[red bold]cannot run:[/] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(EXIT_CANNOT_RUN) from None
+        if not emulator:
+            check_credentials(api_base)
+    except ImgEditError as exc:
+        raise _cannot("cannot run", exc) from None
     output = _absolute_local(output)
     manifest = _absolute_local(manifest)
-    from flows.edit_manifest import edit_manifest
-    from flows.local_api import LocalApiError, local_prefect_api
-    from flows.progress_bar import RunProgressBar
-
     params: dict[str, Any] = {
         "manifest": manifest,
         "output": output,
+        "model": model,
         "concurrency": concurrency,
         "strict": strict,
         "overwrite": overwrite,
+        "max_attempts": max_attempts,
+        "max_retry_seconds": max_retry_seconds,
+        "request_timeout": request_timeout,
         "chunk_size": chunk_size,
         "response_format": response_format,
         "s3_endpoint_url": s3_endpoint_url,
@@ -166,15 +258,28 @@ def run(
         "dry_run_estimate": dry_run_estimate,
         "retry_failed_of": retry_failed_of,
         "select_where": where,
+        "select_ids": id_list or None,
+        "row_start": row_start,
+        "row_end": row_end or None,
+        "limit": limit,
         "allow_private_sources": allow_private_sources,
         "exclusive_output": exclusive_output,
     }
-    if model:
-        params["model"] = model
-    if max_attempts:
-        params["max_attempts"] = max_attempts
-    if request_timeout:
-        params["request_timeout"] = request_timeout
+    show_progress = sys.stderr.isatty() if progress_bar is None else progress_bar
+    state = _run(params, emulator=emulator, api_base=api_base, show_progress=show_progress)
+    retry = _retry_command(manifest, output, params, api_base=api_base, emulator=emulator)
+    raise typer.Exit(_report(state, retry, s3_endpoint_url))
+
+
+def _run(
+    params: dict[str, Any], *, emulator: bool, api_base: str | None, show_progress: bool
+) -> State[Any]:
+    from flows.edit_manifest import edit_manifest
+    from flows.local_api import LocalApiError, local_prefect_api
+    from flows.progress_bar import RunProgressBar
+
+    _RAN["flow"] = True
+
     # Until the engine takes over Ctrl-C for the run (see pipeline.interrupts), a SIGTERM
     # means what a Ctrl-C means: stop, without a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -182,24 +287,37 @@ def run(
         with _maybe_emulator(emulator) as emulator_base:
             params["api_base"] = emulator_base or api_base
             with local_prefect_api(lambda m: console.print(f"[dim]{escape(m)}[/dim]")):
-                bar = RunProgressBar(console) if progress_bar else contextlib.nullcontext()
+                _share_console()
+                bar = RunProgressBar(console) if show_progress else contextlib.nullcontext()
                 with bar:
-                    state: State[Any] = asyncio.run(_run_flow(edit_manifest, params))
+                    return asyncio.run(_run_flow(edit_manifest, params))
     except LocalApiError as exc:
-        console.print(f"[red bold]cannot run:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(EXIT_CANNOT_RUN) from None
+        raise _cannot("cannot run", exc) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted before any edit was sent[/]; nothing was paid")
         raise typer.Exit(EXIT_INCOMPLETE) from None
-    raise typer.Exit(_report(state))
 
 
-def _report(state: State[Any]) -> int:
+def _share_console() -> None:
+    """Prefect's console log lines go through our console, so they print above the progress
+    bar instead of breaking it."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.console = console
+
+
+def _report(state: State[Any], retry: str, endpoint_url: str | None) -> int:
     """Print what the run did and say what to do next; its exit status."""
     if state.is_cancelled():
         data = state.result(raise_on_failure=False)
         if isinstance(data, dict):
-            _print_summary(data)
+            _print_summary(data, retry, endpoint_url)
         console.print(f"[yellow bold]{escape(state.message or 'interrupted')}[/]")
         return EXIT_INCOMPLETE
     if state.is_failed() or state.is_crashed():
@@ -208,7 +326,7 @@ def _report(state: State[Any]) -> int:
         console.print(f"[red bold]run failed:[/] {escape(str(message))}", highlight=False)
         return EXIT_CANNOT_RUN
     summary: dict[str, Any] = state.result()
-    _print_summary(summary)
+    _print_summary(summary, retry, endpoint_url)
     budget = summary["skipped_by_reason"].get("budget", 0)
     if budget:
         console.print(
@@ -217,16 +335,83 @@ def _report(state: State[Any]) -> int:
         )
         return EXIT_INCOMPLETE
     failed = summary["by_status"].get("failed", 0) + summary["by_status"].get("invalid", 0)
-    if failed:
-        console.print(f"[yellow]{failed} rows failed or were invalid: see the results table")
-        return EXIT_ROWS_FAILED
-    return EXIT_OK
+    return EXIT_ROWS_FAILED if failed else EXIT_OK
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], retry: str, endpoint_url: str | None) -> None:
     out.print(_summary_table(summary))
-    out.print(f"results table: {summary['results_uri']}")
-    out.print(f"images and sidecars: {summary['output']}/images/, {summary['output']}/jobs/")
+    output = str(summary["output"])
+    run_dir = f"{output.rstrip('/')}/runs/{summary['run_id']}"
+    failures = _failure_reasons(str(summary["results_uri"]), endpoint_url)
+    if failures:
+        out.print("[bold]why rows failed[/] (reason: rows, e.g.)")
+        for code, count, row, message in failures:
+            out.print(
+                f"  {escape(code)}: {count}, e.g. row {row}: "
+                f"{escape(message[:EXAMPLE_MESSAGE_CHARS])}",
+                highlight=False,
+            )
+    out.print(f"results table: {summary['results_uri']}", highlight=False)
+    out.print(f"contact sheet: {run_dir}/contact-sheet.png", highlight=False)
+    out.print(f"run log:       {run_dir}/run.log", highlight=False)
+    out.print(f"images and sidecars: {output}/images/, {output}/jobs/", highlight=False)
+    failed = summary["by_status"].get("failed", 0)
+    if failed:
+        out.print(f"retry the {failed} failed rows: {retry} --retry-failed-of {summary['run_id']}")
+
+
+def _failure_reasons(results_uri: str, endpoint_url: str | None) -> list[tuple[str, int, int, str]]:
+    """(error code, rows, an example row, its message) of the failed and invalid rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.catalogue import UriReader
+    from pipeline.results import read_parquet_bytes
+
+    try:
+        with UriReader(endpoint_url=endpoint_url) as read:
+            table = read_parquet_bytes(read(results_uri))
+    except ImgEditError:
+        return []
+    bad = table.filter(pc.is_in(table.column("status"), pa.array(["failed", "invalid"])))
+    reasons: dict[str, tuple[int, int, str]] = {}
+    for code, row, message in zip(
+        bad.column("error_code").to_pylist(),
+        bad.column("row").to_pylist(),
+        bad.column("error_message").to_pylist(),
+        strict=True,
+    ):
+        key = str(code or "unknown")
+        count, first, text = reasons.get(key, (0, int(row), str(message or "")))
+        reasons[key] = (count + 1, first, text)
+    ranked = sorted(reasons.items(), key=lambda kv: -kv[1][0])[:TOP_FAILURE_REASONS]
+    return [(code, count, row, text) for code, (count, row, text) in ranked]
+
+
+def _retry_command(
+    manifest: str,
+    output: str,
+    params: dict[str, Any],
+    *,
+    api_base: str | None,
+    emulator: bool,
+) -> str:
+    """The command line that re-runs the same edit (the caller appends what to select)."""
+    parts = ["imgedit", "run", manifest, "--output", output]
+    if emulator:
+        parts.append("--emulator")
+    elif api_base:
+        parts += ["--api-base", api_base]
+    for option, key in (("--model", "model"), ("--s3-endpoint-url", "s3_endpoint_url")):
+        if params.get(key):
+            parts += [option, str(params[key])]
+    if params.get("concurrency") != DEFAULT_CONCURRENCY:
+        parts += ["--concurrency", str(params["concurrency"])]
+    if params.get("response_format") != "b64_json":
+        parts += ["--response-format", str(params["response_format"])]
+    if params.get("allow_private_sources"):
+        parts.append("--allow-private-sources")
+    return shlex.join(parts)
 
 
 async def _run_flow(flow: Any, params: dict[str, Any]) -> State[Any]:
@@ -241,20 +426,97 @@ def _absolute_local(uri: str) -> str:
     return str(Path(uri).expanduser().resolve())
 
 
-@app.command()
+@app.command(epilog="Exit status: 0 every row valid; 1 some rows invalid; 2 unreadable manifest.")
 def validate(
     manifest: Annotated[str, typer.Argument(help="Manifest: local path or s3://, CSV or Parquet")],
+    sources: Annotated[
+        bool,
+        typer.Option(
+            "--sources/--no-sources",
+            help="Also read every source image and mask as a run would (no API call); "
+            "--no-sources for a huge remote manifest",
+        ),
+    ] = True,
+    concurrency: Annotated[int, typer.Option(min=1, help="Source reads at once")] = 16,
+    allow_private_sources: Annotated[
+        bool, typer.Option(help="Also fetch http(s) sources from loopback and private networks")
+    ] = False,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="Also say how many rows earlier runs into OUTPUT finished"
+        ),
+    ] = None,
     s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint URL")] = None,
+    progress_bar: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bar  [default: on at a terminal]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Check every row of MANIFEST without calling the API; exit 1 if any row is invalid."""
+    """Check every row of MANIFEST, and its sources, without calling the API.
+
+    Exit 1 if any row is invalid: a bad cell, or a source or mask that is missing, not an
+    image, too large, refused (allowed roots, internal address) or of the wrong size.
+    """
+    from pipeline.manifest import format_report, validate_manifest
+
     try:
-        report = validate_manifest(manifest, endpoint_url=s3_endpoint_url)
+        left = _left_of(_absolute_local(manifest), output, s3_endpoint_url) if output else None
+        if sources:
+            from pipeline.netguard import source_policy
+            from pipeline.source_check import validate_with_sources
+
+            show = sys.stderr.isatty() if progress_bar is None else progress_bar
+            with _check_progress(show) as on_progress:
+                report = validate_with_sources(
+                    manifest,
+                    endpoint_url=s3_endpoint_url,
+                    concurrency=concurrency,
+                    policy=source_policy(allow_private_sources),
+                    on_progress=on_progress,
+                    left=left,
+                )
+        else:
+            report = validate_manifest(manifest, endpoint_url=s3_endpoint_url, left=left)
     except ImgEditError as exc:
-        console.print(f"[red bold]manifest error:[/] {exc}")
-        raise typer.Exit(EXIT_CANNOT_RUN) from None
+        raise _cannot("manifest error", exc) from None
     out.print(format_report(report), markup=False, highlight=False)
     if report.invalid:
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+def _left_of(manifest: str, output: str, endpoint_url: str | None) -> Callable[[int], bool]:
+    """Whether a row is left to edit, judged by earlier runs of MANIFEST into OUTPUT."""
+    from pipeline.run_history import rows_done_before
+    from pipeline.storage import open_storage
+
+    done = rows_done_before(
+        open_storage(_absolute_local(output), endpoint_url=endpoint_url), manifest
+    )
+    return lambda row: row not in done
+
+
+@contextlib.contextmanager
+def _check_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("checking sources"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("sources", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total or None)
 
 
 @app.command()
@@ -264,9 +526,9 @@ def reindex(
     ],
     s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint URL")] = None,
 ) -> None:
-    """Rebuild OUTPUT's done index from its sidecars and clear killed runs' open chunks.
+    """Rebuild OUTPUT's done index from its sidecars and clear killed runs' markers and claims.
 
-    Only while no run writes to OUTPUT: a running chunk's open marker would be cleared too.
+    Only while no run writes to OUTPUT: a running chunk's marker and claims would go too.
     """
     from pipeline.done_index import rebuild_index
     from pipeline.storage import open_storage
@@ -274,8 +536,7 @@ def reindex(
     try:
         done = rebuild_index(open_storage(output, endpoint_url=s3_endpoint_url))
     except ImgEditError as exc:
-        console.print(f"[red bold]cannot reindex:[/] {exc}")
-        raise typer.Exit(EXIT_CANNOT_RUN) from None
+        raise _cannot("cannot reindex", exc) from None
     out.print(f"{output}: {len(done.keys)} jobs done; index rebuilt, no open chunks left")
 
 
@@ -292,6 +553,7 @@ def setup(
     ] = None,
 ) -> None:
     """Create or update the Prefect limits that every run and worker shares."""
+    from flows.limits import rate_limit_name, setup_limit
 
     asyncio.run(setup_limit(name, limit, requests_per_minute))
     out.print(f"global concurrency limit {name!r}: {limit} requests in flight")
@@ -302,12 +564,33 @@ def setup(
 app.command("emulator", help="Serve the bundled edit-API emulator (for tests, demos, benchmarks).")(
     emulator_command
 )
+register_history_commands(app)
+
+
+_RAN = {"flow": False}
 
 
 def main() -> None:
     # Prefect's client reports nothing anywhere unless asked; this keeps offline runs quiet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if not _RAN["flow"]:
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        # After a run, the process ends here without the interpreter's teardown: with the
+        # flow's machinery (Prefect's workers, pyarrow's and boto3's threads) loaded, that
+        # teardown now and then aborts in C++ ("terminate called without an active
+        # exception"), turning a finished run's status into 134. Everything the run
+        # promised is stored by now; its logs and events are sent first.
+        from flows.local_api import drain_prefect_workers
+
+        drain_prefect_workers()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,24 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from flows.artifacts import publish_contact_sheet
-from flows.limits import DEFAULT_LIMIT_NAME, api_slots, rate_permits
-from pipeline import layout, progress, spec
+from flows.limits import api_slots, rate_permits
+from pipeline import layout, progress
 from pipeline.chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
-from pipeline.client import DEFAULT_TIMEOUT_S
+from pipeline.constants import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNKS_IN_FLIGHT,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_LIMIT_NAME,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_RETRY_SECONDS,
+    DEFAULT_TIMEOUT_S,
+)
 from pipeline.engine import (
     RunOptions,
     RunPlan,
     RunSummary,
     close_context,
+    describe_plan,
     finalize_run,
     iter_chunks,
     merge_results,
@@ -43,19 +52,14 @@ from pipeline.engine import (
     preflight,
     write_summary,
 )
-from pipeline.errors import ImgEditError
+from pipeline.errors import ConfigError, ImgEditError
 from pipeline.interrupts import stop_on_signals
 from pipeline.manifest import open_manifest
 from pipeline.results import utcnow
-from pipeline.retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS
 from pipeline.rows import ParsedRow
 from pipeline.run_control import INTERRUPTED
-from pipeline.runner import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_CHUNKS_IN_FLIGHT,
-    DEFAULT_CONCURRENCY,
-    RunContext,
-)
+from pipeline.run_log import run_log
+from pipeline.runner import RunContext
 from pipeline.storage import open_storage
 
 SUMMARY_ARTIFACT_KEY = "imgedit-run-summary"
@@ -97,7 +101,7 @@ def finalize_task(
 async def edit_manifest(
     manifest: str,
     output: str,
-    model: str = spec.DEFAULT_MODEL,
+    model: str | None = None,
     api_base: str | None = None,
     concurrency: Annotated[int, Field(ge=1, le=1024)] = DEFAULT_CONCURRENCY,
     max_attempts: Annotated[int, Field(ge=1, le=50)] = DEFAULT_MAX_ATTEMPTS,
@@ -122,13 +126,14 @@ async def edit_manifest(
     row_end: Annotated[int | None, Field(ge=1)] = None,
     allow_private_sources: bool = False,
     exclusive_output: bool = False,
+    limit: Annotated[int | None, Field(ge=1)] = None,
 ) -> dict[str, Any] | State[Any]:
     """Edit every row of a manifest and store results, sidecars and a results table.
 
     Args:
         manifest: Manifest URI: local path or s3://, CSV or Parquet
         output: Output root: a local folder or s3://bucket/prefix
-        model: Model name sent to the API
+        model: Model name sent to the API; empty: the worker's IMGEDIT_MODEL, else p-image-edit
         api_base: API base URL; default IMGEDIT_API_BASE, else the Lumenfall gateway
         concurrency: Edit requests in flight at once
         max_attempts: Attempts per row, the first one included
@@ -160,6 +165,7 @@ async def edit_manifest(
             (ignored on workers with IMGEDIT_ALLOWED_ROOTS)
         exclusive_output: No other run writes to this output now: lets a run start on a store
             that ignores conditional writes, where jobs cannot be claimed
+        limit: Only the first N rows the run would edit (after any selection): try a few first
     """
     logger = get_run_logger()
     started, started_at = time.perf_counter(), utcnow()
@@ -188,41 +194,39 @@ async def edit_manifest(
         select_where=select_where,
         allow_private_sources=allow_private_sources,
         exclusive_output=exclusive_output,
+        limit=limit,
     )
+    if shards > 1 and limit is not None:
+        raise ConfigError("limit is for trying a few rows first: run it without shards")
     rid = run_id or new_run_id(started_at)
     plan = plan_task(opts, rid)
-    logger.info(
-        "run %s: %d rows (%d invalid), about %d images, estimated cost USD %.2f",
-        rid,
-        plan.rows,
-        plan.invalid,
-        plan.images,
-        plan.estimated_cost_usd,
-    )
-    if shards > 1:
-        summary = await fan_out(
-            opts, rid, plan, shards, shard_deployment, api_limit, started_at, started
+    # The run's log is stored beside its results once the output has passed its checks.
+    with run_log(open_storage(output, endpoint_url=s3_endpoint_url), rid):
+        logger.info(describe_plan(plan))
+        if shards > 1:
+            summary = await fan_out(
+                opts, rid, plan, shards, shard_deployment, api_limit, started_at, started
+            )
+        else:
+            summary = await edit_here(opts, rid, plan, api_limit, started_at, started)
+        await asyncio.gather(
+            publish_contact_sheet(
+                summary.results_uri, output, summary.run_id, s3_endpoint_url, allow_private_sources
+            ),
+            acreate_table_artifact(
+                key=SUMMARY_ARTIFACT_KEY,
+                table=summary.table(),
+                description=f"imgedit run {summary.run_id}: {manifest} -> {output}",
+            ),
         )
-    else:
-        summary = await edit_here(opts, rid, plan, api_limit, started_at, started)
-    await asyncio.gather(
-        publish_contact_sheet(
-            summary.results_uri, output, summary.run_id, s3_endpoint_url, allow_private_sources
-        ),
-        acreate_table_artifact(
-            key=SUMMARY_ARTIFACT_KEY,
-            table=summary.table(),
-            description=f"imgedit run {summary.run_id}: {manifest} -> {output}",
-        ),
-    )
-    logger.info(
-        "run %s done: %s; cost %s %.4f; results %s",
-        summary.run_id,
-        ", ".join(f"{k} {v}" for k, v in summary.by_status.items() if v),
-        summary.currency,
-        summary.cost_usd,
-        summary.results_uri,
-    )
+        logger.info(
+            "run %s done: %s; cost %s %.4f; results %s",
+            summary.run_id,
+            ", ".join(f"{k} {v}" for k, v in summary.by_status.items() if v),
+            summary.currency,
+            summary.cost_usd,
+            summary.results_uri,
+        )
     if summary.stop_kind == INTERRUPTED:
         # Not a failure of the run: a person or a supervisor stopped it, and what was paid is
         # stored. Cancelled carries the summary, so the caller still gets its numbers.
@@ -261,7 +265,7 @@ async def edit_here(
 ) -> RunSummary:
     """Edit the run's rows in this process: chunk tasks under one leased request limit."""
     logger = get_run_logger()
-    ctx = open_context(opts, rid)
+    ctx = open_context(opts, rid, plan=plan)
     try:
         plan = await preflight(ctx, opts, plan)
         progress.publish_plan(rid, plan.rows, plan.estimated_cost_usd)

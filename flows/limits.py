@@ -20,7 +20,6 @@ from prefect.exceptions import ObjectNotFound
 
 from pipeline.run_control import BatchedPermits
 
-DEFAULT_LIMIT_NAME = "imgedit-api"
 # Renewed by Prefect in the background; short enough that a crashed holder's slots come back
 # within a minute or two.
 LEASE_SECONDS = 60.0

@@ -87,7 +87,7 @@ def local_prefect_api(
                 yield server.api_url
             finally:
                 # Logs and events still queued go out now, while their server is up.
-                _drain_prefect_workers()
+                drain_prefect_workers()
     finally:
         server.stop()
 
@@ -265,7 +265,7 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _drain_prefect_workers() -> None:
+def drain_prefect_workers() -> None:
     """Send the logs and events Prefect's background workers still hold (as its test harness)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker

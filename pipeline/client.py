@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ipaddress
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import spec
+from .constants import DEFAULT_TIMEOUT_S
 from .errors import (
     JSON_SEPARATOR_CHARS,
     APIConnectionError,
@@ -27,6 +29,7 @@ from .errors import (
     APIResponseError,
     APITimeoutError,
     BlockedAddressError,
+    ConfigError,
     DownloadError,
     InvalidImageError,
     ResponseTooLargeError,
@@ -44,9 +47,6 @@ ENV_API_BASE = "IMGEDIT_API_BASE"
 ENV_API_KEYS = ("IMGEDIT_API_KEY", "LUMENFALL_API_KEY")
 ENV_MODEL = "IMGEDIT_MODEL"
 
-# The provider's p95 is 4-7 s; a batch can afford to wait far longer than an interactive app
-# before calling an attempt lost, but not the SDK's 600 s.
-DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 64
 # httpcore scans every connection of a pool when a request starts and when it ends: an
@@ -155,6 +155,33 @@ class CostEstimate:
         return self.total_cost_micros / spec.MICROS_PER_USD
 
 
+def resolve_api_base(base_url: str | None = None) -> str:
+    """The argument, else IMGEDIT_API_BASE, else the Lumenfall gateway."""
+    return (base_url or os.environ.get(ENV_API_BASE) or spec.DEFAULT_API_BASE).rstrip("/")
+
+
+def check_credentials(base_url: str | None = None, api_key: str | None = None) -> None:
+    """ConfigError when no key is set for an API that is not on this machine (an emulator or
+    a gateway on loopback may need none): the run would fail every row, paying nothing, only
+    after starting."""
+    base = resolve_api_base(base_url)
+    if api_key or _env_api_key():
+        return
+    host = urlsplit(base).hostname or ""
+    if host == "localhost" or _is_loopback(host):
+        return
+    raise ConfigError(
+        f"no API key: set {ENV_API_KEYS[0]} (or {ENV_API_KEYS[1]}) for {base}; nothing was sent"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _env_api_key() -> str | None:
     for name in ENV_API_KEYS:
         value = os.environ.get(name)
@@ -240,9 +267,7 @@ class EditClient:
             )
         # The list price a reported cost (and a dry-run estimate) is checked against.
         self.price_per_image_usd = price_per_image_usd
-        self.base_url = (base_url or os.environ.get(ENV_API_BASE) or spec.DEFAULT_API_BASE).rstrip(
-            "/"
-        )
+        self.base_url = resolve_api_base(base_url)
         self.model = model or os.environ.get(ENV_MODEL) or spec.DEFAULT_MODEL
         self._api_key = api_key or _env_api_key()
         self.max_image_bytes = max_image_bytes

@@ -24,7 +24,6 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from .emulator_app import create_app
 from .emulator_config import (
     DEFAULT_BASE_CACHE_ENTRIES,
     DEFAULT_FILE_STORE_BYTES,
@@ -47,7 +46,6 @@ __all__ = [
     "EmulatorConfig",
     "EmulatorProcess",
     "EmulatorStartError",
-    "create_app",
     "emulator_command",
 ]
 
@@ -152,7 +150,10 @@ def emulator_command(
     """Serve the edit-API emulator (OpenAI-compatible /v1/images/edits) until interrupted."""
     import uvicorn
 
-    values = {k: v for k, v in locals().items() if k not in ("log_level", "uvicorn")}
+    # Imported here: the app pulls in FastAPI and numpy, which `imgedit --help` need not pay.
+    from .emulator_app import create_app
+
+    values = {k: v for k, v in locals().items() if k not in ("log_level", "uvicorn", "create_app")}
     try:
         config = EmulatorConfig().updated(values)
     except ConfigError as exc:

@@ -22,9 +22,17 @@ import pyarrow.parquet as pq
 from . import done_index, layout, progress, spec
 from .allowed_roots import AllowedRoots, check_allowed
 from .chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
-from .claims import DEFAULT_LEASE_S, Claims
+from .claims import Claims
 from .claims import probe as claims_probe
-from .client import EditClient, ResponseFormat
+from .client import EditClient, ResponseFormat, check_credentials
+from .constants import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CHUNKS_IN_FLIGHT,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_RETRY_SECONDS,
+)
 from .errors import APIError, ConfigError, ManifestError, SourceError
 from .interrupts import stop_on_signals
 from .manifest import (
@@ -43,19 +51,14 @@ from .results import (
     temp_parquet_path,
     utcnow,
 )
-from .retry import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS, RetryPolicy
+from .retry import RetryPolicy
 from .rows import ManifestRow, ParsedRow
 from .run_control import RunStop
-from .runner import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_CHUNKS_IN_FLIGHT,
-    DEFAULT_CONCURRENCY,
-    RunConfig,
-    RunContext,
-    io_thread_pool,
-    request_for,
-)
+from .run_history import rows_done_before
+from .run_log import run_log
+from .runner import RunConfig, RunContext, io_thread_pool, request_for
 from .selection import check_ids, select_rows
+from .source_check import validate_with_sources
 from .sources import DEFAULT_HTTP_TIMEOUT, SourceLoader
 from .storage import Storage, open_storage
 from .where import parse_where
@@ -98,6 +101,8 @@ class RunOptions:
     # Only rows `row_start <= row < row_end` (a shard of a scaled-out run); others are absent.
     row_start: int = 1
     row_end: int | None = None
+    # Only the first `limit` rows the run may edit (after any selection): try a few first.
+    limit: int | None = None
     # Fetch http(s) sources from loopback, private and link-local addresses too (see
     # pipeline.netguard); a worker with IMGEDIT_ALLOWED_ROOTS ignores it.
     allow_private_sources: bool = False
@@ -136,9 +141,12 @@ class RunPlan:
     rows: int
     valid: int
     invalid: int
-    images: int
+    images: int  # output images the rows left ask for
     estimated_cost_usd: float
     report: ValidationReport
+    rows_left: int = 0  # valid rows in the selection not finished by earlier runs
+    rows_done: int = 0  # rows earlier runs of this manifest on this output finished
+    only_rows: set[int] | None = None  # the selection (see selected_rows); None: every row
 
 
 @dataclass
@@ -248,19 +256,46 @@ def check_run_inputs(opts: RunOptions) -> None:
     check_flow_inputs(
         manifest=opts.manifest, output=opts.output, where=opts.select_where, ids=opts.select_ids
     )
+    check_credentials(opts.api_base)
 
 
-def plan_run(opts: RunOptions, run_id: str) -> RunPlan:
-    """Validate the whole manifest (streaming, no API call); with `strict`, refuse invalid rows."""
+def plan_run(opts: RunOptions, run_id: str, storage: Storage | None = None) -> RunPlan:
+    """Validate the whole manifest (streaming, no API call); with `strict`, refuse invalid rows.
+
+    The estimate counts only what is left: rows in the run's selection that earlier runs of
+    this manifest on this output did not finish (see run_history.rows_done_before; the run
+    itself checks each job, so a changed source is still edited).
+    """
     check_run_inputs(opts)
-    report = validate_manifest(
-        opts.manifest, endpoint_url=opts.s3_endpoint_url, row_range=opts.row_range
-    )
+    storage = storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
+    only = selected_rows(opts, storage)
+    done = set() if opts.overwrite else rows_done_before(storage, opts.manifest)
+
+    def left(row: int) -> bool:
+        return (only is None or row in only) and row not in done
+
+    if opts.strict:
+        # Strict: what the run would fail on (a missing, unusable or refused source or mask)
+        # refuses the run too, before any API call.
+        report = validate_with_sources(
+            opts.manifest,
+            endpoint_url=opts.s3_endpoint_url,
+            row_range=opts.row_range,
+            concurrency=opts.concurrency,
+            source_timeout=opts.source_timeout,
+            policy=source_policy(opts.allow_private_sources),
+            left=left,
+        )
+    else:
+        report = validate_manifest(
+            opts.manifest, endpoint_url=opts.s3_endpoint_url, row_range=opts.row_range, left=left
+        )
     if opts.strict and report.invalid:
         raise ManifestError(
             f"--strict: {report.invalid} of {report.rows} rows are invalid; nothing was sent.\n"
             + format_report(report)
         )
+    images_left = report.images if report.images_left is None else report.images_left
     return RunPlan(
         run_id=run_id,
         manifest=opts.manifest,
@@ -268,9 +303,22 @@ def plan_run(opts: RunOptions, run_id: str) -> RunPlan:
         rows=report.rows,
         valid=report.valid,
         invalid=report.invalid,
-        images=report.images,
-        estimated_cost_usd=round(report.images * spec.PRICE_PER_IMAGE_USD, 6),
+        images=images_left,
+        estimated_cost_usd=round(images_left * spec.PRICE_PER_IMAGE_USD, 6),
         report=report,
+        rows_left=report.valid if report.rows_left is None else report.rows_left,
+        rows_done=len(done),
+        only_rows=only,
+    )
+
+
+def describe_plan(plan: RunPlan) -> str:
+    """The plan in one line for the run's log: what is left, and what it should cost."""
+    done = f"; {plan.rows_done} done in earlier runs" if plan.rows_done else ""
+    return (
+        f"run {plan.run_id}: {plan.rows} rows ({plan.invalid} invalid{done}); "
+        f"{plan.rows_left} rows left to edit, about {plan.images} images, estimated cost "
+        f"{spec.CURRENCY} {plan.estimated_cost_usd:.2f}"
     )
 
 
@@ -288,7 +336,9 @@ class RunParts:
     api_transport: httpx.AsyncBaseTransport | None = None
 
 
-def open_context(opts: RunOptions, run_id: str, parts: RunParts | None = None) -> RunContext:
+def open_context(
+    opts: RunOptions, run_id: str, parts: RunParts | None = None, plan: RunPlan | None = None
+) -> RunContext:
     """Storage, API client and source loader for a run, and the set of jobs already done."""
     parts = parts or RunParts()
     storage = parts.storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
@@ -343,7 +393,7 @@ def open_context(opts: RunOptions, run_id: str, parts: RunParts | None = None) -
         done_keys=done.keys,
         check_unindexed=done.check_unindexed,
         io_executor=io_executor,
-        only_rows=selected_rows(opts, storage),
+        only_rows=plan.only_rows if plan is not None else selected_rows(opts, storage),
         claims=claims,
     )
 
@@ -378,14 +428,21 @@ def claims_supported(storage: Storage, opts: RunOptions) -> bool:
 def selected_rows(opts: RunOptions, storage: Storage) -> set[int] | None:
     """The rows this run may edit when it is a selection (a backfill), else None (all)."""
     if not (opts.select_ids or opts.select_where or opts.retry_failed_of):
-        return None
-    return select_rows(
+        if opts.limit is None:
+            return None
+        first = max(opts.row_start, 1)
+        last = first + opts.limit
+        return set(range(first, last if opts.row_end is None else min(last, opts.row_end)))
+    rows = select_rows(
         opts.manifest,
         ids=opts.select_ids or None,
         where=opts.select_where,
         failed_of_run=(storage, opts.retry_failed_of) if opts.retry_failed_of else None,
         endpoint_url=opts.s3_endpoint_url,
     )
+    if opts.limit is not None:
+        rows = set(sorted(rows)[: opts.limit])
+    return rows
 
 
 async def preflight(ctx: RunContext, opts: RunOptions, plan: RunPlan) -> RunPlan:
@@ -573,11 +630,12 @@ async def run_manifest(opts: RunOptions, parts: RunParts | None = None) -> RunSu
     """Plan, edit and finalize a whole manifest in this process (the engine without Prefect)."""
     started, started_at = time.perf_counter(), utcnow()
     run_id = opts.run_id or new_run_id(started_at)
-    plan = plan_run(opts, run_id)
+    plan = plan_run(opts, run_id, parts.storage if parts else None)
+    log.info(describe_plan(plan))
     progress.publish_plan(run_id, plan.rows, plan.estimated_cost_usd)
-    ctx = open_context(opts, run_id, parts)
+    ctx = open_context(opts, run_id, parts, plan)
     try:
-        with stop_on_signals(ctx.stop):
+        with run_log(ctx.storage, run_id), stop_on_signals(ctx.stop):
             plan = await preflight(ctx, opts, plan)
             ctx.start()
             with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
@@ -599,6 +657,7 @@ __all__ = [
     "RunPlan",
     "RunSummary",
     "close_context",
+    "describe_plan",
     "finalize_run",
     "iter_chunks",
     "merge_results",

@@ -6,6 +6,7 @@ runs/<run_id>/parts/<chunk>-<seq>.parquet  results of a chunk's rows, every few 
 runs/<run_id>/results.parquet      the run's results table, one row per manifest row
 runs/<run_id>/summary.json         the run's summary
 runs/<run_id>/contact-sheet.png    before/after thumbnails of a sample of the run's rows
+runs/<run_id>/run.log              the run's log (no secrets)
 index/...                          the done index (see `done_index`)
 """
 
@@ -86,6 +87,10 @@ def results_key(run_id: str) -> str:
 
 def summary_key(run_id: str) -> str:
     return f"{run_prefix(run_id)}summary.json"
+
+
+def run_log_key(run_id: str) -> str:
+    return f"{run_prefix(run_id)}run.log"
 
 
 def contact_sheet_key(run_id: str) -> str:

@@ -17,12 +17,10 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from .constants import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS
 from .errors import APIError, APIStatusError
 from .spec import MAX_RETRY_AFTER_S as MAX_RETRY_AFTER_S  # re-exported: its old home
 
-DEFAULT_MAX_ATTEMPTS = 6
-# Total time one row may spend retrying before it ends failed (a later run picks it up).
-DEFAULT_MAX_RETRY_SECONDS = 600.0
 INITIAL_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 # Full jitter on top of the exponential step, so many workers do not retry in lockstep.

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 from . import spec
-from .errors import APIError, StorageError
+from .errors import APIConnectionError, APIError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ DRAIN_GRACE_S = 30.0
 # Storage failures of any kind in a row before the run stops starting edits it could not
 # store; a fatal one (no space, read-only, access denied) stops it at once.
 STORAGE_FAILURES_TO_STOP = 3
+# Connection failures in a row (nothing sent) before any answer that stop the run.
+UNREACHABLE_TO_STOP = 3
 # The gate re-checks the stop switch this often while it waits.
 GATE_STEP_S = 0.25
 
@@ -90,6 +92,12 @@ class RunStop:
         why = "a fatal storage error" if exc.fatal else f"{failures} storage failures in a row"
         if self._trip(STOPPED, f"{why}: {exc}", "storage_error", exc):
             log.error("run stopped starting edits after %s: %s", why, exc)
+
+    def trip_unreachable(self, exc: APIError, failures: int) -> None:
+        """The API could not be reached `failures` times in a row before any answer."""
+        reason = f"the API cannot be reached ({failures} attempts in a row, none answered): {exc}"
+        if self._trip(STOPPED, reason, "api_unreachable", exc):
+            log.error("run stopped: %s", reason)
 
     def interrupt(self, reason: str) -> None:
         """Stop starting requests; abandon those in flight after the drain grace."""
@@ -152,6 +160,30 @@ class StorageHealth:
         self.failures += 1
         if exc.fatal or self.failures >= self.limit:
             self.stop.trip_storage(exc, self.failures)
+
+
+class ApiHealth:
+    """Before the API has answered once, an API that cannot be reached stops the run.
+
+    A host that does not resolve or refuses connections UNREACHABLE_TO_STOP times in a row,
+    while no request of the run has yet been answered, is a wrong API base or a network
+    without a route to it: every row would fail after all its attempts. Nothing was sent, so
+    nothing was paid. Once the API has answered, such errors are passing weather: retried.
+    """
+
+    def __init__(self, stop: RunStop, limit: int = UNREACHABLE_TO_STOP) -> None:
+        self.stop = stop
+        self.limit = limit
+        self.answered = False
+        self.unreachable = 0
+
+    def failed(self, exc: APIError) -> None:
+        if self.answered or exc.may_have_charged or not isinstance(exc, APIConnectionError):
+            self.unreachable = 0
+            return
+        self.unreachable += 1
+        if self.unreachable >= self.limit:
+            self.stop.trip_unreachable(exc, self.unreachable)
 
 
 class Budget:
@@ -234,6 +266,7 @@ __all__ = [
     "INTERRUPTED",
     "STOPPED",
     "Abandoned",
+    "ApiHealth",
     "BatchedPermits",
     "Budget",
     "BudgetExhausted",

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import __version__, layout, spec
 from .claims import Claims
 from .client import EditClient, EditRequest, EditResponse, ImagePart, ResponseFormat
+from .constants import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNKS_IN_FLIGHT, DEFAULT_CONCURRENCY
 from .errors import APIError, RateLimitError, SourceError, StorageError
 from .jobkey import job_key
 from .results import (
@@ -37,6 +38,7 @@ from .retry import RetryPolicy, retrying
 from .rows import InvalidRow, ManifestRow, ParsedRow
 from .run_control import (
     Abandoned,
+    ApiHealth,
     BatchedPermits,
     Budget,
     BudgetExhausted,
@@ -56,10 +58,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_CONCURRENCY = 16
-DEFAULT_CHUNK_SIZE = 1000
-# Two chunks in flight share one request limit, so the API stays busy while a chunk drains.
-DEFAULT_CHUNKS_IN_FLIGHT = 2
 # Rows being loaded or stored besides those waiting on the API, per unit of concurrency.
 WORKERS_PER_SLOT = 2
 
@@ -108,6 +106,7 @@ class RunContext:
         self.check_unindexed = check_unindexed
         self.stop = RunStop()
         self.storage_health = StorageHealth(self.stop)
+        self.api_health = ApiHealth(self.stop)
         self.budget = Budget(config.max_cost_usd)
         self.gate = RateGate()
         self.limiter = asyncio.Semaphore(config.concurrency)
@@ -426,6 +425,7 @@ async def _edit(
                     response = await ctx.client.edit(request)
                 # Not reported, or not trusted (see client): the worst case, for the budget.
                 charged = response.cost if response.cost is not None else None
+                ctx.api_health.answered = True
                 return response
             except Abandoned:
                 lost += 1
@@ -437,6 +437,7 @@ async def _edit(
                     charged = None  # unknown: count the worst case against the budget
                 if exc.run_fatal:
                     ctx.stop.trip(exc)
+                ctx.api_health.failed(exc)
                 if isinstance(exc, RateLimitError) and exc.retry_after:
                     ctx.gate.pause(exc.retry_after)
                 log.debug("row %s attempt %s: %s", row.row, result.attempts, exc)
