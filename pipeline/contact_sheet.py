@@ -9,12 +9,17 @@ seeded generator, shown in row order); a run with fewer rows shows them all; one
 still gives a valid PNG that says so. An image that cannot be read or decoded becomes a grey
 cell naming the problem instead of failing the sheet. The default font has Latin glyphs;
 other scripts in prompts may show as boxes.
+
+`preview_jpeg` makes a small JPEG of a sheet, to embed where every byte is stored (a Prefect
+artifact): scaled down, its quality lowered, until its base64 fits `PREVIEW_MAX_BASE64`.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from . import layout
 from .catalogue import UriReader, iter_parquet_batches
@@ -38,8 +43,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_SAMPLE",
     "DEFAULT_THUMB",
+    "PREVIEW_MAX_BASE64",
+    "ContactSheet",
     "SheetGeometry",
     "contact_sheet",
+    "jpeg_data_uri",
+    "preview_jpeg",
+    "render_contact_sheet",
     "sample_rows",
     "sheet_geometry",
     "write_contact_sheet",
@@ -69,6 +79,16 @@ BACKDROP_RGB = (128, 128, 128)
 ERROR_RGB = (160, 160, 160)
 INK_RGB = (20, 20, 20)
 MUTED_RGB = (100, 100, 100)
+# The preview's cap, in characters of base64 (its data URI is stored in Prefect's database with
+# the artifact, and sent to every browser that opens it): ~225 kB of JPEG.
+PREVIEW_MAX_BASE64 = 300_000
+# Its longest side at most (JPEG's own limit is 65,535): a 500-row sheet is ~130k pixels tall.
+PREVIEW_MAX_SIDE = 16_384
+# Qualities tried at each size before a smaller size: below ~50 text gets hard to read.
+PREVIEW_QUALITIES = (85, 70, 55)
+# Each smaller size is at most this fraction of the last one (by side), at least MIN of it.
+PREVIEW_SHRINK_MAX = 0.9
+PREVIEW_SHRINK_MIN = 0.5
 
 Reader = Callable[[str], bytes]
 Box = tuple[int, int, int, int]
@@ -276,6 +296,17 @@ def _caption(
         draw.text((x0, y0 + (2 + i) * step), text, font=font, fill=INK_RGB)
 
 
+@dataclass(frozen=True)
+class ContactSheet:
+    """A rendered sheet: its PNG and size, how many rows it shows, of how many succeeded."""
+
+    png: bytes
+    width: int
+    height: int
+    shown: int
+    total: int
+
+
 def contact_sheet(
     results: pa.Table | Path | str,
     *,
@@ -287,7 +318,31 @@ def contact_sheet(
     title: str | None = None,
     policy: AddressPolicy | None = None,
 ) -> bytes:
-    """The PNG bytes of a contact sheet of `results` (a results table, its path or URI).
+    """The PNG bytes of a contact sheet of `results`; see `render_contact_sheet`."""
+    return render_contact_sheet(
+        results,
+        read=read,
+        endpoint_url=endpoint_url,
+        sample=sample,
+        thumb=thumb,
+        seed=seed,
+        title=title,
+        policy=policy,
+    ).png
+
+
+def render_contact_sheet(
+    results: pa.Table | Path | str,
+    *,
+    read: Reader | None = None,
+    endpoint_url: str | None = None,
+    sample: int = DEFAULT_SAMPLE,
+    thumb: int = DEFAULT_THUMB,
+    seed: int = 0,
+    title: str | None = None,
+    policy: AddressPolicy | None = None,
+) -> ContactSheet:
+    """A contact sheet of `results` (a results table, its path or URI), with its row counts.
 
     Images are read with `read` (a function of a URI), by default a UriReader (local paths,
     s3:// with `endpoint_url`, http(s):// under `policy`, see pipeline.netguard). ValueError
@@ -321,7 +376,9 @@ def contact_sheet(
     finally:
         if own and isinstance(reader, UriReader):
             reader.close()
-    return _render(lines, sources, outputs, total, thumb, title)
+    png = _render(lines, sources, outputs, total, thumb, title)
+    geo = sheet_geometry(len(lines), thumb)
+    return ContactSheet(png, width=geo.width, height=geo.height, shown=len(lines), total=total)
 
 
 def _render(
@@ -367,3 +424,67 @@ def _render(
 def write_contact_sheet(storage: Storage, run_id: str, png: bytes) -> str:
     """Store the sheet at `runs/<run_id>/contact-sheet.png` beside the run's results."""
     return storage.put_bytes(layout.contact_sheet_key(run_id), png, "image/png")
+
+
+def _base64_len(n: int) -> int:
+    return 4 * math.ceil(n / 3)
+
+
+def _scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """`size` times `scale`; the longer side follows from the rounded shorter one, so the
+    aspect ratio holds to half a pixel even for a sheet 100 times taller than wide."""
+    w, h = size
+    if w <= h:
+        w2 = max(1, round(w * scale))
+        return w2, max(1, round(h * w2 / w))
+    h2 = max(1, round(h * scale))
+    return max(1, round(w * h2 / h)), h2
+
+
+def _open_sheet(png: bytes) -> Image.Image:
+    """A sheet's PNG, decoded. Opened as PNG directly: `Image.open` would warn about (past
+    twice the limit, refuse) a tall sheet as a possible decompression bomb, but these are
+    our own; instead no more pixels are decoded than the largest sheet this module makes."""
+    try:
+        im = PngImagePlugin.PngImageFile(io.BytesIO(png))
+    except (SyntaxError, OSError) as exc:  # Pillow says "not a PNG file" with SyntaxError
+        raise ValueError(f"not a contact sheet PNG: {exc}") from exc
+    largest = sheet_geometry(MAX_SAMPLE, MAX_THUMB)
+    if im.width * im.height > largest.width * largest.height:
+        raise ValueError(f"a {im.width} x {im.height} PNG is larger than any contact sheet")
+    im.load()
+    return im.convert("RGB")
+
+
+def preview_jpeg(png: bytes, *, max_base64: int = PREVIEW_MAX_BASE64) -> bytes:
+    """A JPEG of the sheet `png` whose base64 is at most `max_base64` characters.
+
+    The sheet's own size when that fits (its longest side at most PREVIEW_MAX_SIDE), else
+    a lower quality, else smaller (same aspect ratio), each time by about the share that is
+    too much. ValueError for bytes that are not such a PNG, or a cap too small for a picture.
+    """
+    sheet = _open_sheet(png)
+    scale = min(1.0, PREVIEW_MAX_SIDE / max(sheet.size))
+    while True:
+        size = _scaled_size(sheet.size, scale)
+        frame = (
+            sheet
+            if size == sheet.size
+            else sheet.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        )
+        for quality in PREVIEW_QUALITIES:
+            buf = io.BytesIO()
+            frame.save(buf, "JPEG", quality=quality, optimize=True)
+            length = _base64_len(buf.tell())
+            if length <= max_base64:
+                return buf.getvalue()
+        if min(size) <= 1:
+            raise ValueError(f"no JPEG of this sheet fits in {max_base64} characters of base64")
+        # JPEG size goes roughly with the area: shrink the sides by the root of the excess.
+        shrink = math.sqrt(max_base64 / length) * 0.95
+        scale *= min(PREVIEW_SHRINK_MAX, max(PREVIEW_SHRINK_MIN, shrink))
+
+
+def jpeg_data_uri(jpeg: bytes) -> str:
+    """`data:image/jpeg;base64,...` of `jpeg`."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")

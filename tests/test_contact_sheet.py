@@ -1,21 +1,40 @@
-"""Contact sheets: a valid PNG, one line per sampled row, source and result side by side."""
+"""Contact sheets: a valid PNG, one line per sampled row, source and result side by side;
+its small JPEG preview, and the markdown of the Prefect artifact that shows it."""
 
 from __future__ import annotations
 
+import base64
 import io
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
 
 import boto3
+import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from moto import mock_aws
+from moto.server import ThreadedMotoServer
 from PIL import Image, ImageDraw, ImageFont
 
+from flows.artifacts import (
+    PRESIGN_EXPIRY,
+    contact_sheet_markdown,
+    full_sheet_location,
+    publish_contact_sheet,
+)
 from pipeline import layout
 from pipeline.contact_sheet import (
+    MAX_SAMPLE,
+    PREVIEW_MAX_BASE64,
+    ContactSheet,
     contact_sheet,
+    preview_jpeg,
+    render_contact_sheet,
     sample_rows,
     sheet_geometry,
     wrap,
@@ -224,3 +243,218 @@ async def test_contact_sheet_of_a_real_run(tmp_path: Path, emulator: EmulatorPro
         assert share_near(region(sheet, geo.source_box(line)), colour) > 0.97
         # The emulator keeps the source under tinted bands and a caption: not the same picture.
         assert share_near(region(sheet, geo.result_box(line)), colour) < 0.9
+
+
+# --- the preview and the artifact's markdown ---------------------------------------------
+
+DATA_URI_RE = re.compile(r"!\[[^\]]*\]\(data:image/jpeg;base64,([A-Za-z0-9+/=]+)\)")
+LINK_RE = re.compile(r"\[download\]\((https?://[^)\s]+)\)")
+UNTIL_RE = re.compile(r"valid for 7 days, until (\d{4}-\d\d-\d\d \d\d:\d\d) UTC")
+
+
+def noise_png(path: Path, seed: int, size: tuple[int, int] = (96, 96)) -> str:
+    """Random pixels: what JPEG compresses worst, so the preview has to shrink."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def open_jpeg(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    assert im.format == "JPEG"
+    return im
+
+
+def assert_same_shape(small: Image.Image, sheet: ContactSheet) -> None:
+    """The aspect ratio kept, to within a pixel of the shorter side."""
+    ratio = (small.width / small.height) / (sheet.width / sheet.height)
+    assert abs(ratio - 1) <= 1 / min(small.size), (small.size, (sheet.width, sheet.height))
+
+
+@pytest.fixture(scope="module")
+def big_sheet(tmp_path_factory: pytest.TempPathFactory) -> ContactSheet:
+    """A sheet of MAX_SAMPLE (500) rows of noise: ~35,000 px tall, megabytes of PNG."""
+    tmp = tmp_path_factory.mktemp("big")
+    images = [noise_png(tmp / f"n{i}.png", i) for i in range(6)]
+    rows = [
+        ResultRow(
+            row=i,
+            id=f"img-{i}",
+            status="succeeded",
+            prompt=f"make picture {i} look like a watercolour painting of a harbour at dusk",
+            seed=i,
+            source_uris=[images[i % 6]],
+            output_uris=[images[(i + 1) % 6]],
+        )
+        for i in range(1, 601)
+    ]
+    return render_contact_sheet(rows_to_table(rows), sample=MAX_SAMPLE, thumb=THUMB)
+
+
+def test_the_preview_of_a_big_sheet_fits_the_cap_and_keeps_its_shape(
+    big_sheet: ContactSheet,
+) -> None:
+    assert big_sheet.shown == MAX_SAMPLE and big_sheet.total == 600
+    assert len(base64.b64encode(big_sheet.png)) > 10 * PREVIEW_MAX_BASE64
+    jpeg = preview_jpeg(big_sheet.png)
+    assert len(base64.b64encode(jpeg)) <= PREVIEW_MAX_BASE64
+    small = open_jpeg(jpeg)
+    assert small.height < big_sheet.height  # scaled down: it did not fit as it was
+    assert_same_shape(small, big_sheet)
+    # A tighter cap: smaller still, same shape.
+    tiny = preview_jpeg(big_sheet.png, max_base64=40_000)
+    assert len(base64.b64encode(tiny)) <= 40_000
+    tiny_im = open_jpeg(tiny)
+    assert tiny_im.height < small.height
+    assert_same_shape(tiny_im, big_sheet)
+
+
+def test_a_small_sheet_keeps_its_size(tmp_path: Path) -> None:
+    sheet = render_contact_sheet(rows_to_table(make_results(tmp_path, [RED, GREEN])), thumb=THUMB)
+    im = open_jpeg(preview_jpeg(sheet.png))
+    assert im.size == (sheet.width, sheet.height) == open_png(sheet.png).size
+    geo = sheet_geometry(2, THUMB)
+    # Still the same picture: the red source where the sheet has it.
+    assert share_near(region(im, geo.source_box(0)), RED, tolerance=24) > 0.9
+
+
+def test_the_preview_refuses_what_is_not_a_sheet() -> None:
+    with pytest.raises(ValueError, match="not a contact sheet PNG"):
+        preview_jpeg(b"GIF89a not a png")
+    with pytest.raises(ValueError, match="fits"):
+        preview_jpeg(image_bytes((64, 64)), max_base64=10)
+
+
+def sample_sheet(tmp_path: Path) -> ContactSheet:
+    table = rows_to_table(make_results(tmp_path, [RED, GREEN, BLUE, RED, GREEN]))
+    return render_contact_sheet(table, thumb=THUMB, sample=3)
+
+
+def embedded_jpeg(markdown: str) -> Image.Image:
+    (encoded,) = DATA_URI_RE.findall(markdown)
+    return open_jpeg(base64.b64decode(encoded))
+
+
+def test_markdown_for_a_local_output(tmp_path: Path) -> None:
+    sheet = sample_sheet(tmp_path)
+    uri = write_contact_sheet(LocalStorage(tmp_path / "out"), "r1", sheet.png)
+    where = full_sheet_location(uri, None)
+    markdown = contact_sheet_markdown("r1", sheet, where, preview=preview_jpeg(sheet.png))
+    assert "### Contact sheet of run `r1`" in markdown
+    assert "3 of 5 succeeded rows (a sample" in markdown
+    assert_same_shape(embedded_jpeg(markdown), sheet)
+    # The full sheet's absolute path, as text: browsers do not follow file:// from a page.
+    assert f"`{tmp_path / 'out' / 'runs' / 'r1' / 'contact-sheet.png'}`" in markdown
+    assert "file:" not in markdown and "](/" not in markdown
+    text_only = contact_sheet_markdown("r1", sheet, where, preview=None)
+    assert "data:" not in text_only and "No preview" in text_only
+
+
+@pytest.fixture
+def long_term_credentials(aws_credentials: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+
+
+def test_markdown_for_s3_has_a_presigned_link_and_its_expiry(
+    tmp_path: Path, long_term_credentials: None
+) -> None:
+    sheet = sample_sheet(tmp_path)
+    uri = "s3://bkt/out/runs/r1/contact-sheet.png"
+    before = datetime.now(UTC).replace(second=0, microsecond=0)
+    with mock_aws():  # no request leaves; moto's own fake keys sign
+        where = full_sheet_location(uri, None)
+        secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    markdown = contact_sheet_markdown("r1", sheet, where, preview=preview_jpeg(sheet.png))
+    assert_same_shape(embedded_jpeg(markdown), sheet)
+    (link,) = LINK_RE.findall(markdown)
+    parts = urlsplit(link)
+    query = parse_qs(parts.query)
+    assert parts.scheme == "https" and parts.path.endswith("/out/runs/r1/contact-sheet.png")
+    # SigV4 (buckets made since 2020 refuse SigV2), for as long as the text says.
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert query["X-Amz-Expires"] == [str(int(PRESIGN_EXPIRY.total_seconds()))]
+    assert "X-Amz-Security-Token" not in query
+    for form in (secret, quote(secret, safe=""), base64.b64encode(secret.encode()).decode()):
+        assert form not in markdown
+    (until,) = UNTIL_RE.findall(markdown)
+    stated = datetime.strptime(until, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
+    assert before + timedelta(days=7) <= stated <= datetime.now(UTC) + timedelta(days=7)
+    assert f"`{uri}`" in markdown
+
+
+def test_no_presigned_link_with_temporary_credentials(
+    tmp_path: Path, aws_credentials: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = "session-token-that-must-not-be-stored"
+    monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    with mock_aws():
+        where = full_sheet_location("s3://bkt/out/runs/r1/contact-sheet.png", None)
+    assert token not in where and "Security-Token" not in where and "http" not in where
+    assert "not available with temporary credentials" in where
+    assert "`s3://bkt/out/runs/r1/contact-sheet.png`" in where
+
+
+@pytest.fixture
+def moto_endpoint(long_term_credentials: None) -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_the_presigned_link_fetches_the_sheet_from_the_outputs_endpoint(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
+    client.create_bucket(Bucket="sheets")
+    png = sample_sheet(tmp_path).png
+    client.put_object(Bucket="sheets", Key="o/runs/r1/contact-sheet.png", Body=png)
+    client.close()
+    where = full_sheet_location("s3://sheets/o/runs/r1/contact-sheet.png", moto_endpoint)
+    (link,) = LINK_RE.findall(where)
+    assert link.startswith(f"{moto_endpoint}/sheets/o/runs/r1/contact-sheet.png?")
+    response = httpx.get(link)
+    assert response.status_code == 200 and response.content == png
+
+
+async def test_an_api_refusing_the_preview_still_gets_the_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "results.parquet"
+    pq.write_table(rows_to_table(make_results(tmp_path, [RED])), results)
+    published: list[str] = []
+
+    async def create(markdown: str, key: str, description: str) -> None:
+        if "data:image" in markdown:  # as a proxy with a small body limit would
+            request = httpx.Request("POST", "http://prefect/api/artifacts/")
+            raise httpx.HTTPStatusError(
+                "too large", request=request, response=httpx.Response(413, request=request)
+            )
+        assert key == "imgedit-contact-sheet"
+        published.append(markdown)
+
+    monkeypatch.setattr("flows.artifacts.acreate_markdown_artifact", create)
+    uri = await publish_contact_sheet(str(results), str(tmp_path / "out"), "r1", None)
+    assert uri == str(tmp_path / "out" / "runs" / "r1" / "contact-sheet.png")
+    (markdown,) = published
+    assert "No preview" in markdown and f"`{uri}`" in markdown
+    assert "the one succeeded row" in markdown
+
+
+def test_markdown_of_a_run_without_succeeded_rows(tmp_path: Path) -> None:
+    sheet = render_contact_sheet(rows_to_table([]), thumb=THUMB)
+    where = full_sheet_location(str(tmp_path / "s.png"), None)
+    markdown = contact_sheet_markdown("r0", sheet, where, preview=preview_jpeg(sheet.png))
+    assert "No succeeded rows in this run" in markdown
+    assert_same_shape(embedded_jpeg(markdown), sheet)
+
+
+async def test_a_run_without_a_results_table_publishes_nothing(tmp_path: Path) -> None:
+    missing = str(tmp_path / "runs" / "r1" / "results.parquet")
+    assert await publish_contact_sheet(missing, str(tmp_path), "r1", None) is None
+    assert not (tmp_path / "runs" / "r1" / "contact-sheet.png").exists()
