@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.emulator import EmulatorProcess
-from pipeline.emulator_config import EmulatorConfig
+from pipeline.emulator.config import EmulatorConfig
+from pipeline.emulator.process import EmulatorProcess
 
 from . import data
 from .proc import cpu_seconds, find_child, run_measured
@@ -289,7 +289,7 @@ def scale_part(bench: Bench) -> None:
 
 def _emulator_pid() -> int:
     """The emulator's pid (EmulatorProcess runs it as our child), for its CPU time."""
-    pid = find_child(os.getpid(), "pipeline.emulator")
+    pid = find_child(os.getpid(), "pipeline.emulator.process")
     if pid is None:
         raise BenchError("cannot find the emulator process")
     return pid

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from pipeline import layout, spec
-from pipeline.jobkey import job_key
-from pipeline.rows import EditParams
+from pipeline import spec
+from pipeline.engine import layout
+from pipeline.engine.jobkey import job_key
+from pipeline.manifest.types import EditParams
 
 # A catalogue photo: a 0.8 MP JPEG of ~130 kB (gradients, shapes, grain). A handful of
 # distinct ones keeps the emulator's base cache warm (it is a test double; its cost must not

@@ -29,10 +29,10 @@ if __package__ in (None, ""):  # `python benchmarks/soak.py`: make the project i
 import pandas as pd
 from PIL import Image
 
-from pipeline.emulator import EmulatorConfig, EmulatorProcess
-from pipeline.emulator_config import FAULT_RATE_FIELDS
-from pipeline.engine import RunOptions, RunSummary, run_manifest
-from pipeline.runner import RunConfig
+from pipeline.emulator.config import FAULT_RATE_FIELDS
+from pipeline.emulator.process import EmulatorConfig, EmulatorProcess
+from pipeline.engine.run import RunOptions, RunSummary, run_manifest
+from pipeline.engine.runner import RunConfig
 
 ResponseFormat = Literal["url", "b64_json"]
 

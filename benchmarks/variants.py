@@ -57,7 +57,7 @@ async def baseline(args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def runner(args: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.engine import RunOptions, run_manifest
+    from pipeline.engine.run import RunOptions, run_manifest
 
     opts = RunOptions(
         manifest=args["manifest"],
@@ -73,10 +73,10 @@ async def runner(args: dict[str, Any]) -> dict[str, Any]:
 async def runner_noclaims(args: dict[str, Any]) -> dict[str, Any]:
     """The runner with claims off (as on a store without conditional writes, with
     --exclusive-output): beside `runner`, what claiming each job costs."""
-    import pipeline.engine
+    import pipeline.engine.run
 
-    pipeline.engine.claims_probe = lambda storage: False  # type: ignore[assignment]
-    from pipeline.engine import RunOptions, run_manifest
+    pipeline.engine.run.claims_probe = lambda storage: False  # type: ignore[assignment]
+    from pipeline.engine.run import RunOptions, run_manifest
 
     opts = RunOptions(
         manifest=args["manifest"],
@@ -131,7 +131,7 @@ async def prefect_start(args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def validate(args: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.manifest import validate_manifest
+    from pipeline.manifest.open import validate_manifest
 
     async def check() -> Any:
         return validate_manifest(args["manifest"], endpoint_url=args.get("s3_endpoint_url"))

@@ -21,17 +21,17 @@ from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 from prefect.artifacts import acreate_markdown_artifact
 
-from pipeline.contact_sheet import (
+from pipeline.errors import ImgEditError
+from pipeline.io.netguard import AddressPolicy, source_policy
+from pipeline.io.s3 import is_s3_uri, make_s3_client, parse_s3_uri
+from pipeline.io.storage import open_storage
+from pipeline.uses.contact_sheet import (
     ContactSheet,
     jpeg_data_uri,
     preview_jpeg,
     render_contact_sheet,
     write_contact_sheet,
 )
-from pipeline.errors import ImgEditError
-from pipeline.netguard import AddressPolicy, source_policy
-from pipeline.s3 import is_s3_uri, make_s3_client, parse_s3_uri
-from pipeline.storage import open_storage
 
 CONTACT_SHEET_ARTIFACT_KEY = "imgedit-contact-sheet"
 CONTACT_SHEET_DESCRIPTION = "Source and result thumbnails of a sample of the run's rows"

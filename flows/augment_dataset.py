@@ -12,10 +12,10 @@ from prefect.client.schemas.objects import State
 
 from flows.edit_manifest import edit_subflow
 from flows.settings import EditSettings, RunSettings
-from pipeline import layout
-from pipeline.augment import AugmentSpec, expand_manifest, write_dataset_table
-from pipeline.engine import check_flow_inputs, new_run_id
-from pipeline.storage import open_storage
+from pipeline.engine import layout
+from pipeline.engine.run import check_flow_inputs, new_run_id
+from pipeline.io.storage import open_storage
+from pipeline.uses.augment import AugmentSpec, expand_manifest, write_dataset_table
 
 DATASET_ARTIFACT_KEY = "imgedit-dataset"
 

@@ -11,11 +11,11 @@ from prefect.client.schemas.objects import State
 
 from flows.edit_manifest import edit_subflow
 from flows.settings import EditSettings, RunSettings
-from pipeline import layout
-from pipeline.catalogue import build_manifest_from_prefix
-from pipeline.engine import check_flow_inputs, new_run_id
+from pipeline.engine import layout
+from pipeline.engine.run import check_flow_inputs, new_run_id
 from pipeline.errors import ConfigError
-from pipeline.storage import open_storage
+from pipeline.io.storage import open_storage
+from pipeline.uses.catalogue import build_manifest_from_prefix
 
 
 @flow(name="catalogue-reedit", persist_result=False, validate_parameters=True)

@@ -31,7 +31,7 @@ from pipeline.constants import (
     DEFAULT_MAX_RETRY_SECONDS,
     DEFAULT_TIMEOUT_S,
 )
-from pipeline.emulator import emulator_command
+from pipeline.emulator.process import emulator_command
 from pipeline.errors import ImgEditError
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def _maybe_emulator(enabled: bool) -> Iterator[str | None]:
     if not enabled:
         yield None
         return
-    from pipeline.emulator import EmulatorProcess
+    from pipeline.emulator.process import EmulatorProcess
 
     with EmulatorProcess() as emulator:
         console.print(f"[dim]emulator serving {emulator.base_url}[/dim]")
@@ -94,7 +94,7 @@ def _maybe_emulator(enabled: bool) -> Iterator[str | None]:
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
-    from pipeline.engine import RunSummary
+    from pipeline.engine.run import RunSummary
 
     table = Table(title=f"run {summary['run_id']}", show_header=False)
     table.add_column("metric")
@@ -227,11 +227,11 @@ def run(
         raise _cannot("--ids", "no id given")
     # Refused here, before Prefect starts: a hostile or mistyped filter, or a missing key,
     # costs nothing and says so at once.
-    from pipeline.client import check_credentials
+    from pipeline.engine.client import check_credentials
 
     try:
         if where is not None:
-            from pipeline.where import parse_where
+            from pipeline.manifest.where import parse_where
 
             parse_where(where)
         if not emulator:
@@ -280,7 +280,7 @@ def _run(
 
     _RAN["flow"] = True
 
-    # Until the engine takes over Ctrl-C for the run (see pipeline.interrupts), a SIGTERM
+    # Until the engine takes over Ctrl-C for the run (see pipeline.engine.interrupts), a SIGTERM
     # means what a Ctrl-C means: stop, without a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -365,8 +365,8 @@ def _failure_reasons(results_uri: str, endpoint_url: str | None) -> list[tuple[s
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipeline.catalogue import UriReader
-    from pipeline.results import read_parquet_bytes
+    from pipeline.engine.results import read_parquet_bytes
+    from pipeline.uses.catalogue import UriReader
 
     try:
         with UriReader(endpoint_url=endpoint_url) as read:
@@ -462,13 +462,13 @@ def validate(
     Exit 1 if any row is invalid: a bad cell, or a source or mask that is missing, not an
     image, too large, refused (allowed roots, internal address) or of the wrong size.
     """
-    from pipeline.manifest import format_report, validate_manifest
+    from pipeline.manifest.open import format_report, validate_manifest
 
     try:
         left = _left_of(_absolute_local(manifest), output, s3_endpoint_url) if output else None
         if sources:
-            from pipeline.netguard import source_policy
-            from pipeline.source_check import validate_with_sources
+            from pipeline.engine.source_check import validate_with_sources
+            from pipeline.io.netguard import source_policy
 
             show = sys.stderr.isatty() if progress_bar is None else progress_bar
             with _check_progress(show) as on_progress:
@@ -491,8 +491,8 @@ def validate(
 
 def _left_of(manifest: str, output: str, endpoint_url: str | None) -> Callable[[int], bool]:
     """Whether a row is left to edit, judged by earlier runs of MANIFEST into OUTPUT."""
-    from pipeline.run_history import rows_done_before
-    from pipeline.storage import open_storage
+    from pipeline.engine.results import rows_done_before
+    from pipeline.io.storage import open_storage
 
     done = rows_done_before(
         open_storage(_absolute_local(output), endpoint_url=endpoint_url), manifest
@@ -530,8 +530,8 @@ def reindex(
 
     Only while no run writes to OUTPUT: a running chunk's marker and claims would go too.
     """
-    from pipeline.done_index import rebuild_index
-    from pipeline.storage import open_storage
+    from pipeline.engine.done_index import rebuild_index
+    from pipeline.io.storage import open_storage
 
     try:
         done = rebuild_index(open_storage(output, endpoint_url=s3_endpoint_url))

@@ -26,8 +26,6 @@ from pydantic import Field
 
 from flows.artifacts import publish_contact_sheet
 from flows.limits import api_slots, rate_permits
-from pipeline import layout, progress
-from pipeline.chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
 from pipeline.constants import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_IN_FLIGHT,
@@ -37,7 +35,11 @@ from pipeline.constants import (
     DEFAULT_MAX_RETRY_SECONDS,
     DEFAULT_TIMEOUT_S,
 )
-from pipeline.engine import (
+from pipeline.engine import layout, progress
+from pipeline.engine.chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
+from pipeline.engine.interrupts import stop_on_signals
+from pipeline.engine.results import utcnow
+from pipeline.engine.run import (
     RunOptions,
     RunPlan,
     RunSummary,
@@ -52,15 +54,13 @@ from pipeline.engine import (
     preflight,
     write_summary,
 )
+from pipeline.engine.run_control import INTERRUPTED
+from pipeline.engine.run_log import run_log
+from pipeline.engine.runner import RunContext
 from pipeline.errors import ConfigError, ImgEditError
-from pipeline.interrupts import stop_on_signals
-from pipeline.manifest import open_manifest
-from pipeline.results import utcnow
-from pipeline.rows import ParsedRow
-from pipeline.run_control import INTERRUPTED
-from pipeline.run_log import run_log
-from pipeline.runner import RunContext
-from pipeline.storage import open_storage
+from pipeline.io.storage import open_storage
+from pipeline.manifest.open import open_manifest
+from pipeline.manifest.types import ParsedRow
 
 SUMMARY_ARTIFACT_KEY = "imgedit-run-summary"
 PROGRESS_ARTIFACT_KEY = "imgedit-run-progress"

@@ -21,8 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from pipeline.run_history import FailureGroup, RunDetail, RunInfo
-    from pipeline.storage import Storage
+    from pipeline.io.storage import Storage
+    from pipeline.uses.run_history import FailureGroup, RunDetail, RunInfo
 
 EXIT_CANNOT = 2
 DEFAULT_HOST = "127.0.0.1"
@@ -63,7 +63,7 @@ def _errors() -> Iterator[None]:
 
 
 def _open(output: str, endpoint_url: str | None) -> Storage:
-    from pipeline.run_history import open_output
+    from pipeline.uses.run_history import open_output
 
     return open_output(output, endpoint_url=endpoint_url)
 
@@ -87,7 +87,7 @@ def _took(seconds: float | None) -> str:
 
 
 def _state_style(state: str) -> str:
-    from pipeline import run_history as rh
+    from pipeline.uses import run_history as rh
 
     return {
         rh.STATE_COMPLETE: "green",
@@ -112,7 +112,7 @@ def runs(
     json_out: JsonOpt = False,
 ) -> None:
     """List OUTPUT's runs, newest first: state, counts by status, cost, time."""
-    from pipeline.run_history import HistoryError, list_runs
+    from pipeline.uses.run_history import HistoryError, list_runs
 
     with _errors():
         storage = _open(output, s3_endpoint_url)
@@ -229,7 +229,7 @@ def show(
     json_out: JsonOpt = False,
 ) -> None:
     """One run of OUTPUT: summary, failures by error code with an example, files, retry command."""
-    from pipeline.run_history import run_detail
+    from pipeline.uses.run_history import run_detail
 
     with _errors():
         detail = run_detail(_open(output, s3_endpoint_url), run_id, top=top)
@@ -280,7 +280,7 @@ def status(
     json_out: JsonOpt = False,
 ) -> None:
     """Rows of OUTPUT by their latest state across every run (succeeded if any run did it)."""
-    from pipeline import run_history as rh
+    from pipeline.uses import run_history as rh
 
     if write and write_default:
         raise _fail("give --write PATH or --write-default, not both")

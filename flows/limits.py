@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.asyncio import concurrency, rate_limit
 from prefect.exceptions import ObjectNotFound
 
-from pipeline.run_control import BatchedPermits
+from pipeline.engine.run_control import BatchedPermits
 
 # Renewed by Prefect in the background; short enough that a crashed holder's slots come back
 # within a minute or two.

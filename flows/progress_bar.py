@@ -16,8 +16,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pipeline import progress
-from pipeline.results import ResultRow
+from pipeline.engine import progress
+from pipeline.engine.results import ResultRow
 
 
 class RunProgressBar:

@@ -37,12 +37,12 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from PIL import Image, ImageOps
 
 from flows.history_cli import example_text
-from pipeline import layout
-from pipeline import run_history as rh
-from pipeline.catalogue import UriReader
+from pipeline.engine import layout
+from pipeline.engine.results import STATUSES
 from pipeline.errors import ImgEditError, StorageError
-from pipeline.results import STATUSES
-from pipeline.storage import S3Storage, Storage, check_key
+from pipeline.io.storage import S3Storage, Storage, check_key
+from pipeline.uses import run_history as rh
+from pipeline.uses.catalogue import UriReader
 
 __all__ = ["PAGE_SIZE", "THUMB_PX", "OutputSite", "create_app", "make_server", "run_server"]
 

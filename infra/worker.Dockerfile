@@ -10,11 +10,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 WORKDIR /opt/imgedit
+# Optional extras: "[emulator]" for the image of the compose stack's emulator service; a worker
+# needs none.
+ARG IMGEDIT_EXTRAS=""
 # Dependencies first, so code changes do not reinstall them.
 COPY pyproject.toml README.md ./
 COPY pipeline/__init__.py pipeline/__init__.py
 COPY flows/__init__.py flows/__init__.py
-RUN pip install . && pip uninstall -y imgedit
+RUN pip install ".${IMGEDIT_EXTRAS}" && pip uninstall -y imgedit
 COPY pipeline pipeline
 COPY flows flows
 COPY manifests manifests

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .spec import (
+from pipeline.spec import (
     MAX_API_SHORT_TEXT_CHARS,
     MAX_API_TEXT_CHARS,
     MAX_METADATA_JSON_CHARS,

@@ -21,8 +21,8 @@ for _name in ("IMGEDIT_API_BASE", "IMGEDIT_API_KEY", "LUMENFALL_API_KEY", "IMGED
 
 from PIL import Image  # noqa: E402
 
-from pipeline.emulator import EmulatorProcess  # noqa: E402
-from pipeline.emulator_config import DEFAULT_RETRY_AFTER_S, DEFAULT_SLOW_S  # noqa: E402
+from pipeline.emulator.config import DEFAULT_RETRY_AFTER_S, DEFAULT_SLOW_S  # noqa: E402
+from pipeline.emulator.process import EmulatorProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,14 @@ from moto import mock_aws
 from PIL import Image
 from pydantic import ValidationError
 
-from pipeline.augment import (
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.results import ResultRow, rows_to_table
+from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.errors import ConfigError, ManifestError
+from pipeline.manifest.open import open_manifest, validate_manifest
+from pipeline.manifest.rows import MAX_ID_CHARS
+from pipeline.manifest.types import ManifestRow
+from pipeline.uses.augment import (
     DATASET_SCHEMA,
     AugmentSpec,
     expand_manifest,
@@ -25,13 +32,6 @@ from pipeline.augment import (
     template_fields,
     write_dataset_table,
 )
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, run_manifest
-from pipeline.errors import ConfigError, ManifestError
-from pipeline.manifest import open_manifest, validate_manifest
-from pipeline.manifest_rows import MAX_ID_CHARS
-from pipeline.results import ResultRow, rows_to_table
-from pipeline.rows import ManifestRow
 from tests.conftest import image_bytes
 
 DOCUMENTED_COLUMNS = [

@@ -30,9 +30,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from pipeline.emulator import EmulatorProcess
-from pipeline.emulator_config import FAULT_RATE_FIELDS
-from pipeline.engine import RunOptions, RunSummary, run_manifest
+from pipeline.emulator.config import FAULT_RATE_FIELDS
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.run import RunOptions, RunSummary, run_manifest
 from pipeline.errors import ManifestError
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops, ImageDraw
 
-from pipeline import render
+from pipeline.emulator import render
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BENCH_TIMEOUT_S = 240

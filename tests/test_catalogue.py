@@ -12,21 +12,21 @@ import pandas as pd
 import pytest
 from moto import mock_aws
 
-from pipeline import catalogue
-from pipeline.catalogue import (
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.errors import ConfigError, StorageError
+from pipeline.io.storage import S3Storage, StorageNotFound
+from pipeline.manifest.open import open_manifest, validate_manifest
+from pipeline.manifest.rows import MAX_ID_CHARS
+from pipeline.manifest.types import ManifestRow
+from pipeline.uses import catalogue
+from pipeline.uses.catalogue import (
     UriReader,
     build_manifest_from_prefix,
     catalogue_id,
     check_settings,
     decode_catalogue_id,
 )
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, run_manifest
-from pipeline.errors import ConfigError, StorageError
-from pipeline.manifest import open_manifest, validate_manifest
-from pipeline.manifest_rows import MAX_ID_CHARS
-from pipeline.rows import ManifestRow
-from pipeline.storage import S3Storage, StorageNotFound
 from tests.conftest import image_bytes
 
 SETTINGS = {

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.emulator import EmulatorProcess
+from pipeline.emulator.process import EmulatorProcess
 from tests.conftest import image_bytes
 
 pytestmark = [pytest.mark.integration]

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from pipeline import errors, spec
-from pipeline.client import EditClient, EditRequest, ImagePart, build_files, build_form
-from pipeline.netguard import AddressPolicy
-from pipeline.rows import EditParams
+from pipeline.engine.client import EditClient, EditRequest, ImagePart, build_files, build_form
+from pipeline.io.netguard import AddressPolicy
+from pipeline.manifest.types import EditParams
 
 API = "https://api.example.test/openai/v1"
 SECRET = "sk-test-SENTINEL-0123456789"

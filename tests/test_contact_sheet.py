@@ -27,8 +27,12 @@ from flows.artifacts import (
     full_sheet_location,
     publish_contact_sheet,
 )
-from pipeline import layout
-from pipeline.contact_sheet import (
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine import layout
+from pipeline.engine.results import ResultRow, rows_to_table
+from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.io.storage import LocalStorage
+from pipeline.uses.contact_sheet import (
     MAX_SAMPLE,
     PREVIEW_MAX_BASE64,
     ContactSheet,
@@ -40,10 +44,6 @@ from pipeline.contact_sheet import (
     wrap,
     write_contact_sheet,
 )
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, run_manifest
-from pipeline.results import ResultRow, rows_to_table
-from pipeline.storage import LocalStorage
 from tests.conftest import image_bytes
 
 THUMB = 64

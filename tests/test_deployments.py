@@ -14,7 +14,7 @@ from flows.augment_dataset import augment_dataset
 from flows.backfill import backfill
 from flows.catalogue_reedit import catalogue_reedit
 from flows.settings import EditSettings, RunSettings
-from pipeline.emulator import EmulatorProcess
+from pipeline.emulator.process import EmulatorProcess
 from tests.conftest import image_bytes
 
 pytestmark = [

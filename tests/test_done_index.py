@@ -15,11 +15,11 @@ from moto import mock_aws
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline import claims, done_index, layout
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, RunSummary, run_manifest
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine import claims, done_index, layout
+from pipeline.engine.run import RunOptions, RunSummary, run_manifest
 from pipeline.errors import StorageError
-from pipeline.storage import LocalStorage, S3Storage, StorageNotFound, open_storage
+from pipeline.io.storage import LocalStorage, S3Storage, StorageNotFound, open_storage
 
 pytestmark = pytest.mark.integration
 
@@ -193,7 +193,7 @@ async def test_a_chunk_that_cannot_index_its_jobs_leaves_its_marker(
 ) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sources)
     out = tmp_path / "out"
-    monkeypatch.setattr("pipeline.engine.open_storage", lambda *a, **k: SegmentsFail(out))
+    monkeypatch.setattr("pipeline.engine.run.open_storage", lambda *a, **k: SegmentsFail(out))
     _, first = await run(manifest, out, emulator)
     assert (first["status"] == "succeeded").all()
     assert len(keys_under(out, done_index.OPEN_PREFIX)) == 3

@@ -21,11 +21,12 @@ from openai import OpenAI
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from pipeline import render, spec
-from pipeline.emulator import EmulatorProcess, emulator_command
-from pipeline.emulator_config import EmulatorConfig
-from pipeline.emulator_faults import draw, fingerprint
-from pipeline.emulator_store import FileStore
+from pipeline import spec
+from pipeline.emulator import render
+from pipeline.emulator.config import EmulatorConfig
+from pipeline.emulator.faults import draw, fingerprint
+from pipeline.emulator.process import EmulatorProcess, emulator_command
+from pipeline.emulator.store import FileStore
 from pipeline.errors import ConfigError, InvalidImageError, parse_retry_after
 from pipeline.imageinfo import probe
 

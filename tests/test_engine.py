@@ -15,8 +15,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, RunSummary, run_manifest
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.run import RunOptions, RunSummary, run_manifest
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, plan_run, run_manifest
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.run import RunOptions, plan_run, run_manifest
 from tests.conftest import image_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_help_and_version_load_neither_prefect_nor_the_emulator_app() -> None:
         "from flows.cli import app\n"
         "for args in (['--help'], ['run', '--help'], ['validate', '--help'], ['--version']):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
-        "loaded = [m for m in ('prefect', 'pipeline.emulator_app', 'fastapi', 'boto3') "
+        "loaded = [m for m in ('prefect', 'pipeline.emulator.app', 'fastapi', 'boto3') "
         "if m in sys.modules]\n"
         "print(loaded)\n"
     )

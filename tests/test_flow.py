@@ -16,7 +16,7 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.edit_manifest import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, edit_manifest
-from pipeline.emulator import EmulatorProcess
+from pipeline.emulator.process import EmulatorProcess
 
 pytestmark = [
     pytest.mark.integration,

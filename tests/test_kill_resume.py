@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.emulator import EmulatorProcess
+from pipeline.emulator.process import EmulatorProcess
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ TEMP_PREFIX = ".tmp-"
 ENGINE_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from pipeline.engine import RunOptions, run_manifest
+    from pipeline.engine.run import RunOptions, run_manifest
 
     manifest, output, api_base = sys.argv[1:4]
     summary = asyncio.run(

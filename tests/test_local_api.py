@@ -124,7 +124,7 @@ def _wait_in_flight(cli: subprocess.Popen[bytes]) -> Proc:
             assert time.monotonic() < deadline, "the run did not start"
             kids = _children(cli.pid)
             for kid in kids:
-                if "pipeline.emulator" not in kid.cmdline:
+                if "pipeline.emulator.process" not in kid.cmdline:
                     continue
                 with contextlib.suppress(OSError, StopIteration, httpx.HTTPError):
                     environ = Path(f"/proc/{kid.pid}/environ").read_bytes().split(b"\0")
@@ -177,7 +177,9 @@ def test_two_runs_at_once_on_a_new_prefect_home_both_finish_and_leave_nothing(
             # Our server, the emulator, and no Prefect ephemeral server (`-m uvicorn`).
             assert any("-m flows.local_api" in c for c in kids), kids
             assert not any("uvicorn" in c for c in kids), kids
-            assert all("flows.local_api" in c or "pipeline.emulator" in c for c in kids), kids
+            assert all("flows.local_api" in c or "pipeline.emulator.process" in c for c in kids), (
+                kids
+            )
         # Two runs that ended normally leave no process behind.
         _assert_all_gone(home, within=1.0)
     finally:
@@ -209,7 +211,7 @@ def test_sigkill_of_the_cli_group_takes_server_and_emulator_along(tmp_path: Path
     try:
         server = _wait_in_flight(cli)
         assert _healthy(server)
-        assert any("pipeline.emulator" in p.cmdline for p in _of_run(home))
+        assert any("pipeline.emulator.process" in p.cmdline for p in _of_run(home))
         os.killpg(cli.pid, signal.SIGKILL)
         cli.wait()
         _assert_all_gone(home)

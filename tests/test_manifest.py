@@ -14,15 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from moto import mock_aws
 
-from pipeline import manifest_read, spec
+from pipeline import spec
 from pipeline.errors import ManifestError
-from pipeline.manifest import (
+from pipeline.manifest import read as manifest_read
+from pipeline.manifest.open import (
     ROW_COLUMN,
     format_report,
     open_manifest,
     validate_manifest,
 )
-from pipeline.rows import InvalidRow, ManifestRow, ParsedRow
+from pipeline.manifest.types import InvalidRow, ManifestRow, ParsedRow
 
 BUCKET = "manifests-bucket"
 

@@ -25,11 +25,11 @@ import pytest
 from moto import mock_aws
 from PIL import Image
 
-from pipeline import claims, done_index, layout
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, RunParts, RunSummary, run_manifest
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine import claims, done_index, layout
+from pipeline.engine.run import RunOptions, RunParts, RunSummary, run_manifest
 from pipeline.errors import ConfigError, StorageError
-from pipeline.storage import LocalStorage, open_storage
+from pipeline.io.storage import LocalStorage, open_storage
 from tests.conftest import image_bytes
 
 API = "https://api.test/v1"
@@ -258,7 +258,7 @@ async def test_a_dead_claim_is_taken_over_and_a_live_one_is_waited_for(tmp_path:
 async def test_a_store_that_ignores_conditional_writes_is_refused_unless_exclusive(
     tmp_path: Path, aws_credentials: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.storage as storage_module
+    import pipeline.io.storage as storage_module
 
     real = storage_module.make_s3_client
 
@@ -336,7 +336,7 @@ async def test_a_full_disk_stops_spending_after_the_first_failure(tmp_path: Path
 async def test_a_read_only_bucket_stops_the_run_with_one_message(
     tmp_path: Path, aws_credentials: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.storage as storage_module
+    import pipeline.io.storage as storage_module
 
     real = storage_module.make_s3_client
 
@@ -420,9 +420,9 @@ class SlowParts(LocalStorage):
 async def test_every_row_reaches_the_results_table_however_flushes_fall(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.chunk
+    import pipeline.engine.chunk
 
-    monkeypatch.setattr(pipeline.chunk, "FLUSH_INTERVAL_S", 0.01)
+    monkeypatch.setattr(pipeline.engine.chunk, "FLUSH_INTERVAL_S", 0.01)
     api = ScriptedAPI(lambda i, r: httpx.Response(200, json=answer()))
     for attempt in range(3):
         out = tmp_path / f"out{attempt}"

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import ImgEditError
-from pipeline.netguard import (
+from pipeline.io.netguard import (
     MAX_REDIRECTS,
     AddressPolicy,
     BlockedAddressError,

@@ -9,7 +9,7 @@ import pytest
 from tenacity import RetryCallState
 
 from pipeline import errors, spec
-from pipeline.retry import (
+from pipeline.engine.retry import (
     MAX_BACKOFF_S,
     MAX_RETRY_AFTER_S,
     RetryPolicy,

@@ -30,12 +30,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.history_cli import register
-from pipeline import layout
-from pipeline import run_history as rh
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, RunSummary, run_manifest
-from pipeline.results import ResultRow, rows_to_table, table_to_parquet_bytes
-from pipeline.storage import LocalStorage
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine import layout
+from pipeline.engine.results import ResultRow, rows_to_table, table_to_parquet_bytes
+from pipeline.engine.run import RunOptions, RunSummary, run_manifest
+from pipeline.io.storage import LocalStorage
+from pipeline.uses import run_history as rh
 
 # Tests that start servers (the emulator, uvicorn, moto) are marked `integration`.
 integration = pytest.mark.integration

@@ -20,7 +20,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.deployments import arun_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline.emulator import EmulatorProcess
+from pipeline.emulator.process import EmulatorProcess
 from tests.prefect_stack import PrefectStack, collecting_leaks, prefect_stack
 
 pytestmark = [

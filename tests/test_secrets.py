@@ -34,7 +34,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging.handlers import APILogHandler
 
 from flows.edit_manifest import edit_manifest
-from pipeline.emulator import EmulatorProcess
+from pipeline.emulator.process import EmulatorProcess
 
 pytestmark = [
     pytest.mark.integration,

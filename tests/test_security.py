@@ -21,13 +21,13 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipeline.allowed_roots import ENV_ALLOWED_ROOTS, AllowedRoots
-from pipeline.augment import fill_template
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, run_manifest
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.run import RunOptions, run_manifest
 from pipeline.errors import ConfigError, ManifestError, PathNotAllowedError
-from pipeline.manifest import validate_manifest
-from pipeline.netguard import ENV_ALLOW_PRIVATE_SOURCES, source_policy
+from pipeline.io.allowed_roots import ENV_ALLOWED_ROOTS, AllowedRoots
+from pipeline.io.netguard import ENV_ALLOW_PRIVATE_SOURCES, source_policy
+from pipeline.manifest.open import validate_manifest
+from pipeline.uses.augment import fill_template
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.integration

@@ -21,9 +21,9 @@ from flows.backfill import backfill
 from flows.catalogue_reedit import catalogue_reedit
 from flows.edit_manifest import edit_manifest
 from flows.settings import RunSettings
-from pipeline.allowed_roots import ENV_ALLOWED_ROOTS
-from pipeline.emulator import EmulatorProcess
+from pipeline.emulator.process import EmulatorProcess
 from pipeline.errors import ConfigError
+from pipeline.io.allowed_roots import ENV_ALLOWED_ROOTS
 from tests.test_security import hostile_wheres
 
 pytestmark = [

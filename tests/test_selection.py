@@ -8,13 +8,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import layout, selection
+from pipeline.engine import layout
+from pipeline.engine.results import (
+    ResultRow,
+    failed_rows_of,
+    rows_to_table,
+    table_to_parquet_bytes,
+)
 from pipeline.errors import ConfigError, ManifestError
-from pipeline.manifest import open_manifest
-from pipeline.results import ResultRow, rows_to_table, table_to_parquet_bytes
-from pipeline.rows import ManifestRow
-from pipeline.selection import RawManifest, check_where, select_rows
-from pipeline.storage import LocalStorage
+from pipeline.io.storage import LocalStorage
+from pipeline.manifest import select as selection
+from pipeline.manifest.open import open_manifest
+from pipeline.manifest.select import RawManifest, check_where, select_rows
+from pipeline.manifest.types import ManifestRow
 
 CSV = """id,image,prompt,Seed,size,param.turbo,team
 cat-1,a.png,p,1,1024x1024,true,red
@@ -34,7 +40,7 @@ def manifest(tmp_path: Path) -> str:
 
 
 def ids_of(uri: str, rows: set[int]) -> list[str]:
-    """The ids pipeline.manifest gives the selected rows (so numbering is proven the same)."""
+    """The ids pipeline.manifest.open gives the selected rows (so numbering is proven the same)."""
     with open_manifest(uri) as m:
         return [r.id for r in m.rows() if r.row in rows and r.id is not None]
 
@@ -124,10 +130,12 @@ def test_failed_rows_of_a_run(manifest: str, tmp_path: Path) -> None:
         ResultRow(row=6, id="dog-2", status="skipped", reason="done"),
     ]
     storage.put_bytes(layout.results_key("r1"), table_to_parquet_bytes(rows_to_table(results)))
-    assert select_rows(manifest, failed_of_run=(storage, "r1")) == {1, 3, 4}
-    assert select_rows(manifest, failed_of_run=(storage, "r1"), where='team == "red"') == {1, 3}
+    assert select_rows(manifest, failed_rows=failed_rows_of(storage, "r1")) == {1, 3, 4}
+    assert select_rows(
+        manifest, failed_rows=failed_rows_of(storage, "r1"), where='team == "red"'
+    ) == {1, 3}
     with pytest.raises(ConfigError, match="cannot read the results of run 'r2'"):
-        select_rows(manifest, failed_of_run=(storage, "r2"))
+        select_rows(manifest, failed_rows=failed_rows_of(storage, "r2"))
 
 
 def test_no_criterion_is_an_error(manifest: str) -> None:

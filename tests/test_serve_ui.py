@@ -30,9 +30,9 @@ import pytest
 from PIL import Image
 
 from flows.serve import create_app, make_server
-from pipeline.emulator import EmulatorProcess
-from pipeline.engine import RunOptions, RunSummary, run_manifest
-from pipeline.storage import LocalStorage
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.run import RunOptions, RunSummary, run_manifest
+from pipeline.io.storage import LocalStorage
 
 # Tests that start servers (the emulator, uvicorn, moto) are marked `integration`.
 integration = pytest.mark.integration
@@ -371,7 +371,7 @@ def test_an_s3_output_shows_sources_of_its_own_bucket_only(
     import boto3
     from fastapi.testclient import TestClient
 
-    from pipeline.run_history import image_key_of_uri, open_output
+    from pipeline.uses.run_history import image_key_of_uri, open_output
 
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
     for bucket in ("edits", "other"):

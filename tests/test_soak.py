@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from benchmarks.soak import MIN_TOTAL_FAULT_RATE, SoakConfig, soak
-from pipeline.emulator import EmulatorProcess
-from pipeline.emulator_config import DEFAULT_RETRY_AFTER_S, DEFAULT_SLOW_S
-from pipeline.engine import RunOptions, run_manifest
+from pipeline.emulator.config import DEFAULT_RETRY_AFTER_S, DEFAULT_SLOW_S
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.run import RunOptions, run_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
 

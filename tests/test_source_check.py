@@ -13,20 +13,20 @@ from typing import Any
 
 import pytest
 
-from pipeline import source_check
-from pipeline.allowed_roots import ENV_ALLOWED_ROOTS
-from pipeline.errors import ManifestError
-from pipeline.manifest import ValidationReport, format_report, validate_manifest
-from pipeline.netguard import AddressPolicy
-from pipeline.rows import FieldError, InvalidRow
-from pipeline.source_check import (
+from pipeline.engine import source_check
+from pipeline.engine.source_check import (
     SourceProblem,
     SourceReport,
     check_sources,
     merge_into,
     validate_with_sources,
 )
-from pipeline.sources import Source, SourceLoader
+from pipeline.engine.sources import Source, SourceLoader
+from pipeline.errors import ManifestError
+from pipeline.io.allowed_roots import ENV_ALLOWED_ROOTS
+from pipeline.io.netguard import AddressPolicy
+from pipeline.manifest.open import ValidationReport, format_report, validate_manifest
+from pipeline.manifest.types import FieldError, InvalidRow
 from tests.conftest import image_bytes
 
 PNG = image_bytes((64, 48))

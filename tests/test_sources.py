@@ -21,9 +21,9 @@ import pytest
 from moto import mock_aws
 from PIL import Image
 
+from pipeline.engine.sources import Source, SourceLoader, human_size, redact_uri
 from pipeline.errors import SourceError
-from pipeline.netguard import AddressPolicy
-from pipeline.sources import Source, SourceLoader, human_size, redact_uri
+from pipeline.io.netguard import AddressPolicy
 
 T = TypeVar("T")
 # Built from parts so the source holds nothing shaped like a real key id.

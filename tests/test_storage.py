@@ -18,9 +18,9 @@ from botocore.config import Config
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
-from pipeline import storage as storage_mod
 from pipeline.errors import ConfigError, StorageError
-from pipeline.storage import (
+from pipeline.io import storage as storage_mod
+from pipeline.io.storage import (
     HEX_SHARDS,
     InvalidKeyError,
     LocalStorage,
@@ -280,7 +280,7 @@ def test_local_sigkill_mid_write_never_shows_a_partial_file(local: LocalStorage)
     child = textwrap.dedent(
         """
         import sys, time
-        from pipeline import storage
+        from pipeline.io import storage
 
         def stuck(src, dst):
             print("written", flush=True)

@@ -20,8 +20,8 @@ import httpx
 import pandas as pd
 import pytest
 
-from pipeline.emulator import EmulatorProcess
-from pipeline.results import SKIP_NOT_SELECTED
+from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.results import SKIP_NOT_SELECTED
 from tests.prefect_stack import PrefectStack, collecting_leaks, prefect_stack
 
 if TYPE_CHECKING:

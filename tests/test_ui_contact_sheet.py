@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from flows.artifacts import CONTACT_SHEET_ARTIFACT_KEY
-from pipeline.emulator import EmulatorProcess
+from pipeline.emulator.process import EmulatorProcess
 from tests.prefect_stack import ROOT, PrefectStack, collecting_leaks, prefect_stack
 
 if TYPE_CHECKING:

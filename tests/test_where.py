@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.where import (
+from pipeline.manifest.where import (
     MAX_WHERE_CHARS,
     MAX_WHERE_DEPTH,
     Where,
@@ -87,7 +87,7 @@ ROWS: list[dict[str, Any]] = [
 
 
 def csv_frame(rows: Sequence[dict[str, Any]] = ROWS) -> pd.DataFrame:
-    """A batch as pipeline.selection builds it: object columns, `seed` made numeric."""
+    """A batch as pipeline.manifest.select builds it: object columns, `seed` made numeric."""
     data = {c: [r.get(c) for r in rows] for c in COLUMNS}
     frame = pd.DataFrame(data, columns=COLUMNS, dtype=object)
     for column in NUMERIC:

@@ -1,0 +1,1 @@
+"""The bundled emulator of the edit API (an optional extra: imgedit[emulator])."""

@@ -1,0 +1,278 @@
+"""What stops or holds back a run's requests: the stop switch, the budget, the rate gate.
+
+- `RunStop`: once tripped, no request of the run starts. A run-fatal API error (401, 402,
+  unknown model), storage that keeps failing (`StorageHealth`) and an interrupt (Ctrl-C,
+  SIGTERM) trip it. An interrupt lets the requests in flight finish for DRAIN_GRACE_S, then
+  abandons them (each counted as a possible charge).
+- `Budget`: no request starts once spent plus in flight could pass `--max-cost`.
+- `RateGate`: after a 429 with Retry-After no worker starts a request before it expires,
+  capped, and never past a row's own time limit.
+- `BatchedPermits`: a shared requests-per-minute limit, fetched a batch at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from pipeline import spec
+from pipeline.errors import APIConnectionError, APIError, StorageError
+
+log = logging.getLogger(__name__)
+
+# Why rows not attempted were skipped (the results' `reason`).
+STOPPED = "stopped"
+INTERRUPTED = "interrupted"
+# After an interrupt, requests in flight get this long to answer and be stored; past it they
+# are abandoned (the API may still charge them: each counts as a possible double charge).
+DRAIN_GRACE_S = 30.0
+# Storage failures of any kind in a row before the run stops starting edits it could not
+# store; a fatal one (no space, read-only, access denied) stops it at once.
+STORAGE_FAILURES_TO_STOP = 3
+# Connection failures in a row (nothing sent) before any answer that stop the run.
+UNREACHABLE_TO_STOP = 3
+# The gate re-checks the stop switch this often while it waits.
+GATE_STEP_S = 0.25
+
+
+class RunStopped(Exception):
+    """Internal: the run stopped before this row's next attempt could start."""
+
+
+class BudgetExhausted(Exception):
+    """Internal: starting this request could pass the run's --max-cost."""
+
+
+class GateTimeout(Exception):
+    """Internal: the rate gate would hold this row past its own time limit."""
+
+
+class Abandoned(Exception):
+    """Internal: an interrupted run stopped waiting for this request's answer."""
+
+
+class RunStop:
+    """The run's stop switch: why it tripped, and the requests in flight it may abandon."""
+
+    def __init__(self, drain_grace_s: float = DRAIN_GRACE_S) -> None:
+        self.kind: str | None = None  # STOPPED or INTERRUPTED
+        self.reason: str | None = None
+        self.code: str | None = None
+        self.error: BaseException | None = None
+        self.drain_grace_s = drain_grace_s
+        self.abandoning = False
+        self._in_flight: set[asyncio.Task[object]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.kind is not None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.kind == INTERRUPTED
+
+    def _trip(self, kind: str, reason: str, code: str, error: BaseException | None) -> bool:
+        if self.kind is not None:
+            return False
+        self.kind, self.reason, self.code, self.error = kind, reason, code, error
+        return True
+
+    def trip(self, exc: APIError) -> None:
+        """A run-fatal API error (401, 402, unknown model)."""
+        if self._trip(STOPPED, str(exc), exc.error_code, exc):
+            log.error("run stopped: %s", exc)
+
+    def trip_storage(self, exc: StorageError, failures: int) -> None:
+        """Storage that cannot take results: every edit from now on would be paid for nothing."""
+        why = "a fatal storage error" if exc.fatal else f"{failures} storage failures in a row"
+        if self._trip(STOPPED, f"{why}: {exc}", "storage_error", exc):
+            log.error("run stopped starting edits after %s: %s", why, exc)
+
+    def trip_unreachable(self, exc: APIError, failures: int) -> None:
+        """The API could not be reached `failures` times in a row before any answer."""
+        reason = f"the API cannot be reached ({failures} attempts in a row, none answered): {exc}"
+        if self._trip(STOPPED, reason, "api_unreachable", exc):
+            log.error("run stopped: %s", reason)
+
+    def interrupt(self, reason: str) -> None:
+        """Stop starting requests; abandon those in flight after the drain grace."""
+        if not self._trip(INTERRUPTED, reason, "interrupted", None):
+            return
+        log.warning(
+            "%s: no new requests; waiting up to %g s for the %d in flight",
+            reason,
+            self.drain_grace_s,
+            len(self._in_flight),
+        )
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing is in flight
+            self._timer = asyncio.get_running_loop().call_later(
+                self.drain_grace_s, self.abandon_in_flight
+            )
+
+    def abandon_in_flight(self) -> None:
+        """Cancel every request still waiting for its answer (see `request`)."""
+        self.abandoning = True
+        for task in list(self._in_flight):
+            task.cancel()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Around one request: abandoned (raises Abandoned) if the drain grace runs out."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        if self.abandoning:
+            raise Abandoned
+        self._in_flight.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self.abandoning:
+                raise
+            task.uncancel()
+            raise Abandoned from None
+        finally:
+            self._in_flight.discard(task)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class StorageHealth:
+    """Counts storage failures in a row; trips the stop switch when writing is hopeless."""
+
+    def __init__(self, stop: RunStop, limit: int = STORAGE_FAILURES_TO_STOP) -> None:
+        self.stop = stop
+        self.limit = limit
+        self.failures = 0
+
+    def ok(self) -> None:
+        self.failures = 0
+
+    def failed(self, exc: StorageError) -> None:
+        self.failures += 1
+        if exc.fatal or self.failures >= self.limit:
+            self.stop.trip_storage(exc, self.failures)
+
+
+class ApiHealth:
+    """Before the API has answered once, an API that cannot be reached stops the run.
+
+    A host that does not resolve or refuses connections UNREACHABLE_TO_STOP times in a row,
+    while no request of the run has yet been answered, is a wrong API base or a network
+    without a route to it: every row would fail after all its attempts. Nothing was sent, so
+    nothing was paid. Once the API has answered, such errors are passing weather: retried.
+    """
+
+    def __init__(self, stop: RunStop, limit: int = UNREACHABLE_TO_STOP) -> None:
+        self.stop = stop
+        self.limit = limit
+        self.answered = False
+        self.unreachable = 0
+
+    def failed(self, exc: APIError) -> None:
+        if self.answered or exc.may_have_charged or not isinstance(exc, APIConnectionError):
+            self.unreachable = 0
+            return
+        self.unreachable += 1
+        if self.unreachable >= self.limit:
+            self.stop.trip_unreachable(exc, self.unreachable)
+
+
+class Budget:
+    """`--max-cost`: no request starts once spent plus in flight could pass the limit.
+
+    Each attempt reserves its worst case (n x price) before it starts and settles to what
+    the API reported, or to the worst case when the answer was lost or its cost is not
+    trusted: no answer can make the run spend more than the limit.
+    """
+
+    def __init__(self, max_cost_usd: float | None) -> None:
+        self.max_cost_usd = max_cost_usd
+        self.spent = 0.0
+        self.in_flight = 0.0
+        self.refused = False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.refused
+
+    def reserve(self, amount: float) -> bool:
+        if self.max_cost_usd is not None and (
+            self.spent + self.in_flight + amount > self.max_cost_usd + 1e-9
+        ):
+            self.refused = True
+            return False
+        self.in_flight += amount
+        return True
+
+    def settle(self, reserved: float, charged: float | None) -> None:
+        self.in_flight -= reserved
+        if charged is None or not math.isfinite(charged) or charged < 0:
+            charged = reserved
+        self.spent += charged
+
+
+class RateGate:
+    """After a 429 with Retry-After, no worker of the run starts a request before it expires."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        seconds = min(max(seconds, 0.0), spec.MAX_RETRY_AFTER_S)
+        self._until = max(self._until, time.monotonic() + seconds)
+
+    async def wait(self, stop: RunStop, deadline: float | None = None) -> None:
+        """Until the gate opens; GateTimeout if it opens after `deadline` (monotonic)."""
+        while (delay := self._until - time.monotonic()) > 0:
+            if deadline is not None and self._until > deadline:
+                raise GateTimeout
+            if stop.stopped:
+                return  # the caller sees the stop and gives up the row
+            await asyncio.sleep(min(delay, GATE_STEP_S))
+
+
+class BatchedPermits:
+    """Permits for requests (e.g. a requests-per-minute limit) fetched `batch` at a time.
+
+    Fetching a permit from a remote limiter costs a round trip; one fetch per batch keeps that
+    off the per-request path.
+    """
+
+    def __init__(self, take: Callable[[int], Awaitable[None]], batch: int) -> None:
+        self._take = take
+        self.batch = batch
+        self._left = 0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            if self._left == 0:
+                await self._take(self.batch)
+                self._left = self.batch
+            self._left -= 1
+
+
+__all__ = [
+    "DRAIN_GRACE_S",
+    "INTERRUPTED",
+    "STOPPED",
+    "Abandoned",
+    "ApiHealth",
+    "BatchedPermits",
+    "Budget",
+    "BudgetExhausted",
+    "GateTimeout",
+    "RateGate",
+    "RunStop",
+    "RunStopped",
+    "StorageHealth",
+]

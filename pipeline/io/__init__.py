@@ -1,0 +1,1 @@
+"""One way to read and write any URI: local folders, S3, http(s) with its address rules."""

@@ -1,0 +1,1 @@
+"""Manifests: reading CSV and Parquet, checking rows, selecting them."""

@@ -1,0 +1,377 @@
+"""Manifests: open a CSV or Parquet list of edits (local or S3), stream its rows, validate them.
+
+A manifest is a `.csv` (also `.csv.gz`, `.tsv`) or `.parquet`/`.pq` file, at a local path
+(`file://` accepted) or at `s3://bucket/key`. A CSV is UTF-8 (a BOM is fine), its delimiter is
+`,`, `;` or a tab (sniffed from the header line), and quoted values may span lines. Rows are
+numbered from 1, the header not counted; every data row becomes exactly one ManifestRow (valid)
+or InvalidRow (with one reason per problem), in file order, streamed in batches so a manifest
+of millions of rows never sits in memory.
+
+Columns (names are matched ignoring case and surrounding spaces; an empty cell means "not set"):
+
+- `prompt` (required): the edit instruction, at most 1000 characters (after trimming).
+- `image`: one source image, the one that is edited.
+- `images`: 1 to 5 sources: a JSON array (`["a.png", "b.png"]`), `a.png|b.png`, or a
+  Parquet `list<string>`. The first is edited, the others are references. A row sets
+  `image` or `images`, not both.
+- `mask`: optional source, a PNG whose transparent pixels mark the area to edit.
+- `id`: optional label, at most 256 characters, no `/`, `\\`, NUL or control characters,
+  not `.` or `..`; a repeated id makes the later rows invalid. Default `row-<row>`. Ids are
+  labels only, never part of a storage key.
+- `seed`: optional integer 0 to 2**63-1 (`42`, `42.0`; not `4.5`).
+- `n`: optional number of outputs, 1 to 10 (default 1).
+- `size`: optional `WxH`, `W:H` or `auto`; mapped to the nearest supported output size.
+- `aspect_ratio`: optional `W:H` or `auto` (`size` wins over it).
+- `resolution`: optional tier such as `1K`, or `auto`.
+- `output_format`: optional `png`, `jpeg` (or `jpg`), `gif`, `webp`, `avif`.
+- `output_compression`: optional integer 1 to 100, for lossy formats.
+- `quality`, `user`: optional free text, passed on.
+- `params`: optional provider extras as a JSON object, e.g. `{"turbo": false}`.
+- `param.<name>`: optional provider extra `<name>` (e.g. `param.turbo`): `true`, `false`
+  and numbers are read as JSON, other text stays text, `null` or empty means unset.
+
+Sources are local paths (relative ones resolve against the manifest's own directory, or
+against its key prefix for an S3 manifest), `file://` paths, `s3://bucket/key` or `http(s)://`
+URLs. They are not read here; loading them later reports its own errors.
+
+Extras (`params`, `param.<name>`) may not set a field that has its own column or that the client
+sets (`model`, `response_format`): that is an error naming the key (a `param.size` column fails
+the whole manifest). A key set both in `params` and by a `param.<name>` column in the same row
+is an error too, rather than one silently winning. Other columns are ignored and reported as
+unknown, so a typo such as `promt` shows.
+
+Manifest-level problems raise ManifestError at `open_manifest`: missing or unreadable file,
+unknown format, no rows, no `prompt` column, no `image`/`images` column, a column twice, a
+Parquet column of a type that cannot hold its values, a CSV that is not UTF-8. Problems that
+only a full pass can find (bad bytes or a never-ending quoted value deep in a CSV) raise
+ManifestError while streaming; `validate_manifest` makes that pass before anything is spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal
+
+from pipeline import spec
+from pipeline.manifest.read import (
+    ColumnMap,
+    CsvReader,
+    ParquetReader,
+    RawItem,
+    Source,
+    manifest_format,
+    map_columns,
+    suggest,
+)
+from pipeline.manifest.rows import KNOWN_COLUMNS, PARAM_PREFIX, RowValidator, SourceBase
+from pipeline.manifest.types import ROW_COLUMN, InvalidRow, ManifestRow, ParsedRow
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "KNOWN_COLUMNS",
+    "MAX_REPORTED_ERRORS",
+    "PARAM_PREFIX",
+    "ROW_COLUMN",
+    "Manifest",
+    "ValidationReport",
+    "format_report",
+    "open_manifest",
+    "validate_manifest",
+]
+
+DEFAULT_BATCH_SIZE = 1000
+# Rows `start <= row < end` (1-based data rows; end None: to the last row).
+RowRange = tuple[int, int | None]
+MAX_REPORTED_ERRORS = 1000
+# format_report lists at most this many rows; the report object keeps MAX_REPORTED_ERRORS.
+DEFAULT_LISTED_ERRORS = 50
+
+ManifestFormat = Literal["csv", "parquet"]
+
+
+class Manifest:
+    """An opened manifest whose header has been checked; rows are read lazily, in batches.
+
+    Each call to `batches` (or `rows`) is a fresh pass over the file, with its own id check.
+    Close it (or use it as a context manager) to remove the local copy of an S3 Parquet file.
+    """
+
+    uri: str
+    format: ManifestFormat
+    columns: list[str]
+    unknown_columns: list[str]
+    delimiter: str | None
+
+    def __init__(self, uri: str, *, endpoint_url: str | None = None) -> None:
+        self.uri = uri
+        self.delimiter = None
+        self._cleanup: weakref.finalize[[str], Manifest] | None = None
+        self._parquet: ParquetReader | None = None
+        source = Source(uri, endpoint_url=endpoint_url)
+        fmt, gzip = manifest_format(uri)
+        self.format = "csv" if fmt == "csv" else "parquet"
+        self._base = SourceBase.for_manifest(source.uri if source.is_s3 else source.path)
+        self._reader: CsvReader | ParquetReader
+        if self.format == "csv":
+            csv_reader = CsvReader(source, gzip=gzip)
+            self._reader = csv_reader
+            self.delimiter = csv_reader.delimiter
+            self._cmap = map_columns(csv_reader.columns, uri)
+        else:
+            path = source.path
+            if source.is_s3:
+                path = source.download()
+                self._cleanup = weakref.finalize(self, _remove, path)
+            try:
+                self._parquet = self._reader = ParquetReader(path, uri)
+                self._cmap = map_columns(self._parquet.columns, uri)
+                self._parquet.check(self._cmap)
+            except BaseException:
+                self.close()
+                raise
+        self.columns = list(self._cmap.found)
+        self.unknown_columns = list(self._cmap.unknown)
+
+    @property
+    def column_map(self) -> ColumnMap:
+        return self._cmap
+
+    @property
+    def source_base(self) -> SourceBase:
+        """Where relative image and mask paths resolve."""
+        return self._base
+
+    def _raw_rows(self) -> Iterator[RawItem]:
+        return self._reader.rows(self._cmap)
+
+    def rows(self, row_range: RowRange | None = None) -> Iterator[ParsedRow]:
+        """Every row in order, validated (one pass); only rows `start <= row < end` if given.
+
+        Rows before the range are still validated, so duplicate ids are found across the
+        whole manifest, not just within a shard of it.
+        """
+        validator = RowValidator(self._cmap.known, self._base)
+        start, end = row_range or (1, None)
+        for item in self._raw_rows():
+            if end is not None and item.row >= end:
+                return
+            if isinstance(item, InvalidRow):
+                parsed: ParsedRow = item
+            else:
+                parsed = validator.validate(item.row, item.cells, item.problems)
+            if parsed.row >= start:
+                yield parsed
+
+    def batches(
+        self, batch_size: int = DEFAULT_BATCH_SIZE, row_range: RowRange | None = None
+    ) -> Iterator[list[ParsedRow]]:
+        """The rows in order, in lists of `batch_size` (the last may be shorter)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        batch: list[ParsedRow] = []
+        for parsed in self.rows(row_range):
+            batch.append(parsed)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def count_rows(self) -> int:
+        """Data rows (valid or not): Parquet metadata, or a streaming pass over a CSV."""
+        if isinstance(self._reader, ParquetReader):
+            return int(self._reader.num_rows)
+        return self._reader.count_rows(self._cmap)
+
+    def validate(
+        self,
+        *,
+        max_errors: int = MAX_REPORTED_ERRORS,
+        row_range: RowRange | None = None,
+        left: Callable[[int], bool] | None = None,
+    ) -> ValidationReport:
+        """One full pass: counts, the first `max_errors` invalid rows, per-column tallies.
+
+        With `left` (a row number -> whether the run still has to edit it), the report also
+        counts the valid rows and images left to pay for (`rows_left`, `images_left`).
+        """
+        report = ValidationReport(
+            uri=self.uri,
+            format=self.format,
+            columns=list(self.columns),
+            unknown_columns=list(self.unknown_columns),
+        )
+        rows_left = images_left = 0
+        for parsed in self.rows(row_range):
+            report.add(parsed, max_errors=max_errors)
+            if left is not None and isinstance(parsed, ManifestRow) and left(parsed.row):
+                rows_left += 1
+                images_left += parsed.params.image_count()
+        if left is not None:
+            report.rows_left, report.images_left = rows_left, images_left
+        return report
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Manifest({self.uri!r}, format={self.format!r}, columns={self.columns!r})"
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def open_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
+    """Open a manifest and check it as a whole (file, format, header, column types).
+
+    Raises ManifestError naming the problem. `endpoint_url` selects the S3 service
+    (see pipeline.io.s3.resolve_endpoint_url).
+    """
+    return Manifest(uri, endpoint_url=endpoint_url)
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of validating every row of a manifest."""
+
+    uri: str
+    format: str
+    columns: list[str] = field(default_factory=list)
+    unknown_columns: list[str] = field(default_factory=list)
+    rows: int = 0
+    valid: int = 0
+    invalid: int = 0
+    images: int = 0  # output images the valid rows ask for (the sum of n)
+    errors: list[InvalidRow] = field(default_factory=list)  # the first MAX_REPORTED_ERRORS
+    errors_by_column: Counter[str] = field(default_factory=Counter)  # invalid rows per column
+    # Valid rows and images a run still has to pay for (not done, selected); see validate.
+    rows_left: int | None = None
+    images_left: int | None = None
+    # Valid rows whose sources were read and checked (see pipeline.engine.source_check);
+    # None: not checked.
+    sources_checked: int | None = None
+    source_invalid: int = 0  # of those, rows with a missing or unusable source or mask
+
+    def add(self, parsed: ParsedRow, *, max_errors: int = MAX_REPORTED_ERRORS) -> None:
+        """Count one row (valid or not) into the report, keeping the first `max_errors`."""
+        self.rows += 1
+        if isinstance(parsed, ManifestRow):
+            self.valid += 1
+            self.images += parsed.params.image_count()
+            return
+        self.invalid += 1
+        if len(self.errors) < max_errors:
+            self.errors.append(parsed)
+        for column in {e.column for e in parsed.errors}:
+            self.errors_by_column[column] += 1
+
+    @property
+    def ok(self) -> bool:
+        return self.invalid == 0
+
+    @property
+    def errors_truncated(self) -> bool:
+        return self.invalid > len(self.errors)
+
+    @property
+    def estimated_cost_usd(self) -> float:
+        """What the valid rows would cost at the known price per output image."""
+        return round(self.images * spec.PRICE_PER_IMAGE_USD, 6)
+
+
+def validate_manifest(
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    max_errors: int = MAX_REPORTED_ERRORS,
+    row_range: RowRange | None = None,
+    left: Callable[[int], bool] | None = None,
+) -> ValidationReport:
+    """Open the manifest and validate every row; ManifestError for manifest-level problems."""
+    with open_manifest(uri, endpoint_url=endpoint_url) as manifest:
+        return manifest.validate(max_errors=max_errors, row_range=row_range, left=left)
+
+
+def format_error(row: InvalidRow) -> list[str]:
+    """One line per problem: `row 7, column seed: seed 'abc' is not an integer`."""
+    lines = []
+    for err in row.errors:
+        if err.column == ROW_COLUMN:
+            lines.append(f"row {row.row}: {err.reason}")
+        else:
+            lines.append(f"row {row.row}, column {err.column}: {err.reason}")
+    return lines
+
+
+def format_report(report: ValidationReport, *, max_listed: int = DEFAULT_LISTED_ERRORS) -> str:
+    """The report for a person: totals, unknown columns, then one line per problem."""
+    lines = [
+        f"manifest {report.uri} ({report.format}): {report.rows} rows, {report.valid} valid, "
+        f"{report.invalid} invalid; {report.images} output images "
+        f"(about {spec.CURRENCY} {report.estimated_cost_usd:.2f})"
+    ]
+    if report.unknown_columns:
+        shown = []
+        for column in report.unknown_columns:
+            guess = suggest(column)
+            shown.append(f"{column!r} (did you mean {guess!r}?)" if guess else repr(column))
+        lines.append("unknown columns, ignored: " + ", ".join(shown))
+    if report.errors_by_column:
+        tally = ", ".join(
+            f"{'whole row' if c == ROW_COLUMN else c} {k}"
+            for c, k in report.errors_by_column.most_common()
+        )
+        lines.append(f"invalid rows by column: {tally}")
+    if report.images_left is not None:
+        lines.append(
+            f"left to edit: {report.rows_left} of {report.valid} valid rows, "
+            f"{report.images_left} images (about {spec.CURRENCY} "
+            f"{report.images_left * spec.PRICE_PER_IMAGE_USD:.2f}); the others are done"
+        )
+    if report.sources_checked is not None:
+        lines.append(
+            f"sources read for {report.sources_checked} valid rows: "
+            f"{report.source_invalid} with a missing or unusable image or mask"
+        )
+    listed = 0
+    for row in report.errors:
+        for line in format_error(row):
+            if listed >= max_listed:
+                break
+            lines.append(line)
+            listed += 1
+    more = report.invalid - len(report.errors)
+    problems = sum(len(r.errors) for r in report.errors)
+    if problems > listed or more > 0:
+        unlisted = problems - listed
+        parts = []
+        if unlisted > 0:
+            parts.append(f"{unlisted} more problems")
+        if more > 0:
+            parts.append(f"{more} more invalid rows")
+        lines.append(f"... and {' and '.join(parts)} not listed")
+    if report.ok:
+        lines.append("all rows are valid")
+    return "\n".join(lines)

@@ -1,0 +1,733 @@
+"""Manifest readers: CSV and Parquet, local or on S3, streamed in blocks as raw rows.
+
+A reader checks the file and its header when it is made (so a bad manifest fails at open
+time) and then yields one raw row per data row, in order, numbered from 1 (header excluded).
+Each raw row is a `RawRow` (cells keyed by canonical column name) or, for a CSV row with the
+wrong number of fields, an InvalidRow in its place.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import difflib
+import os
+import re
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pipeline.errors import ManifestError
+from pipeline.io.s3 import make_s3_client
+from pipeline.manifest.rows import (
+    KNOWN_COLUMNS,
+    PARAM_PREFIX,
+    fixed_param_column_reason,
+    ragged_row,
+)
+from pipeline.manifest.types import FieldError, InvalidRow
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+# How much of a CSV is read up front to find its header, sniff the delimiter and check UTF-8.
+SNIFF_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 1024 * 1024
+# pyarrow parses a CSV in blocks of this size and its I/O thread reads up to about 32 blocks
+# ahead, so roughly 33 blocks of raw CSV (plus one output batch) is what sits in memory,
+# whatever the file's size. A single row may not be larger than a block.
+CSV_BLOCK_BYTES = 256 * 1024
+PARQUET_READ_ROWS = 8192
+DELIMITERS: tuple[str, ...] = (",", ";", "\t")
+# Text of a ragged row kept for its hint; the rest is not needed.
+MAX_RAGGED_TEXT = 4096
+
+CSV_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv")
+GZIP_EXTENSIONS: tuple[str, ...] = (".csv.gz", ".tsv.gz")
+PARQUET_EXTENSIONS: tuple[str, ...] = (".parquet", ".pq")
+
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+
+# Parquet types each column may have; anything else cannot hold the values.
+_INT_COLUMNS = frozenset({"seed", "n", "output_compression"})
+
+# Telling a multi-line value that swallowed rows (a quote left open) from a real multi-line
+# prompt: see CsvReader._rowlike_lines.
+_SOURCE_COLUMNS = frozenset({"image", "images", "mask"})
+_IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".gif",
+    ".avif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+)
+_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://\S+$")
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One data row's cells by canonical column name, plus problems found while reading it."""
+
+    row: int
+    cells: dict[str, object]
+    problems: tuple[FieldError, ...] = ()
+
+
+RawItem = RawRow | InvalidRow
+
+
+@dataclass
+class ColumnMap:
+    """The manifest's columns: as found, the known ones by canonical name, and the rest."""
+
+    found: list[str]
+    canonical: dict[str, str] = field(default_factory=dict)  # raw name -> canonical name
+    unknown: list[str] = field(default_factory=list)
+
+    @property
+    def known(self) -> list[str]:
+        return list(self.canonical.values())
+
+
+def canonical_name(raw: str) -> str | None:
+    """The known column `raw` names (case and surrounding spaces ignored), else None."""
+    name = raw.strip()
+    lowered = name.lower()
+    if lowered in KNOWN_COLUMNS:
+        return lowered
+    if lowered.startswith(PARAM_PREFIX):
+        return PARAM_PREFIX + name[len(PARAM_PREFIX) :].strip()
+    return None
+
+
+def map_columns(found: list[str], uri: str) -> ColumnMap:
+    """Check the header: no duplicate known columns, a prompt, an image or images column."""
+    cmap = ColumnMap(found=list(found))
+    first_at: dict[str, int] = {}
+    for index, raw in enumerate(found, 1):
+        name = canonical_name(raw)
+        if name is None:
+            # pandas writes its index as an unnamed first column; it is noise, not a typo.
+            if not raw.startswith("__index_level_"):
+                cmap.unknown.append(raw)
+            continue
+        if name in first_at:
+            raise ManifestError(
+                f"manifest {uri} has the column {name!r} twice (columns {first_at[name]} "
+                f"and {index})"
+            )
+        first_at[name] = index
+        if name.startswith(PARAM_PREFIX):
+            reason = fixed_param_column_reason(name)
+            if reason:
+                raise ManifestError(f"manifest {uri}: {reason}")
+        cmap.canonical[raw] = name
+    listed = ", ".join(repr(c) for c in found) or "none"
+    if "prompt" not in first_at:
+        raise ManifestError(f"manifest {uri} has no prompt column; found columns: {listed}")
+    if "image" not in first_at and "images" not in first_at:
+        raise ManifestError(
+            f"manifest {uri} has no image or images column; found columns: {listed}"
+        )
+    return cmap
+
+
+def suggest(column: str) -> str | None:
+    """The known column an unknown one most likely meant (`promt` -> `prompt`)."""
+    matches = difflib.get_close_matches(column.strip().lower(), KNOWN_COLUMNS, n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def manifest_format(uri: str) -> tuple[str, bool]:
+    """("csv" | "parquet", gzip-compressed) from the name; ManifestError when unknown."""
+    name = uri.lower().rstrip("/")
+    if name.endswith(GZIP_EXTENSIONS):
+        return "csv", True
+    if name.endswith(CSV_EXTENSIONS):
+        return "csv", False
+    if name.endswith(PARQUET_EXTENSIONS):
+        return "parquet", False
+    raise ManifestError(
+        f"unknown format for manifest {uri}: expected a name ending in .csv, .csv.gz, .tsv, "
+        ".parquet or .pq"
+    )
+
+
+# --- where the bytes are ------------------------------------------------------------------
+
+
+class Source:
+    """A manifest's bytes: a local file or an S3 object (pinned to the ETag first seen)."""
+
+    def __init__(self, uri: str, *, endpoint_url: str | None = None) -> None:
+        self.uri = uri
+        self.bucket: str | None = None
+        self.key = ""
+        self.path = ""
+        self._etag: str | None = None
+        self._client: S3Client | None = None
+        self._endpoint_url = endpoint_url
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[len("s3://") :].partition("/")
+            if not bucket or not key or key.endswith("/"):
+                raise ManifestError(f"manifest URI {uri} must name an object: s3://bucket/key")
+            self.bucket, self.key = bucket, key
+        elif uri.lower().startswith("file://"):
+            parts = urlsplit(uri)
+            if parts.netloc not in ("", "localhost"):
+                raise ManifestError(f"manifest URI {uri} names another host; file:// is local")
+            self.path = os.path.abspath(unquote(parts.path))
+            self._check_local()
+        elif "://" in uri:
+            raise ManifestError(
+                f"unsupported manifest location {uri}: expected a local path, file:// or s3://"
+            )
+        else:
+            self.path = os.path.abspath(uri)
+            self._check_local()
+
+    @property
+    def is_s3(self) -> bool:
+        return self.bucket is not None
+
+    def _check_local(self) -> None:
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            raise ManifestError(f"manifest not found: {self.path}") from None
+        except OSError as exc:
+            raise ManifestError(f"cannot read manifest {self.path}: {exc.strerror}") from exc
+        if os.path.isdir(self.path):
+            raise ManifestError(f"manifest {self.path} is a directory, not a file")
+        if not os.access(self.path, os.R_OK):
+            raise ManifestError(f"cannot read manifest {self.path}: permission denied")
+
+    def _s3(self) -> S3Client:
+        if self._client is None:
+            self._client = make_s3_client(self._endpoint_url)
+        return self._client
+
+    def _s3_error(self, exc: Exception) -> ManifestError:
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ManifestError(f"manifest not found: {self.uri}")
+            if code == "NoSuchBucket":
+                return ManifestError(f"bucket {self.bucket!r} does not exist (manifest {self.uri})")
+            if code in ("AccessDenied", "403") or status == 403:
+                return ManifestError(f"access denied reading manifest {self.uri}")
+            if code == "PreconditionFailed" or status == 412:
+                return ManifestError(
+                    f"manifest {self.uri} changed while it was being read; start again"
+                )
+            return ManifestError(
+                f"cannot read manifest {self.uri}: {code} {err.get('Message', '')}"
+            )
+        return ManifestError(f"cannot read manifest {self.uri}: {exc}")
+
+    def open(self) -> pa.NativeFile:
+        """A fresh stream over the raw bytes, from the start."""
+        if not self.is_s3:
+            try:
+                return pa.OSFile(self.path, mode="r")
+            except OSError as exc:
+                raise ManifestError(f"cannot read manifest {self.path}: {exc}") from exc
+        assert self.bucket is not None
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
+        if self._etag:
+            # Every pass must read the same object: a manifest replaced between validation
+            # and the run would otherwise give rows that were never validated.
+            args["IfMatch"] = self._etag
+        try:
+            obj = self._s3().get_object(**args)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._s3_error(exc) from exc
+        self._etag = self._etag or obj.get("ETag")
+        return pa.PythonFile(obj["Body"], mode="r")
+
+    def download(self) -> str:
+        """The object in a temporary file (the caller deletes it)."""
+        assert self.bucket is not None
+        fd, path = tempfile.mkstemp(prefix="imgedit-manifest-", suffix=".parquet")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                self._s3().download_fileobj(self.bucket, self.key, out)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if isinstance(exc, OSError):
+                raise ManifestError(f"cannot download manifest {self.uri}: {exc}") from exc
+            raise self._s3_error(exc) from exc
+        return path
+
+
+# --- CSV ----------------------------------------------------------------------------------
+
+
+def _header_end(text: str) -> int:
+    """Index of the line break ending the header (quotes respected), or -1."""
+    in_quotes = False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif ch in "\r\n" and not in_quotes:
+            return i
+    return -1
+
+
+def sniff_delimiter(header: str) -> str:
+    """The candidate delimiter the header uses most (`,` wins ties and single columns)."""
+    return max(DELIMITERS, key=header.count)
+
+
+class CsvReader:
+    """Streams a CSV with pyarrow; every column is read as text, ragged rows kept in place."""
+
+    def __init__(self, source: Source, *, gzip: bool) -> None:
+        self._source = source
+        self._gzip = gzip
+        header = self._read_header()
+        self.delimiter = sniff_delimiter(header)
+        self.columns = next(csv.reader([header], delimiter=self.delimiter), [])
+        # Where the image sources are, for telling swallowed rows from multi-line prompts.
+        self._source_indices = [
+            i for i, raw in enumerate(self.columns) if canonical_name(raw) in _SOURCE_COLUMNS
+        ]
+
+    def _stream(self) -> pa.NativeFile:
+        raw = self._source.open()
+        return pa.CompressedInputStream(raw, "gzip") if self._gzip else raw
+
+    def _read_prefix(self) -> tuple[bytes, bool]:
+        """The first bytes of the (decompressed) file up to the header's end; and whether EOF."""
+        stream = self._stream()
+        chunks: list[bytes] = []
+        size = 0
+        seen_line_end = False
+        try:
+            # At least SNIFF_BYTES (to check UTF-8 and see whether rows follow the header),
+            # more only while the header line has not ended.
+            while size < SNIFF_BYTES or (not seen_line_end and size < MAX_HEADER_BYTES):
+                chunk = stream.read(SNIFF_BYTES)
+                if not chunk:
+                    return b"".join(chunks), True
+                chunks.append(chunk)
+                size += len(chunk)
+                seen_line_end = seen_line_end or b"\n" in chunk or b"\r" in chunk
+        except (OSError, pa.ArrowException) as exc:
+            what = "decompress" if self._gzip else "read"
+            raise ManifestError(f"cannot {what} manifest {self._source.uri}: {exc}") from exc
+        finally:
+            stream.close()
+        return b"".join(chunks), False
+
+    def _read_header(self) -> str:
+        uri = self._source.uri
+        data, eof = self._read_prefix()
+        if data.startswith(_UTF16_BOMS):
+            raise ManifestError(f"manifest {uri} is UTF-16 or UTF-32 encoded; save it as UTF-8")
+        data = data.removeprefix(codecs.BOM_UTF8)
+        try:
+            text, _ = codecs.utf_8_decode(data, "strict", eof)
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise ManifestError(
+                f"manifest {uri} is not valid UTF-8 (line {line} has the byte "
+                f"0x{data[exc.start]:02x}); save it as UTF-8"
+            ) from None
+        # pyarrow skips blank lines before the header too.
+        stripped = text.lstrip("\r\n")
+        if not stripped.strip():
+            raise ManifestError(f"manifest {uri} has no rows (the file is empty)")
+        end = _header_end(stripped)
+        if end < 0:
+            if not eof:
+                raise ManifestError(
+                    f"manifest {uri}: no end of the header line in the first "
+                    f"{MAX_HEADER_BYTES // 1024} KiB; is this a CSV file?"
+                )
+            end = len(stripped)
+        if eof and not stripped[end:].strip():
+            raise ManifestError(f"manifest {uri} has no rows (only a header)")
+        return stripped[:end]
+
+    def _open_reader(
+        self, handler: Callable[[Any], str], include: list[str] | None
+    ) -> tuple[pa.NativeFile, pacsv.CSVStreamingReader]:
+        stream = self._stream()
+        try:
+            reader = pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=self.delimiter,
+                    newlines_in_values=True,
+                    invalid_row_handler=handler,
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={name: pa.string() for name in self.columns},
+                    include_columns=include or [],
+                    strings_can_be_null=False,
+                ),
+            )
+        except (pa.ArrowException, OSError) as exc:
+            stream.close()
+            raise self._translate(exc, 0) from exc
+        return stream, reader
+
+    def _translate(self, exc: Exception, last_row: int) -> ManifestError:
+        uri = self._source.uri
+        message = str(exc)
+        if isinstance(exc, ManifestError):
+            return exc
+        if "straddl" in message:
+            return ManifestError(
+                f"bad quoting in manifest {uri}: a quoted value after data row {last_row} "
+                "never ends (is a quote unclosed?)"
+            )
+        if "invalid UTF8" in message:
+            where = _pyarrow_row(message)
+            at = f"data row {where - 1}" if where else f"after data row {last_row}"
+            return ManifestError(f"manifest {uri} is not valid UTF-8 ({at}); save it as UTF-8")
+        if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
+            return ManifestError(f"cannot read manifest {uri}: {exc}")
+        return ManifestError(f"cannot parse manifest {uri} after data row {last_row}: {message}")
+
+    def rows(self, cmap: ColumnMap) -> Iterator[RawItem]:
+        """Every data row in order: RawRow, or InvalidRow for a ragged row, numbered from 1."""
+        ragged: deque[tuple[int, int, int, str]] = deque()
+
+        def on_invalid(bad: Any) -> str:
+            number = bad.number if bad.number is not None else -1
+            text = (bad.text or "")[:MAX_RAGGED_TEXT]
+            # pyarrow counts the header as row 1.
+            ragged.append((number - 1, bad.expected_columns, bad.actual_columns, text))
+            return "skip"
+
+        stream, reader = self._open_reader(on_invalid, None)
+        if list(reader.schema.names) != self.columns:
+            stream.close()
+            raise ManifestError(
+                f"cannot parse the header of manifest {self._source.uri}: read as "
+                f"{reader.schema.names}, expected {self.columns}"
+            )
+        names = [cmap.canonical.get(raw) for raw in reader.schema.names]
+        known = [(i, name) for i, name in enumerate(names) if name is not None]
+        known_names = [name for _, name in known]
+        value_at = dict(known)
+        next_row = 1
+        held: RawRow | None = None
+        last_values: tuple[Any, ...] = ()
+        try:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except (pa.ArrowException, OSError) as exc:
+                    raise self._translate(exc, next_row - 1) from exc
+                columns = [batch.column(i).to_pylist() for i, _ in known]
+                for values in zip(*columns, strict=True):
+                    # A ragged row takes the number pyarrow gave it; `<=` keeps the numbering
+                    # gapless even if pyarrow ever numbered differently.
+                    while ragged and ragged[0][0] <= next_row:
+                        _, expected, found, text = ragged.popleft()
+                        if held is not None:
+                            yield held
+                            held = None
+                        yield ragged_row(next_row, expected, found, text)
+                        next_row += 1
+                    if held is not None:
+                        yield held
+                    held = RawRow(
+                        next_row,
+                        dict(zip(known_names, values, strict=True)),
+                        self._swallowed_rows(
+                            value_at, {i: v for (i, _), v in zip(known, values, strict=True)}
+                        ),
+                    )
+                    next_row += 1
+                if batch.num_rows:
+                    last_values = tuple(
+                        batch.column(i)[batch.num_rows - 1].as_py()
+                        for i in range(batch.num_columns)
+                    )
+            if held is not None and not ragged:
+                problems = self._unclosed_quote(list(reader.schema.names), last_values)
+                if problems:
+                    held = RawRow(held.row, held.cells, problems)
+            if held is not None:
+                yield held
+            while ragged:
+                _, expected, found, text = ragged.popleft()
+                yield ragged_row(next_row, expected, found, text)
+                next_row += 1
+        finally:
+            stream.close()
+
+    def _swallowed_rows(
+        self, value_at: dict[int, str], row: dict[int, object]
+    ) -> tuple[FieldError, ...]:
+        """Problems when a row's value looks like it swallowed rows between two quotes.
+
+        A quote opened in one row and closed in a later one makes pyarrow merge the rows in
+        between into one value: that value spans lines that look like rows (see
+        `_rowlike_lines`) and keeps a stray quote (the closing one, read as text). Only a
+        value with both is refused: it would otherwise be paid for with the wrong prompt
+        while the swallowed rows vanish.
+
+        `value_at` maps raw column index -> canonical name of the columns read; `row` the
+        row's values by raw column index.
+        """
+        for index, name in value_at.items():
+            value = row.get(index)
+            if not isinstance(value, str) or '"' not in value:
+                continue
+            if "\n" not in value and "\r" not in value:
+                continue
+            lines, rowlike = self._rowlike_lines(value, row)
+            if rowlike:
+                return (
+                    FieldError(
+                        name,
+                        f"{name} runs over {lines} lines, {rowlike} of them like rows "
+                        "and a stray quote: is a quote unclosed? (rows in it were not read)",
+                    ),
+                )
+        return ()
+
+    def _unclosed_quote(self, names: list[str], values: tuple[Any, ...]) -> tuple[FieldError, ...]:
+        """Problems when the file's last row looks like it swallowed rows after an open quote.
+
+        pyarrow accepts a quote left open at the end of a file: the rest of the file becomes
+        one value of the last row. That value then ends with the file's final line break and
+        holds lines that look like rows (see `_rowlike_lines`); a real multi-line value
+        rarely ends with a line break, and even then seldom has such lines.
+        """
+        row = dict(enumerate(values))
+        for index, name in enumerate(names):
+            value = row.get(index)
+            if not isinstance(value, str) or not value.endswith(("\n", "\r")):
+                continue
+            lines, rowlike = self._rowlike_lines(value, row)
+            if rowlike:
+                column = canonical_name(name) or name
+                return (
+                    FieldError(
+                        column,
+                        f"the last row's {column} runs over {lines} lines, {rowlike} "
+                        "of them like rows; is a quote unclosed?",
+                    ),
+                )
+        return ()
+
+    def _rowlike_lines(self, value: str, row: dict[int, object]) -> tuple[int, int]:
+        """(lines of `value`, how many of its lines after the first look like manifest rows).
+
+        Counting delimiters alone cannot tell: with 2 or 3 columns, any prompt line holding a
+        comma has "as many delimiters as a row". What a swallowed row has and prose lacks is
+        an image source where the manifest keeps its sources. A line looks like a row when,
+        split at the delimiter (a swallowed line holds no lone quote: one would have ended
+        the value), it has
+          * exactly as many fields as the header, and
+          * in an image, images or mask column, a value shaped like a source: a URL
+            (`scheme://...`, no spaces), a name ending in an image extension (with a `/` if
+            it has spaces: `my photos/cat 1.png` but not `Use cat.png`), or a space-free
+            path in the same folder as this row's own value of that column.
+        The value's last line may also be the start of the row whose quote closed the value
+        (`b.png,` + the rest of that field): there, two or more fields whose leading,
+        complete ones hold such a source in a source column count too.
+        So `Write "SALE" on the sign` / `and make it red, bold` is a prompt in any manifest,
+        and `b.png,make it red` inside a value is a swallowed row. The price: a prompt line
+        made of an image name, the delimiter and (for wider manifests) exactly enough
+        further delimiters (`ref.png, keep its style` with 2 columns) still reads as a row.
+        """
+        lines = _LINE_BREAK_RE.split(value.rstrip("\r\n"))
+        sources = self._source_indices
+        width = len(self.columns)
+        rowlike = 0
+        for number, line in enumerate(lines[1:], 2):
+            fields = line.split(self.delimiter)
+            if len(fields) == width:
+                candidates = sources
+            elif number == len(lines) and 2 <= len(fields) < width:
+                candidates = [i for i in sources if i < len(fields) - 1]
+            else:
+                continue
+            if any(_source_shaped(fields[i], row.get(i)) for i in candidates):
+                rowlike += 1
+        return len(lines), rowlike
+
+    def count_rows(self, cmap: ColumnMap) -> int:
+        """Data rows, ragged ones included, converting only the (unique) prompt column."""
+        ragged = 0
+
+        def on_invalid(bad: Any) -> str:
+            nonlocal ragged
+            ragged += 1
+            return "skip"
+
+        prompt = next(raw for raw, name in cmap.canonical.items() if name == "prompt")
+        stream, reader = self._open_reader(on_invalid, [prompt])
+        total = 0
+        try:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except (pa.ArrowException, OSError) as exc:
+                    raise self._translate(exc, total + ragged) from exc
+                total += batch.num_rows
+        finally:
+            stream.close()
+        return total + ragged
+
+
+def _source_shaped(text: str, own: object) -> bool:
+    """Whether a CSV field looks like an image source (or `|` list of them); see above."""
+    parts = [part.strip() for part in text.split("|")]
+    if not all(parts):
+        return False
+    folder = ""
+    first = own.split("|", 1)[0].strip() if isinstance(own, str) else ""
+    if "/" in first:
+        folder = first.rsplit("/", 1)[0] + "/"
+    for part in parts:
+        spaced = any(ch.isspace() for ch in part)
+        if _URL_RE.match(part):
+            continue
+        path = part.lower().split("?", 1)[0]
+        if path.endswith(_IMAGE_SUFFIXES) and (not spaced or "/" in part):
+            continue
+        if folder and not spaced and part.startswith(folder) and len(part) > len(folder):
+            continue
+        return False
+    return True
+
+
+def _pyarrow_row(message: str) -> int | None:
+    """The `Row #N` pyarrow names in a conversion error (it counts the header as 1)."""
+    marker = "Row #"
+    at = message.find(marker)
+    if at < 0:
+        return None
+    digits = ""
+    for ch in message[at + len(marker) :]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+# --- Parquet ------------------------------------------------------------------------------
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    return bool(
+        pa.types.is_null(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_string_view(t)
+    )
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
+
+
+def _is_text_list(t: pa.DataType) -> bool:
+    is_list = (
+        pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+        or pa.types.is_fixed_size_list(t)
+        or pa.types.is_list_view(t)
+        or pa.types.is_large_list_view(t)
+    )
+    return bool(is_list and _is_text(t.value_type))
+
+
+def parquet_type_problem(name: str, t: pa.DataType) -> str | None:
+    """What the column's Parquet type should be instead, or None when it can hold the values."""
+    if _is_text(t):
+        return None
+    if name in _INT_COLUMNS:
+        return None if _is_number(t) else "an integer, float or string column"
+    if name == "id":
+        return None if pa.types.is_integer(t) else "a string or integer column"
+    if name == "images":
+        return None if _is_text_list(t) else "a string or list<string> column"
+    if name == "params":
+        return None if pa.types.is_struct(t) else "a string (JSON object) or struct column"
+    if name.startswith(PARAM_PREFIX):
+        scalar = _is_number(t) or pa.types.is_boolean(t)
+        return None if scalar else "a string, number or boolean column"
+    return "a string column"
+
+
+class ParquetReader:
+    """Reads a local Parquet file in record batches of the known columns only."""
+
+    def __init__(self, path: str, uri: str) -> None:
+        self._uri = uri
+        try:
+            self._file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"manifest {uri} is not a readable Parquet file: {exc}") from exc
+        self.schema = self._file.schema_arrow
+        self.columns = list(self.schema.names)
+        self.num_rows = self._file.metadata.num_rows
+
+    def check(self, cmap: ColumnMap) -> None:
+        for raw, name in cmap.canonical.items():
+            t = self.schema.field(raw).type
+            expected = parquet_type_problem(name, t)
+            if expected:
+                raise ManifestError(
+                    f"manifest {self._uri}: column {raw!r} has the Parquet type {t}; "
+                    f"expected {expected}"
+                )
+        if self.num_rows == 0:
+            raise ManifestError(f"manifest {self._uri} has no rows")
+
+    def rows(self, cmap: ColumnMap) -> Iterator[RawItem]:
+        raws = list(cmap.canonical)
+        names = [cmap.canonical[r] for r in raws]
+        next_row = 1
+        batches = self._file.iter_batches(batch_size=PARQUET_READ_ROWS, columns=raws)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:
+                raise ManifestError(
+                    f"cannot read manifest {self._uri} after row {next_row - 1}: {exc}"
+                ) from exc
+            columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+            for values in zip(*columns, strict=True):
+                yield RawRow(next_row, dict(zip(names, values, strict=True)))
+                next_row += 1
+
+    def close(self) -> None:
+        self._file.close()

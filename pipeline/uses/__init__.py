@@ -1,0 +1,1 @@
+"""What is built on the engine: catalogues, datasets, contact sheets, run history."""
