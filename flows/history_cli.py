@@ -112,7 +112,8 @@ def runs(
     json_out: JsonOpt = False,
 ) -> None:
     """List OUTPUT's runs, newest first: state, counts by status, cost, time."""
-    from pipeline.uses.run_history import HistoryError, list_runs
+    from pipeline.errors import HistoryError
+    from pipeline.uses.run_history import list_runs
 
     with _errors():
         storage = _open(output, s3_endpoint_url)
@@ -280,6 +281,7 @@ def status(
     json_out: JsonOpt = False,
 ) -> None:
     """Rows of OUTPUT by their latest state across every run (succeeded if any run did it)."""
+    from pipeline.errors import HistoryError
     from pipeline.uses import run_history as rh
 
     if write and write_default:
@@ -288,7 +290,7 @@ def status(
         storage = _open(output, s3_endpoint_url)
         found = rh.list_runs(storage)
         if not found and manifest is None:
-            raise rh.HistoryError(f"no runs under {storage.root_uri}")
+            raise HistoryError(f"no runs under {storage.root_uri}")
         if manifest is not None and "://" not in manifest:
             manifest = str(Path(manifest).expanduser().resolve())
         table = rh.row_status(storage, manifest, endpoint_url=s3_endpoint_url)

@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from flows.history_cli import example_text
 from pipeline.engine import layout
 from pipeline.engine.results import STATUSES
-from pipeline.errors import ImgEditError, StorageError
+from pipeline.errors import HistoryError, ImgEditError, StorageError
 from pipeline.io.storage import S3Storage, Storage, check_key
 from pipeline.uses import run_history as rh
 from pipeline.uses.catalogue import UriReader
@@ -553,7 +553,7 @@ def create_app(
             raise HTTPException(400, "status must be one of " + ", ".join(STATUSES))
         try:
             return _run_page(site, run_id, status, page)
-        except rh.HistoryError:
+        except HistoryError:
             raise HTTPException(404, "no such run") from None
 
     @app.get("/runs/{run_id}/contact-sheet.png")
@@ -596,7 +596,7 @@ def create_app(
         run_id = _checked_run_id(run)
         try:
             table = site.run_table(run_id)
-        except rh.HistoryError:
+        except HistoryError:
             raise HTTPException(404, "no such run") from None
         match = table.filter(pc.equal(table.column("row"), row)).column("source_uris")
         uris = match.to_pylist()[0] if len(match) else None

@@ -18,3 +18,18 @@ DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_LEASE_S = 90.0
 # The Prefect global concurrency limit every run and worker shares.
 DEFAULT_LIMIT_NAME = "imgedit-api"
+
+# --- what the API answers is capped -----------------------------------------------------
+
+# A reported cost over this many times the list price of the images asked is absurd: a
+# gateway bug or a lie, never counted against a budget.
+MAX_TRUSTED_COST_FACTOR = 100.0
+
+# Caps on text the API sends back, applied before it reaches sidecars, tables or logs.
+MAX_API_TEXT_CHARS = 8192  # revised_prompt, error messages
+# ids, error codes, provider and model names, currency, request ids, sizes, output formats
+MAX_API_SHORT_TEXT_CHARS = 256
+MAX_METADATA_JSON_CHARS = 16_384  # `metadata` of an answer, the body of an error
+# A server asking for a longer wait than this is treated as asking for this (the OpenAI
+# SDK's cap): one Retry-After must not freeze a run.
+MAX_RETRY_AFTER_S = 120.0

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.spec import (
+from pipeline.constants import (
     MAX_API_SHORT_TEXT_CHARS,
     MAX_API_TEXT_CHARS,
     MAX_METADATA_JSON_CHARS,
@@ -173,6 +173,26 @@ class StorageError(ImgEditError):
     def __init__(self, message: str, *, fatal: bool = False) -> None:
         super().__init__(message)
         self.fatal = fatal
+
+
+class StorageNotFound(StorageError):
+    """The key does not exist in the storage."""
+
+
+class InvalidKeyError(StorageError, ValueError):
+    """A key that is not a clean relative path (absolute, `..`, backslash, NUL...)."""
+
+
+class HistoryError(ImgEditError):
+    """No such output, no runs in it, or no such run."""
+
+
+class SpecValueError(ValueError):
+    """A parameter value the API would reject; the message is the reason, for a person."""
+
+
+class EmulatorStartError(ImgEditError):
+    """The emulator subprocess did not come up."""
 
 
 class ConfigError(ImgEditError):

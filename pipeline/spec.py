@@ -9,6 +9,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from pipeline.errors import SpecValueError
+
 DEFAULT_API_BASE = "https://api.lumenfall.ai/openai/v1"
 DEFAULT_MODEL = "p-image-edit"
 
@@ -23,19 +25,6 @@ MAX_COMPRESSION = 100
 PRICE_PER_IMAGE_USD = 0.01
 CURRENCY = "USD"
 MICROS_PER_USD = 1_000_000
-# A reported cost over this many times the list price of the images asked is absurd: a
-# gateway bug or a lie, never counted against a budget.
-MAX_TRUSTED_COST_FACTOR = 100.0
-
-# Caps on text the API sends back, applied before it reaches sidecars, tables or logs.
-MAX_API_TEXT_CHARS = 8192  # revised_prompt, error messages
-# ids, error codes, provider and model names, currency, request ids, sizes, output formats
-MAX_API_SHORT_TEXT_CHARS = 256
-MAX_METADATA_JSON_CHARS = 16_384  # `metadata` of an answer, the body of an error
-# A server asking for a longer wait than this is treated as asking for this (the OpenAI
-# SDK's cap): one Retry-After must not freeze a run.
-MAX_RETRY_AFTER_S = 120.0
-
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "gif", "webp", "avif")
 LOSSY_FORMATS: frozenset[str] = frozenset({"jpeg", "webp", "avif"})
 # Accepted spellings that mean one of OUTPUT_FORMATS.
@@ -85,10 +74,6 @@ RESOLUTION_TIERS: tuple[str, ...] = ("1K",)
 _PIXELS_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 _RATIO_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*$")
 _TIER_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kK]|[mM][pP]?)?\s*$")
-
-
-class SpecValueError(ValueError):
-    """A parameter value the API would reject; the message is the reason, for a person."""
 
 
 def normalize_output_format(value: str) -> str:

@@ -14,8 +14,8 @@ from moto import mock_aws
 
 from pipeline.emulator.process import EmulatorProcess
 from pipeline.engine.run import RunOptions, run_manifest
-from pipeline.errors import ConfigError, StorageError
-from pipeline.io.storage import S3Storage, StorageNotFound
+from pipeline.errors import ConfigError, StorageError, StorageNotFound
+from pipeline.io.storage import S3Storage
 from pipeline.manifest.open import open_manifest, validate_manifest
 from pipeline.manifest.rows import MAX_ID_CHARS
 from pipeline.manifest.types import ManifestRow

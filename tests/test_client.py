@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from pipeline import errors, spec
+from pipeline import constants, errors
 from pipeline.engine.client import EditClient, EditRequest, ImagePart, build_files, build_form
 from pipeline.io.netguard import AddressPolicy
 from pipeline.manifest.types import EditParams
@@ -488,7 +488,7 @@ async def test_a_huge_revised_prompt_is_cut_with_a_warning() -> None:
     async with make_client(handler) as client:
         resp = await client.edit(request_with())
     revised = resp.images[0].revised_prompt
-    assert revised is not None and len(revised) == spec.MAX_API_TEXT_CHARS
+    assert revised is not None and len(revised) == constants.MAX_API_TEXT_CHARS
     assert revised.startswith("rrr") and revised.endswith(f"... [cut, {size} characters]")
     assert resp.warnings == (f"revised_prompt cut from {size} to 8192 characters",)
 
@@ -507,7 +507,7 @@ async def test_short_texts_of_an_answer_are_cut_with_warnings() -> None:
 
     async with make_client(handler) as client:
         resp = await client.edit(request_with())
-    short = spec.MAX_API_SHORT_TEXT_CHARS
+    short = constants.MAX_API_SHORT_TEXT_CHARS
     texts = [resp.id, resp.size, resp.output_format, resp.provider, resp.executed_model]
     texts += [resp.model, resp.currency, resp.request_id]
     assert all(t is not None and len(t) == short for t in texts)
@@ -539,9 +539,9 @@ async def test_huge_metadata_is_reduced_under_the_cap() -> None:
 
     async with make_client(handler) as client:
         resp = await client.edit(request_with())
-    assert len(json.dumps(resp.metadata)) <= spec.MAX_METADATA_JSON_CHARS
+    assert len(json.dumps(resp.metadata)) <= constants.MAX_METADATA_JSON_CHARS
     assert resp.metadata["model"] == "p-image-edit" and resp.metadata["cost"] == 0.01
-    assert len(resp.metadata["blob"]) == spec.MAX_API_SHORT_TEXT_CHARS
+    assert len(resp.metadata["blob"]) == constants.MAX_API_SHORT_TEXT_CHARS
     assert "nested" not in resp.metadata and "k" * 1000 not in resp.metadata
     assert resp.cost == pytest.approx(0.01) and resp.provider == "replicate"
     [warning] = resp.warnings
@@ -555,7 +555,7 @@ async def test_metadata_of_many_members_stays_under_the_cap() -> None:
 
     async with make_client(handler) as client:
         resp = await client.edit(request_with())
-    assert len(json.dumps(resp.metadata)) <= spec.MAX_METADATA_JSON_CHARS
+    assert len(json.dumps(resp.metadata)) <= constants.MAX_METADATA_JSON_CHARS
     assert resp.metadata["k0"] == 0
     assert resp.warnings[0].startswith("metadata cut: ")
 
@@ -605,14 +605,14 @@ async def test_a_huge_error_message_is_cut_everywhere_it_goes() -> None:
             await client.edit(request_with())
     exc = info.value
     marker = f"... [cut, {size} characters]"
-    assert len(exc.message) == spec.MAX_API_TEXT_CHARS and exc.message.endswith(marker)
-    assert len(str(exc)) < spec.MAX_API_TEXT_CHARS + 2 * spec.MAX_API_SHORT_TEXT_CHARS
+    assert len(exc.message) == constants.MAX_API_TEXT_CHARS and exc.message.endswith(marker)
+    assert len(str(exc)) < constants.MAX_API_TEXT_CHARS + 2 * constants.MAX_API_SHORT_TEXT_CHARS
     assert str(exc).endswith(marker)
-    assert exc.code is not None and len(exc.code) == spec.MAX_API_SHORT_TEXT_CHARS
-    assert exc.request_id is not None and len(exc.request_id) == spec.MAX_API_SHORT_TEXT_CHARS
-    assert len(json.dumps(exc.body)) <= spec.MAX_METADATA_JSON_CHARS
+    assert exc.code is not None and len(exc.code) == constants.MAX_API_SHORT_TEXT_CHARS
+    assert exc.request_id is not None and len(exc.request_id) == constants.MAX_API_SHORT_TEXT_CHARS
+    assert len(json.dumps(exc.body)) <= constants.MAX_METADATA_JSON_CHARS
     assert set(exc.body) == {"message", "code"}  # the list is not a short scalar
-    assert len(exc.body["message"]) == spec.MAX_API_SHORT_TEXT_CHARS
+    assert len(exc.body["message"]) == constants.MAX_API_SHORT_TEXT_CHARS
 
 
 async def test_a_huge_text_error_body_is_cut() -> None:
@@ -633,18 +633,18 @@ async def test_transport_error_text_is_cut() -> None:
     async with make_client(handler) as client:
         with pytest.raises(errors.APIConnectionError) as info:
             await client.edit(request_with())
-    assert len(str(info.value)) < 2 * spec.MAX_API_SHORT_TEXT_CHARS
+    assert len(str(info.value)) < 2 * constants.MAX_API_SHORT_TEXT_CHARS
     assert "peer said: qqq" in str(info.value)
 
 
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
-        ({"Retry-After": "999999"}, spec.MAX_RETRY_AFTER_S),
-        ({"Retry-After": "1e999"}, spec.MAX_RETRY_AFTER_S),
-        ({"Retry-After": "inf"}, spec.MAX_RETRY_AFTER_S),
-        ({"retry-after-ms": "1e12"}, spec.MAX_RETRY_AFTER_S),
-        ({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}, spec.MAX_RETRY_AFTER_S),
+        ({"Retry-After": "999999"}, constants.MAX_RETRY_AFTER_S),
+        ({"Retry-After": "1e999"}, constants.MAX_RETRY_AFTER_S),
+        ({"Retry-After": "inf"}, constants.MAX_RETRY_AFTER_S),
+        ({"retry-after-ms": "1e12"}, constants.MAX_RETRY_AFTER_S),
+        ({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}, constants.MAX_RETRY_AFTER_S),
         ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # in the past: now
         ({"Retry-After": "NaN"}, None),
         ({"Retry-After": "-3"}, None),
@@ -669,7 +669,7 @@ async def test_a_429_asking_for_days_is_capped_on_the_error() -> None:
     async with make_client(handler) as client:
         with pytest.raises(errors.RateLimitError) as info:
             await client.edit(request_with())
-    assert info.value.retry_after == spec.MAX_RETRY_AFTER_S
+    assert info.value.retry_after == constants.MAX_RETRY_AFTER_S
 
 
 @pytest.mark.parametrize(
@@ -699,6 +699,6 @@ async def test_dry_run_texts_and_components_are_capped() -> None:
     async with make_client(handler) as client:
         est = await client.estimate(request_with())
     assert est.total_cost_micros == 10000
-    assert len(est.currency) == len(est.model or "") == spec.MAX_API_SHORT_TEXT_CHARS
+    assert len(est.currency) == len(est.model or "") == constants.MAX_API_SHORT_TEXT_CHARS
     assert 0 < len(est.components) < 1000
-    assert len(json.dumps(est.components)) <= spec.MAX_METADATA_JSON_CHARS
+    assert len(json.dumps(est.components)) <= constants.MAX_METADATA_JSON_CHARS

@@ -18,8 +18,8 @@ from flows.cli import app
 from pipeline.emulator.process import EmulatorProcess
 from pipeline.engine import claims, done_index, layout
 from pipeline.engine.run import RunOptions, RunSummary, run_manifest
-from pipeline.errors import StorageError
-from pipeline.io.storage import LocalStorage, S3Storage, StorageNotFound, open_storage
+from pipeline.errors import StorageError, StorageNotFound
+from pipeline.io.storage import LocalStorage, S3Storage, open_storage
 
 pytestmark = pytest.mark.integration
 

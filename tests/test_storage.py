@@ -18,16 +18,9 @@ from botocore.config import Config
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
-from pipeline.errors import ConfigError, StorageError
+from pipeline.errors import ConfigError, InvalidKeyError, StorageError, StorageNotFound
 from pipeline.io import storage as storage_mod
-from pipeline.io.storage import (
-    HEX_SHARDS,
-    InvalidKeyError,
-    LocalStorage,
-    S3Storage,
-    StorageNotFound,
-    open_storage,
-)
+from pipeline.io.storage import HEX_SHARDS, LocalStorage, S3Storage, open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 # Built from parts so the source holds nothing shaped like a real key id.

@@ -51,7 +51,7 @@ from pipeline.emulator.faults import (
 )
 from pipeline.emulator.render import Base, BaseCache, build_base, render_variant
 from pipeline.emulator.store import FileStore
-from pipeline.errors import ConfigError, InvalidImageError
+from pipeline.errors import ConfigError, InvalidImageError, SpecValueError
 from pipeline.imageinfo import probe
 
 log = logging.getLogger(__name__)
@@ -457,7 +457,7 @@ def _validate(form: _Form, config: EmulatorConfig) -> _Edit:
     if raw_format is not None:
         try:
             output_format = spec.normalize_output_format(raw_format)
-        except spec.SpecValueError as exc:
+        except SpecValueError as exc:
             raise _invalid(str(exc), "output_format") from exc
     quality = _text_field(form, "quality")
     if quality is not None and quality.lower() not in spec.QUALITY_VALUES:
@@ -477,11 +477,11 @@ def _validate(form: _Form, config: EmulatorConfig) -> _Edit:
         if value is not None:
             try:
                 check(value)
-            except spec.SpecValueError as exc:
+            except SpecValueError as exc:
                 raise _invalid(str(exc), name) from exc
     try:
         out = spec.resolve_output_size(size, aspect_ratio, resolution, first_image=dims[0])
-    except spec.SpecValueError as exc:
+    except SpecValueError as exc:
         raise _invalid(str(exc), "size") from exc
 
     return _Edit(

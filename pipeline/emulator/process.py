@@ -40,13 +40,12 @@ from pipeline.emulator.config import (
     MALFORMED_KINDS,
     EmulatorConfig,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, EmulatorStartError
 from pipeline.spec import DEFAULT_MODEL
 
 __all__ = [
     "EmulatorConfig",
     "EmulatorProcess",
-    "EmulatorStartError",
     "emulator_command",
 ]
 
@@ -191,10 +190,6 @@ def _watch_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-class EmulatorStartError(RuntimeError):
-    """The emulator subprocess did not come up."""
 
 
 def missing_extra() -> str | None:

@@ -39,8 +39,8 @@ from typing import Any, TypeVar
 from pipeline.constants import DEFAULT_LEASE_S
 from pipeline.engine import layout
 from pipeline.engine.results import utcnow
-from pipeline.errors import StorageError
-from pipeline.io.storage import Storage, StorageNotFound
+from pipeline.errors import StorageError, StorageNotFound
+from pipeline.io.storage import Storage
 
 log = logging.getLogger(__name__)
 

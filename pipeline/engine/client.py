@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from pipeline import spec
+from pipeline import constants, spec
 from pipeline.constants import DEFAULT_TIMEOUT_S
 from pipeline.errors import (
     JSON_SEPARATOR_CHARS,
@@ -375,7 +375,7 @@ class EditClient:
 
     def _cost_ceiling_usd(self, n_asked: int) -> float:
         """The most a reported cost of `n_asked` images may be and still be believed."""
-        return spec.MAX_TRUSTED_COST_FACTOR * self.price_per_image_usd * n_asked
+        return constants.MAX_TRUSTED_COST_FACTOR * self.price_per_image_usd * n_asked
 
     @staticmethod
     def _request_id(response: httpx.Response, body: Any = None) -> str | None:
@@ -489,7 +489,7 @@ class EditClient:
         n_asked = request.params.image_count()
         micros = self._estimate_micros(body.get("total_cost_micros"), n_asked)
         components = body.get("components")
-        short = spec.MAX_API_SHORT_TEXT_CHARS
+        short = constants.MAX_API_SHORT_TEXT_CHARS
         return CostEstimate(
             total_cost_micros=micros,
             currency=cut_text(_opt_str(body.get("currency")) or spec.CURRENCY, short),
@@ -518,7 +518,7 @@ class EditClient:
             problem = f"total_cost_micros {number!r} is negative"
         elif number > ceiling:
             problem = (
-                f"total_cost_micros {number!r} is over {spec.MAX_TRUSTED_COST_FACTOR:g}x the "
+                f"total_cost_micros {number!r} is over {constants.MAX_TRUSTED_COST_FACTOR:g}x the "
                 f"list price of {n_asked} image(s)"
             )
         else:
@@ -563,7 +563,7 @@ class EditClient:
                 item.get("revised_prompt"),
                 f"revised_prompt{which}",
                 warnings,
-                spec.MAX_API_TEXT_CHARS,
+                constants.MAX_API_TEXT_CHARS,
             )
             b64 = item.get("b64_json")
             url = item.get("url")
@@ -572,7 +572,7 @@ class EditClient:
                 source_url = None
             elif isinstance(url, str) and url:
                 raw = await self.download(url)
-                source_url = _capped(url, f"url{which}", warnings, spec.MAX_API_TEXT_CHARS)
+                source_url = _capped(url, f"url{which}", warnings, constants.MAX_API_TEXT_CHARS)
             else:
                 raise APIResponseError(f"data[{index}] has neither b64_json nor url")
             try:
@@ -686,7 +686,7 @@ def _opt_str(value: Any) -> str | None:
 
 def _opt_short(value: Any) -> str | None:
     text = _opt_str(value)
-    return cut_text(text, spec.MAX_API_SHORT_TEXT_CHARS) if text is not None else None
+    return cut_text(text, constants.MAX_API_SHORT_TEXT_CHARS) if text is not None else None
 
 
 def _opt_int(value: Any) -> int | None:
@@ -699,14 +699,14 @@ def _opt_int(value: Any) -> int | None:
 
 def _exc_text(exc: BaseException) -> str:
     """An exception's text for our own message: it may quote a server, so it is cut."""
-    return cut_text(str(exc), spec.MAX_API_SHORT_TEXT_CHARS)
+    return cut_text(str(exc), constants.MAX_API_SHORT_TEXT_CHARS)
 
 
 def _capped(
     value: Any,
     what: str,
     warnings: list[str],
-    limit: int = spec.MAX_API_SHORT_TEXT_CHARS,
+    limit: int = constants.MAX_API_SHORT_TEXT_CHARS,
 ) -> str | None:
     """A text field of an answer cut to `limit`, with a warning when it had to be cut."""
     text = _opt_str(value)
@@ -719,11 +719,11 @@ def _capped(
 def _capped_metadata(metadata: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
     """`metadata` as sent, or its short scalar members (with a warning) when it is too long."""
     chars = json_chars(metadata)
-    if chars <= spec.MAX_METADATA_JSON_CHARS:
+    if chars <= constants.MAX_METADATA_JSON_CHARS:
         return dict(metadata)
-    kept = short_scalars(metadata, spec.MAX_METADATA_JSON_CHARS)
+    kept = short_scalars(metadata, constants.MAX_METADATA_JSON_CHARS)
     warnings.append(
-        f"metadata cut: {chars} characters of JSON, over the {spec.MAX_METADATA_JSON_CHARS} "
+        f"metadata cut: {chars} characters of JSON, over the {constants.MAX_METADATA_JSON_CHARS} "
         f"cap; kept {len(kept)} of {len(metadata)} members"
     )
     return kept
@@ -736,9 +736,9 @@ def _capped_components(components: list[Any]) -> list[dict[str, Any]]:
     for item in components:
         if not isinstance(item, Mapping):
             continue
-        part = short_scalars(item, spec.MAX_METADATA_JSON_CHARS)
+        part = short_scalars(item, constants.MAX_METADATA_JSON_CHARS)
         size = json_chars(part) + (JSON_SEPARATOR_CHARS if out else 0)
-        if used + size > spec.MAX_METADATA_JSON_CHARS:
+        if used + size > constants.MAX_METADATA_JSON_CHARS:
             break
         out.append(part)
         used += size
@@ -786,7 +786,9 @@ def trusted_cost(
     elif number < 0:
         reason = "is negative"
     elif number > ceiling_usd:
-        reason = f"is over {spec.MAX_TRUSTED_COST_FACTOR:g}x the list price of {n_asked} image(s)"
+        reason = (
+            f"is over {constants.MAX_TRUSTED_COST_FACTOR:g}x the list price of {n_asked} image(s)"
+        )
     else:
         return number + 0.0, None, None  # + 0.0: -0.0 becomes 0.0
     return None, raw, f"reported cost {shown} {reason}: not trusted"

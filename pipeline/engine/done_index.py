@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 from pipeline.engine import layout
 from pipeline.engine.claims import CLAIMS_PREFIX, PROBE_PREFIX, LeaseBody, dead_claims
 from pipeline.engine.results import table_to_parquet_bytes, utcnow
-from pipeline.errors import StorageError
-from pipeline.io.storage import DEFAULT_LIST_WORKERS, Storage, StorageNotFound
+from pipeline.errors import StorageError, StorageNotFound
+from pipeline.io.storage import DEFAULT_LIST_WORKERS, Storage
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from pipeline.constants import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_RETRY_SECONDS
+from pipeline.constants import MAX_RETRY_AFTER_S as MAX_RETRY_AFTER_S  # re-exported
 from pipeline.errors import APIError, APIStatusError
-from pipeline.spec import MAX_RETRY_AFTER_S as MAX_RETRY_AFTER_S  # re-exported: its old home
 
 INITIAL_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
-from pipeline import spec
+from pipeline import constants
 from pipeline.errors import APIConnectionError, APIError, StorageError
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class RateGate:
         self._until = 0.0
 
     def pause(self, seconds: float) -> None:
-        seconds = min(max(seconds, 0.0), spec.MAX_RETRY_AFTER_S)
+        seconds = min(max(seconds, 0.0), constants.MAX_RETRY_AFTER_S)
         self._until = max(self._until, time.monotonic() + seconds)
 
     async def wait(self, stop: RunStop, deadline: float | None = None) -> None:

@@ -26,7 +26,7 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from pipeline.errors import ConfigError, StorageError
+from pipeline.errors import ConfigError, InvalidKeyError, StorageError, StorageNotFound
 from pipeline.io.s3 import DEFAULT_MAX_POOL_CONNECTIONS, make_s3_client, parse_s3_uri
 
 if TYPE_CHECKING:
@@ -57,14 +57,6 @@ _CLIENT_CODES_BAD_CREDENTIALS = frozenset(
 _CLIENT_CODES_PRECONDITION = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 # `scheme://user:password@host` in an endpoint URL quoted by an error message.
 _USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-class StorageNotFound(StorageError):
-    """The key does not exist in the storage."""
-
-
-class InvalidKeyError(StorageError, ValueError):
-    """A key that is not a clean relative path (absolute, `..`, backslash, NUL...)."""
 
 
 class Storage(Protocol):

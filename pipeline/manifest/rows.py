@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from pipeline import spec
+from pipeline.errors import SpecValueError
 from pipeline.manifest.types import (
     ROW_COLUMN,
     EditParams,
@@ -354,7 +355,7 @@ def _text_check(convert: Callable[[str], Any]) -> Check:
             return None, None
         try:
             return convert(text), None
-        except spec.SpecValueError as exc:
+        except SpecValueError as exc:
             return None, str(exc)
 
     return check

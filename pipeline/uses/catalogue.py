@@ -48,10 +48,10 @@ import pyarrow.parquet as pq
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from pipeline.engine.sources import redact_uri
-from pipeline.errors import BlockedAddressError, ConfigError, StorageError
+from pipeline.errors import BlockedAddressError, ConfigError, StorageError, StorageNotFound
 from pipeline.io.netguard import AddressPolicy, guarded_transport, open_stream, source_policy
 from pipeline.io.s3 import make_s3_client, parse_s3_uri
-from pipeline.io.storage import LocalStorage, StorageNotFound, open_storage
+from pipeline.io.storage import LocalStorage, open_storage
 from pipeline.manifest.read import PARQUET_EXTENSIONS, canonical_name, suggest
 from pipeline.manifest.rows import (
     MAX_ID_CHARS,

@@ -26,8 +26,8 @@ from pipeline.engine.results import (
     STATUSES,
     table_to_parquet_bytes,
 )
-from pipeline.errors import ImgEditError, StorageError
-from pipeline.io.storage import LocalStorage, Storage, StorageNotFound, check_key, open_storage
+from pipeline.errors import HistoryError, StorageError, StorageNotFound
+from pipeline.io.storage import LocalStorage, Storage, check_key, open_storage
 
 __all__ = [
     "DEFAULT_TOP_FAILURES",
@@ -45,7 +45,6 @@ __all__ = [
     "STATUS_KEY",
     "STATUS_SCHEMA",
     "FailureGroup",
-    "HistoryError",
     "RunDetail",
     "RunInfo",
     "cut",
@@ -200,10 +199,6 @@ order by row
 def latest_state_sql(results_glob: str) -> str:
     """`LATEST_STATE_SQL` over `results_glob` (e.g. `out/runs/*/results.parquet`)."""
     return LATEST_STATE_SQL.replace("{results_glob}", results_glob.replace("'", "''"))
-
-
-class HistoryError(ImgEditError):
-    """No such output, no runs in it, or no such run."""
 
 
 # --- runs ------------------------------------------------------------------------------------
