@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from pipeline import spec
-from pipeline.emulator import render
+from pipeline.emulator import render, splice
 from pipeline.emulator.config import EmulatorConfig
 from pipeline.emulator.faults import draw, fingerprint
 from pipeline.emulator.process import EmulatorProcess, emulator_command
@@ -788,7 +788,7 @@ def test_adler32_combine_matches_zlib() -> None:
     for size_a, size_b in ((0, 10), (5, 70_000), (65_521, 65_522), (1, 1)):
         a = rng.integers(0, 256, size_a, dtype=np.uint8).tobytes()
         b = rng.integers(0, 256, size_b, dtype=np.uint8).tobytes()
-        combined = render.adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b))
+        combined = splice.adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b))
         assert combined == zlib.adler32(a + b)
 
 

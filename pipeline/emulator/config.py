@@ -36,53 +36,99 @@ FAULT_RATE_FIELDS: tuple[str, ...] = (
 )
 MASK = "***"
 
-Rate = Field(default=0.0, ge=0.0, le=1.0)
+
+def _rate(description: str) -> Any:
+    """A fault rate: a probability per edit request, 0 unless set."""
+    return Field(default=0.0, ge=0.0, le=1.0, description=description)
 
 
 class EmulatorConfig(BaseModel):
     """Everything the emulator can be told, at start (flags, environment) or at run time.
 
     Changed at run time (POST /_emulator/config), every field takes effect at once except
-    host, port and render_threads, which only matter at start.
+    host, port and render_threads, which only matter at start. Each field's description is
+    also its `imgedit emulator --<field>` help (pipeline.emulator.command builds the options).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    host: str = DEFAULT_HOST
-    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
-    # None: any key (or none) is accepted.
-    api_key: str | None = None
-    # None: unlimited. Otherwise requests that would overdraw it get 402.
-    balance_usd: float | None = Field(default=None, ge=0.0)
-    models: list[str] = Field(default_factory=lambda: [DEFAULT_MODEL])
-    disabled_models: list[str] = Field(default_factory=list)
+    host: str = Field(default=DEFAULT_HOST, description="Interface to listen on.")
+    port: int = Field(
+        default=DEFAULT_PORT, ge=0, le=65535, description="Port to listen on (0: any free port)."
+    )
+    api_key: str | None = Field(
+        default=None, description="Require this Bearer key (default: accept any)."
+    )
+    # None: unlimited.
+    balance_usd: float | None = Field(
+        default=None, ge=0.0, description="Account balance; overdrawing answers 402."
+    )
+    models: list[str] = Field(
+        default_factory=lambda: [DEFAULT_MODEL], description="Comma-separated model ids served."
+    )
+    disabled_models: list[str] = Field(
+        default_factory=list, description="Comma-separated model ids answering MODEL_DISABLED."
+    )
     # Time to answer an edit (not a 429) from its arrival, decoding and rendering included:
     # mean seconds, spread (standard deviation), shape.
-    latency: float = Field(default=0.0, ge=0.0)
-    latency_jitter: float = Field(default=0.0, ge=0.0)
-    latency_distribution: Literal["fixed", "uniform", "lognormal"] = "fixed"
+    latency: float = Field(
+        default=0.0, ge=0.0, description="Mean time to answer an edit, rendering included, seconds."
+    )
+    latency_jitter: float = Field(
+        default=0.0, ge=0.0, description="Standard deviation of the latency, seconds."
+    )
+    latency_distribution: Literal["fixed", "uniform", "lognormal"] = Field(
+        default="fixed", description="fixed, uniform or lognormal."
+    )
     # Faults: each rate is a probability per edit request; they must add up to at most 1.
-    fault_seed: int = 0
-    rate_limited_rate: float = Rate
-    retry_after: float = Field(default=DEFAULT_RETRY_AFTER_S, ge=0.0)
-    internal_error_rate: float = Rate
-    exhausted_rate: float = Rate
-    drop_rate: float = Rate
-    slow_rate: float = Rate
-    slow_seconds: float = Field(default=DEFAULT_SLOW_S, ge=0.0)
-    malformed_rate: float = Rate
-    malformed_kinds: list[str] = Field(default_factory=lambda: list(MALFORMED_KINDS))
-    truncate_rate: float = Rate
-    revised_prompt_rate: float = Field(default=DEFAULT_REVISED_PROMPT_RATE, ge=0.0, le=1.0)
+    fault_seed: int = Field(default=0, description="Seed of every fault and latency draw.")
+    rate_limited_rate: float = _rate("Share of edits answered 429 RATE_LIMITED.")
+    retry_after: float = Field(
+        default=DEFAULT_RETRY_AFTER_S, ge=0.0, description="Retry-After of a 429, seconds."
+    )
+    internal_error_rate: float = _rate("Share answered 500 INTERNAL_ERROR.")
+    exhausted_rate: float = _rate("Share answered 502 ALL_PROVIDERS_EXHAUSTED.")
+    drop_rate: float = _rate("Share charged, then the connection dropped mid-answer.")
+    slow_rate: float = _rate("Share charged, then answered after --slow-seconds.")
+    slow_seconds: float = Field(
+        default=DEFAULT_SLOW_S, ge=0.0, description="Delay of a slow answer, seconds."
+    )
+    malformed_rate: float = _rate("Share charged, then answered 200 with a broken body.")
+    malformed_kinds: list[str] = Field(
+        default_factory=lambda: list(MALFORMED_KINDS),
+        description="Comma-separated: " + ", ".join(MALFORMED_KINDS) + ".",
+    )
+    truncate_rate: float = _rate("Share of url answers whose first download is cut short.")
+    revised_prompt_rate: float = Field(
+        default=DEFAULT_REVISED_PROMPT_RATE,
+        ge=0.0,
+        le=1.0,
+        description="Share of answers carrying a revised_prompt.",
+    )
     # Result files served at /v1/files/...
-    file_ttl: float = Field(default=DEFAULT_FILE_TTL_S, gt=0.0)
-    file_store_bytes: int = Field(default=DEFAULT_FILE_STORE_BYTES, ge=0)
-    public_base_url: str | None = None
-    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, gt=0)
-    base_cache_size: int = Field(default=DEFAULT_BASE_CACHE_ENTRIES, ge=1)
-    # 0: one per CPU.
-    render_threads: int = Field(default=0, ge=0)
-    request_log_size: int = Field(default=DEFAULT_REQUEST_LOG_SIZE, ge=0)
+    file_ttl: float = Field(
+        default=DEFAULT_FILE_TTL_S, gt=0.0, description="Lifetime of result URLs, seconds."
+    )
+    file_store_bytes: int = Field(
+        default=DEFAULT_FILE_STORE_BYTES,
+        ge=0,
+        description="Memory budget of stored result files, bytes.",
+    )
+    public_base_url: str | None = Field(
+        default=None, description="Base of result URLs (default: the request's host)."
+    )
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES, gt=0, description="Largest accepted upload, bytes."
+    )
+    base_cache_size: int = Field(
+        default=DEFAULT_BASE_CACHE_ENTRIES,
+        ge=1,
+        description="Decoded source compositions kept in memory.",
+    )
+    render_threads: int = Field(default=0, ge=0, description="Render threads (0: one per CPU).")
+    request_log_size: int = Field(
+        default=DEFAULT_REQUEST_LOG_SIZE, ge=0, description="Edit requests kept in the request log."
+    )
 
     @field_validator("models", "disabled_models", "malformed_kinds", mode="before")
     @classmethod

@@ -28,9 +28,6 @@ TRUNCATED = "truncated_download"
 MIN_CUT = 0.2
 MAX_CUT = 0.8
 
-# Fault kinds after which the edit counts as performed (and charged).
-CHARGED_FAULTS: frozenset[str] = frozenset({DROPPED, SLOW, TRUNCATED})
-
 # Flourishes for a plausible provider-side prompt rewrite.
 _REWRITES: tuple[str, ...] = (
     "{p}, with natural lighting and consistent perspective",
@@ -48,12 +45,6 @@ class Draw:
     latency: float
     cut: float  # fraction of a body a drop or truncation lets through
     attempt: int = 0
-
-    @property
-    def charged_fault(self) -> bool:
-        return self.fault is not None and (
-            self.fault in CHARGED_FAULTS or self.fault.startswith(MALFORMED_PREFIX)
-        )
 
 
 def fingerprint(

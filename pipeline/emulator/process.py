@@ -1,16 +1,15 @@
-"""The bundled emulator of the edit API: CLI command, and a subprocess handle for tests and runs.
+"""The bundled emulator of the edit API as a subprocess, for tests and runs.
 
 `imgedit emulator` (or `python -m pipeline.emulator.process`) serves it; `EmulatorProcess` starts it
-on a free loopback port and talks to its /_emulator controls. The app itself is in
-emulator_app, its settings in emulator_config, its seeded faults in emulator_faults.
+on a free loopback port and talks to its /_emulator controls. The command is in
+pipeline.emulator.command, the app in pipeline.emulator.app, its settings in
+pipeline.emulator.config, its seeded faults in pipeline.emulator.faults.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,186 +19,30 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 import typer
 
-from pipeline.emulator.config import (
-    DEFAULT_BASE_CACHE_ENTRIES,
-    DEFAULT_FILE_STORE_BYTES,
-    DEFAULT_FILE_TTL_S,
-    DEFAULT_HOST,
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_PORT,
-    DEFAULT_REQUEST_LOG_SIZE,
-    DEFAULT_RETRY_AFTER_S,
-    DEFAULT_REVISED_PROMPT_RATE,
-    DEFAULT_SLOW_S,
-    ENV_PREFIX,
-    MALFORMED_KINDS,
-    EmulatorConfig,
-)
+from pipeline.emulator.command import PARENT_PID_ENV, emulator_command, env_name, missing_extra
+from pipeline.emulator.config import ENV_PREFIX, EmulatorConfig
 from pipeline.errors import ConfigError, EmulatorStartError
-from pipeline.spec import DEFAULT_MODEL
 
 __all__ = [
     "EmulatorConfig",
     "EmulatorProcess",
     "emulator_command",
+    "missing_extra",
 ]
 
 LOOPBACK = "127.0.0.1"
-PARENT_PID_ENV = "IMGEDIT_EMULATOR_PARENT_PID"
-PARENT_POLL_S = 0.5
 STARTUP_TIMEOUT_S = 30.0
 STARTUP_POLL_S = 0.05
 STOP_TIMEOUT_S = 5.0
-GRACEFUL_SHUTDOWN_S = 2
 CONTROL_TIMEOUT_S = 30.0
 PORT_ATTEMPTS = 3
 STDERR_TAIL_LINES = 200
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _env(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def _opt(name: str, help_text: str) -> Any:
-    return typer.Option(envvar=_env(name), help=help_text)
-
-
-def emulator_command(
-    host: Annotated[str, _opt("host", "Interface to listen on.")] = DEFAULT_HOST,
-    port: Annotated[int, _opt("port", "Port to listen on (0: any free port).")] = DEFAULT_PORT,
-    api_key: Annotated[
-        str | None, _opt("api_key", "Require this Bearer key (default: accept any).")
-    ] = None,
-    balance_usd: Annotated[
-        float | None, _opt("balance_usd", "Account balance; overdrawing answers 402.")
-    ] = None,
-    models: Annotated[str, _opt("models", "Comma-separated model ids served.")] = DEFAULT_MODEL,
-    disabled_models: Annotated[
-        str, _opt("disabled_models", "Comma-separated model ids answering MODEL_DISABLED.")
-    ] = "",
-    latency: Annotated[
-        float, _opt("latency", "Mean time to answer an edit, rendering included, seconds.")
-    ] = 0.0,
-    latency_jitter: Annotated[
-        float, _opt("latency_jitter", "Standard deviation of the latency, seconds.")
-    ] = 0.0,
-    latency_distribution: Annotated[
-        str, _opt("latency_distribution", "fixed, uniform or lognormal.")
-    ] = "fixed",
-    fault_seed: Annotated[int, _opt("fault_seed", "Seed of every fault and latency draw.")] = 0,
-    rate_limited_rate: Annotated[
-        float, _opt("rate_limited_rate", "Share of edits answered 429 RATE_LIMITED.")
-    ] = 0.0,
-    retry_after: Annotated[
-        float, _opt("retry_after", "Retry-After of a 429, seconds.")
-    ] = DEFAULT_RETRY_AFTER_S,
-    internal_error_rate: Annotated[
-        float, _opt("internal_error_rate", "Share answered 500 INTERNAL_ERROR.")
-    ] = 0.0,
-    exhausted_rate: Annotated[
-        float, _opt("exhausted_rate", "Share answered 502 ALL_PROVIDERS_EXHAUSTED.")
-    ] = 0.0,
-    drop_rate: Annotated[
-        float, _opt("drop_rate", "Share charged, then the connection dropped mid-answer.")
-    ] = 0.0,
-    slow_rate: Annotated[
-        float, _opt("slow_rate", "Share charged, then answered after --slow-seconds.")
-    ] = 0.0,
-    slow_seconds: Annotated[
-        float, _opt("slow_seconds", "Delay of a slow answer, seconds.")
-    ] = DEFAULT_SLOW_S,
-    malformed_rate: Annotated[
-        float, _opt("malformed_rate", "Share charged, then answered 200 with a broken body.")
-    ] = 0.0,
-    malformed_kinds: Annotated[
-        str, _opt("malformed_kinds", "Comma-separated: " + ", ".join(MALFORMED_KINDS) + ".")
-    ] = ",".join(MALFORMED_KINDS),
-    truncate_rate: Annotated[
-        float, _opt("truncate_rate", "Share of url answers whose first download is cut short.")
-    ] = 0.0,
-    revised_prompt_rate: Annotated[
-        float, _opt("revised_prompt_rate", "Share of answers carrying a revised_prompt.")
-    ] = DEFAULT_REVISED_PROMPT_RATE,
-    file_ttl: Annotated[
-        float, _opt("file_ttl", "Lifetime of result URLs, seconds.")
-    ] = DEFAULT_FILE_TTL_S,
-    file_store_bytes: Annotated[
-        int, _opt("file_store_bytes", "Memory budget of stored result files, bytes.")
-    ] = DEFAULT_FILE_STORE_BYTES,
-    public_base_url: Annotated[
-        str | None, _opt("public_base_url", "Base of result URLs (default: the request's host).")
-    ] = None,
-    max_image_bytes: Annotated[
-        int, _opt("max_image_bytes", "Largest accepted upload, bytes.")
-    ] = DEFAULT_MAX_IMAGE_BYTES,
-    base_cache_size: Annotated[
-        int, _opt("base_cache_size", "Decoded source compositions kept in memory.")
-    ] = DEFAULT_BASE_CACHE_ENTRIES,
-    render_threads: Annotated[int, _opt("render_threads", "Render threads (0: one per CPU).")] = 0,
-    request_log_size: Annotated[
-        int, _opt("request_log_size", "Edit requests kept in the request log.")
-    ] = DEFAULT_REQUEST_LOG_SIZE,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
-) -> None:
-    """Serve the edit-API emulator (OpenAI-compatible /v1/images/edits) until interrupted."""
-    values = {k: v for k, v in locals().items() if k != "log_level"}
-    import uvicorn
-
-    if problem := missing_extra():
-        raise typer.BadParameter(problem)
-    # Imported here: the app pulls in FastAPI and numpy, which `imgedit --help` need not pay.
-    from pipeline.emulator.app import create_app
-
-    try:
-        config = EmulatorConfig().updated(values)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    _watch_parent()
-    if sys.stderr.isatty():
-        # For a person at a terminal only; a parent process reading our stderr gets no chatter.
-        typer.echo(
-            f"imgedit emulator: http://{config.host}:{config.port}/v1 (Ctrl-C to stop)", err=True
-        )
-    uvicorn.run(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        log_level=log_level,
-        access_log=False,
-        use_colors=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
-
-
-def _watch_parent() -> None:
-    """When started by EmulatorProcess, exit once that parent is gone (no orphan servers)."""
-    raw = os.environ.get(PARENT_PID_ENV)
-    if not raw or not raw.isdigit():
-        return
-    parent = int(raw)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def missing_extra() -> str | None:
-    """What to install when the emulator's optional dependencies are missing, else None."""
-    if importlib.util.find_spec("multipart") is None:
-        return (
-            "the bundled emulator is an optional extra: pip install 'imgedit[emulator]' "
-            "(or scripts/bootstrap emulator)"
-        )
-    return None
 
 
 def _free_port() -> int:
@@ -288,8 +131,8 @@ class EmulatorProcess:
             for key in [k for k in env if k.startswith(ENV_PREFIX)]:
                 del env[key]
             env.update(self.config.to_env())
-        env[_env("host")] = LOOPBACK
-        env[_env("port")] = str(self.port)
+        env[env_name("host")] = LOOPBACK
+        env[env_name("port")] = str(self.port)
         env[PARENT_PID_ENV] = str(os.getpid())
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH", "")) if p

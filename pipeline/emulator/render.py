@@ -3,11 +3,10 @@
 An edit is split so that almost all of its cost is paid once per (sources, mask, output size):
 the *base* (decoded, cover-fitted first image, masked area blended, reference thumbnails) is
 cached, and each (prompt, seed, variant) only adds two tinted bands: a bar at the top and a
-caption strip at the bottom. PNG and JPEG output exploit that split: the base's unchanged rows
-are compressed once and spliced between the freshly compressed bands (PNG: sync-flushed
-deflate segments; JPEG: one restart interval per MCU row), so a 1 MP image costs well under
-a millisecond of encoding instead of ~70 ms (PNG) or ~3 ms (JPEG, which holds the GIL).
-The spliced files are byte-identical to encoding the whole picture the same way.
+caption strip at the bottom. PNG and JPEG output exploit that split (see splice): the base's
+unchanged rows are compressed once and spliced between the freshly compressed bands, so a 1 MP
+image costs well under a millisecond of encoding instead of ~70 ms (PNG) or ~3 ms (JPEG, which
+holds the GIL).
 """
 
 from __future__ import annotations
@@ -15,11 +14,9 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import io
-import re
 import struct
 import textwrap
 import threading
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +24,22 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from pipeline.emulator.splice import (
+    MCU_ROWS,
+    PNG_LEVEL,
+    JpegParts,
+    PngSegment,
+    encode_jpeg,
+    jpeg_parts,
+    png_segment,
+    spliced_jpeg,
+    spliced_png,
+)
 from pipeline.errors import InvalidImageError
 
 # Band geometry, as fractions of the output height; band edges fall on JPEG MCU rows.
 TOP_BAR_FRACTION = 1 / 48
 CAPTION_FRACTION = 0.13
-MCU_ROWS = 16  # 4:2:0 chroma subsampling: an MCU is 16x16 pixels
 CAPTION_PADDING_FRACTION = 0.012
 CAPTION_PROMPT_LINES = 3
 LINE_SPACING = 1.25
@@ -46,19 +53,8 @@ MASK_BLEND = 0.65
 BACKDROP_RGB = (128, 128, 128)
 
 DEFAULT_QUALITY: dict[str, int] = {"jpeg": 85, "webp": 80, "avif": 60}
-JPEG_SUBSAMPLING = "4:2:0"
-_JPEG_SOS = b"\xff\xda"
-_JPEG_EOI = b"\xff\xd9"
-_JPEG_RST = re.compile(rb"\xff[\xd0-\xd7]")
 WEBP_METHOD = 0  # fastest: the emulator is a test double, not an encoder benchmark
 AVIF_SPEED = 10
-PNG_LEVEL = 1
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# zlib header for a 32 KiB window deflate stream (FLEVEL is advisory only).
-ZLIB_HEADER = b"\x78\x01"
-ADLER_BASE = 65521
-FILTER_SUB = 1
-FILTER_UP = 2
 
 
 @dataclass(frozen=True)
@@ -86,45 +82,29 @@ def layout_for(width: int, height: int) -> Layout:
 # --- the base: everything that depends only on the sources and the output size --------------
 
 
-@dataclass(frozen=True)
-class _PngSegment:
-    chunk: bytes  # a complete IDAT chunk holding a sync-flushed raw deflate segment
-    adler: int  # adler32 of the segment's uncompressed scanlines
-    raw_len: int
-
-
-@dataclass(frozen=True)
-class _JpegParts:
-    header: bytes  # SOI up to the end of the SOS segment
-    rows: list[bytes]  # entropy-coded data of each MCU row, restart markers removed
-
-
 class Base:
     """The cached part of an edit. The picture is never changed; encodings are made on demand."""
 
     def __init__(self, image: Image.Image, layout: Layout) -> None:
         self.image = image
         self.layout = layout
-        self._png: _PngSegment | None = None
-        self._jpeg: dict[int, _JpegParts] = {}
+        self._png: PngSegment | None = None
+        self._jpeg: dict[int, JpegParts] = {}
         self._lock = threading.Lock()
 
-    def png_middle(self) -> _PngSegment:
+    def png_middle(self) -> PngSegment:
         with self._lock:
             if self._png is None:
                 start, end = self.layout.middle
                 rows = np.asarray(self.image.crop((0, start, self.layout.width, end)))
-                raw = _filter_rows(rows, up=True)
-                self._png = _PngSegment(
-                    _chunk(b"IDAT", _deflate(raw, final=False)), zlib.adler32(raw), len(raw)
-                )
+                self._png = png_segment(rows)
             return self._png
 
-    def jpeg_parts(self, quality: int) -> _JpegParts:
+    def jpeg_parts(self, quality: int) -> JpegParts:
         with self._lock:
             parts = self._jpeg.get(quality)
             if parts is None:
-                parts = _split_jpeg(_encode_jpeg(self.image, quality))
+                parts = jpeg_parts(self.image, quality)
                 self._jpeg[quality] = parts
             return parts
 
@@ -377,10 +357,14 @@ def render_variant(
 ) -> bytes:
     """One output image, encoded. Same arguments, same bytes."""
     top, strip = render_bands(base.layout, prompt=prompt, seed=seed, variant=variant, n=n)
+    layout = base.layout
     if output_format == "png":
-        return _spliced_png(base, top, strip)
+        return spliced_png(layout.width, layout.height, top, base.png_middle(), strip)
     if output_format == "jpeg":
-        return _spliced_jpeg(base, top, strip, compression or DEFAULT_QUALITY["jpeg"])
+        quality = compression or DEFAULT_QUALITY["jpeg"]
+        middle = base.jpeg_parts(quality)
+        first, last = (row // MCU_ROWS for row in layout.middle)
+        return spliced_jpeg(top, middle.header, middle.rows[first:last], strip, quality)
     return encode(compose(base, top, strip), output_format, compression)
 
 
@@ -389,7 +373,7 @@ def encode(picture: Image.Image, output_format: str, compression: int | None = N
     if output_format == "png":
         picture.save(out, "PNG", compress_level=PNG_LEVEL)
     elif output_format == "jpeg":
-        return _encode_jpeg(picture, compression or DEFAULT_QUALITY["jpeg"])
+        return encode_jpeg(picture, compression or DEFAULT_QUALITY["jpeg"])
     elif output_format == "webp":
         quality = compression or DEFAULT_QUALITY["webp"]
         picture.save(out, "WEBP", quality=quality, method=WEBP_METHOD)
@@ -402,152 +386,3 @@ def encode(picture: Image.Image, output_format: str, compression: int | None = N
     else:
         raise ValueError(f"unknown output format {output_format!r}")
     return out.getvalue()
-
-
-def render_edit(
-    images: Sequence[bytes],
-    *,
-    prompt: str,
-    width: int,
-    height: int,
-    mask: bytes | None = None,
-    seed: int | None = None,
-    n: int = 1,
-    output_format: str = "png",
-    compression: int | None = None,
-) -> list[bytes]:
-    """The whole edit without a cache: n encoded images."""
-    base = build_base(images, mask, width, height)
-    return [
-        render_variant(
-            base,
-            prompt=prompt,
-            seed=seed,
-            variant=i,
-            n=n,
-            output_format=output_format,
-            compression=compression,
-        )
-        for i in range(n)
-    ]
-
-
-# --- PNG splicing ----------------------------------------------------------------------------
-
-
-def _filter_rows(rows: np.ndarray, *, up: bool) -> bytes:
-    """PNG scanlines for an (h, w, 3) uint8 block whose first row must not look upward.
-
-    The first row always uses Sub, so a block decodes the same whatever precedes it; the
-    others use Up (photographs) or Sub (flat bands with text).
-    """
-    h, w, _ = rows.shape
-    flat = rows.reshape(h, w * 3)
-    out = np.empty((h, w * 3 + 1), dtype=np.uint8)
-    sub = flat.copy()
-    sub[:, 3:] -= flat[:, :-3]
-    if up and h > 1:
-        out[0, 0] = FILTER_SUB
-        out[0, 1:] = sub[0]
-        out[1:, 0] = FILTER_UP
-        np.subtract(flat[1:], flat[:-1], out=out[1:, 1:])
-    else:
-        out[:, 0] = FILTER_SUB
-        out[:, 1:] = sub
-    return out.tobytes()
-
-
-def _deflate(raw: bytes, *, final: bool) -> bytes:
-    comp = zlib.compressobj(PNG_LEVEL, zlib.DEFLATED, -15)
-    return comp.compress(raw) + comp.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(data))
-        + kind
-        + data
-        + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
-    )
-
-
-def adler32_combine(adler1: int, adler2: int, len2: int) -> int:
-    """adler32 of A+B from adler32(A), adler32(B) and len(B) (zlib's adler32_combine)."""
-    rem = len2 % ADLER_BASE
-    sum1 = adler1 & 0xFFFF
-    sum2 = (rem * sum1) % ADLER_BASE
-    sum1 = (sum1 + (adler2 & 0xFFFF) + ADLER_BASE - 1) % ADLER_BASE
-    sum2 = (sum2 + (adler1 >> 16) + (adler2 >> 16) + ADLER_BASE - rem) % ADLER_BASE
-    return sum1 | (sum2 << 16)
-
-
-def _spliced_png(base: Base, top: Image.Image, strip: Image.Image) -> bytes:
-    layout = base.layout
-    middle = base.png_middle()
-    top_raw = _filter_rows(np.asarray(top), up=False)
-    strip_raw = _filter_rows(np.asarray(strip), up=False)
-    adler = zlib.adler32(top_raw)
-    adler = adler32_combine(adler, middle.adler, middle.raw_len)
-    adler = adler32_combine(adler, zlib.adler32(strip_raw), len(strip_raw))
-    ihdr = struct.pack(">IIBBBBB", layout.width, layout.height, 8, 2, 0, 0, 0)
-    return b"".join(
-        (
-            PNG_SIGNATURE,
-            _chunk(b"IHDR", ihdr),
-            _chunk(b"IDAT", ZLIB_HEADER + _deflate(top_raw, final=False)),
-            middle.chunk,
-            _chunk(b"IDAT", _deflate(strip_raw, final=True) + struct.pack(">I", adler)),
-            _chunk(b"IEND", b""),
-        )
-    )
-
-
-# --- JPEG splicing ---------------------------------------------------------------------------
-
-
-def _encode_jpeg(picture: Image.Image, quality: int) -> bytes:
-    # Baseline, standard Huffman tables, a restart marker after every MCU row: each row's
-    # entropy-coded data then depends on nothing but its own pixels and the quality.
-    out = io.BytesIO()
-    picture.save(
-        out,
-        "JPEG",
-        quality=quality,
-        subsampling=JPEG_SUBSAMPLING,
-        optimize=False,
-        progressive=False,
-        restart_marker_rows=1,
-    )
-    return out.getvalue()
-
-
-def _split_jpeg(data: bytes) -> _JpegParts:
-    pos = 2  # after SOI
-    while True:
-        marker = data[pos : pos + 2]
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        pos += 2 + length
-        if marker == _JPEG_SOS:
-            break
-    if not data.endswith(_JPEG_EOI):
-        raise ValueError("JPEG encoder output does not end with EOI")
-    # Inside entropy-coded data 0xFF is always followed by 0x00, so this split is exact.
-    return _JpegParts(data[:pos], _JPEG_RST.split(data[pos:-2]))
-
-
-def _spliced_jpeg(base: Base, top: Image.Image, strip: Image.Image, quality: int) -> bytes:
-    layout = base.layout
-    middle = base.jpeg_parts(quality)
-    first, last = layout.top // MCU_ROWS, (layout.height - layout.caption) // MCU_ROWS
-    rows = [
-        *_split_jpeg(_encode_jpeg(top, quality)).rows,
-        *middle.rows[first:last],
-        *_split_jpeg(_encode_jpeg(strip, quality)).rows,
-    ]
-    pieces = [middle.header]
-    for i, row in enumerate(rows):
-        if i:
-            pieces.append(bytes((0xFF, 0xD0 + (i - 1) % 8)))
-        pieces.append(row)
-    pieces.append(_JPEG_EOI)
-    return b"".join(pieces)
