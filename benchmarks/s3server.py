@@ -21,8 +21,8 @@ from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 from moto.server import ThreadedMotoServer
 
+from pipeline.constants import DEFAULT_CHUNK_SIZE
 from pipeline.engine import done_index, layout
-from pipeline.engine.runner import DEFAULT_CHUNK_SIZE
 
 from .data import done_job_keys, sidecar_body
 

@@ -14,6 +14,8 @@ DEFAULT_MAX_RETRY_SECONDS = 600.0
 # The provider's p95 is 4-7 s; a batch can afford to wait far longer than an interactive app
 # before calling an attempt lost, but not the SDK's 600 s.
 DEFAULT_TIMEOUT_S = 120.0
+# Seconds to fetch one http(s) source image before its row fails.
+DEFAULT_HTTP_TIMEOUT_S = 30.0
 # How long a claim or an open marker lives without renewal (see pipeline.engine.claims).
 DEFAULT_LEASE_S = 90.0
 # The Prefect global concurrency limit every run and worker shares.

@@ -19,7 +19,7 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
 from pipeline.errors import ConfigError, InvalidKeyError, StorageError, StorageNotFound
-from pipeline.io import storage as storage_mod
+from pipeline.io import local_storage as storage_mod
 from pipeline.io.storage import HEX_SHARDS, LocalStorage, S3Storage, open_storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,13 +273,13 @@ def test_local_sigkill_mid_write_never_shows_a_partial_file(local: LocalStorage)
     child = textwrap.dedent(
         """
         import sys, time
-        from pipeline.io import storage
+        from pipeline.io import local_storage, storage
 
         def stuck(src, dst):
             print("written", flush=True)
             time.sleep(60)
 
-        storage.os.replace = stuck
+        local_storage.os.replace = stuck
         storage.open_storage(sys.argv[1]).put_bytes("jobs/ab/x.json", b"y" * 100_000)
         """
     )

@@ -1,4 +1,10 @@
-"""Async client of the OpenAI-compatible `POST /images/edits` API: one attempt a call."""
+"""Async client of the OpenAI-compatible `POST /images/edits` API: one attempt a call.
+
+What a request sends is in `client_request`; what an answer is believed to say (texts cut,
+costs trusted or not) in `client_answer`. Result URLs are fetched with the one capped
+download of `pipeline.io.http`: the API's own origin through the API's pools, any other
+host through netguard, never with the API key.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,37 @@ import base64
 import binascii
 import contextlib
 import ipaddress
-import json
 import math
 import os
-import reprlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from pipeline import constants, spec
 from pipeline.constants import DEFAULT_TIMEOUT_S
+from pipeline.engine.client_answer import (
+    CostEstimate,
+    EditResponse,
+    OutputImage,
+    capped,
+    cost_ceiling_usd,
+    read_answer,
+    read_estimate,
+    request_id_of,
+    trusted_cost,
+)
+from pipeline.engine.client_request import (
+    EditRequest,
+    ImagePart,
+    ResponseFormat,
+    build_files,
+    build_form,
+)
 from pipeline.errors import (
-    JSON_SEPARATOR_CHARS,
     APIConnectionError,
     APIError,
     APIResponseError,
@@ -36,12 +56,26 @@ from pipeline.errors import (
     UnsafeURLError,
     cut_text,
     error_for_status,
-    json_chars,
-    short_scalars,
 )
-from pipeline.imageinfo import ImageInfo, probe
-from pipeline.io.netguard import AddressPolicy, guarded_transport, open_stream
-from pipeline.manifest.types import EditParams
+from pipeline.imageinfo import probe
+from pipeline.io.http import get_capped
+from pipeline.io.netguard import AddressPolicy, guarded_transport
+from pipeline.io.redact import redact_text
+
+__all__ = [
+    "CostEstimate",
+    "EditClient",
+    "EditRequest",
+    "EditResponse",
+    "ImagePart",
+    "OutputImage",
+    "ResponseFormat",
+    "build_files",
+    "build_form",
+    "check_credentials",
+    "resolve_api_base",
+    "trusted_cost",
+]
 
 ENV_API_BASE = "IMGEDIT_API_BASE"
 ENV_API_KEYS = ("IMGEDIT_API_KEY", "LUMENFALL_API_KEY")
@@ -58,101 +92,6 @@ DEFAULT_MAX_IMAGE_BYTES = 50 * 2**20
 # Result URLs live ~60 min: a couple of quick download retries beat re-paying for the edit.
 DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_BACKOFF_S = 0.5
-# A reported cost we do not trust is kept as text for a person, this long at most.
-MAX_COST_RAW_CHARS = 64
-
-REQUEST_ID_HEADERS = ("x-lumenfall-request-id", "x-request-id")
-# Form fields the client sets itself; provider extras may not override them.
-RESERVED_FIELDS = frozenset(
-    {
-        "model",
-        "prompt",
-        "image",
-        "image[]",
-        "mask",
-        "n",
-        "size",
-        "aspect_ratio",
-        "resolution",
-        "quality",
-        "response_format",
-        "output_format",
-        "output_compression",
-        "seed",
-        "user",
-    }
-)
-
-ResponseFormat = Literal["url", "b64_json"]
-
-
-@dataclass(frozen=True)
-class ImagePart:
-    """One uploaded file: the bytes and what to call them in the multipart body."""
-
-    filename: str
-    data: bytes
-    content_type: str = "application/octet-stream"
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    prompt: str
-    images: Sequence[ImagePart]
-    mask: ImagePart | None = None
-    seed: int | None = None
-    params: EditParams = field(default_factory=EditParams)
-    response_format: ResponseFormat = "b64_json"
-
-
-@dataclass(frozen=True)
-class OutputImage:
-    data: bytes
-    info: ImageInfo
-    revised_prompt: str | None
-    url: str | None = None  # where it was downloaded from, for `url` responses
-
-
-@dataclass(frozen=True)
-class EditResponse:
-    """One answer, every text in it cut to the caps in `spec`.
-
-    `images` may be fewer than `n_asked` (the runner decides what to do with a short answer),
-    never more. `cost` is only a trusted reported cost: a finite number, not negative, at
-    most MAX_TRUSTED_COST_FACTOR times the list price of the images asked; a cost reported
-    but not trusted is in `cost_raw`, as text. `warnings` has one short sentence per thing
-    distrusted or cut.
-    """
-
-    id: str | None
-    created: int | None
-    size: str | None  # as the API reports it; each image's `info` has what the bytes say
-    output_format: str | None
-    images: list[OutputImage]
-    cost: float | None
-    currency: str | None
-    provider: str | None
-    executed_model: str | None
-    model: str | None
-    request_id: str | None
-    metadata: dict[str, Any]  # as sent, or its short scalar members when its JSON is too long
-    latency_s: float
-    n_asked: int = 1
-    cost_raw: str | None = None
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class CostEstimate:
-    total_cost_micros: int
-    currency: str
-    model: str | None
-    provider: str | None
-    components: list[dict[str, Any]]
-
-    @property
-    def total_cost_usd(self) -> float:
-        return self.total_cost_micros / spec.MICROS_PER_USD
 
 
 def resolve_api_base(base_url: str | None = None) -> str:
@@ -188,55 +127,6 @@ def _env_api_key() -> str | None:
         if value:
             return value
     return None
-
-
-def form_value(value: Any) -> str:
-    """How a field travels in multipart form data: JSON for bools, lists and objects."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return str(value)
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def build_form(request: EditRequest, model: str) -> dict[str, str]:
-    """Every request field as form text; `None` fields are not sent."""
-    p = request.params
-    fields: dict[str, Any] = {
-        "model": model,
-        "prompt": request.prompt,
-        "n": p.n,
-        "size": p.size,
-        "aspect_ratio": p.aspect_ratio,
-        "resolution": p.resolution,
-        "quality": p.quality,
-        "response_format": request.response_format,
-        "output_format": p.output_format,
-        "output_compression": p.output_compression,
-        "seed": request.seed,
-        "user": p.user,
-    }
-    form = {k: form_value(v) for k, v in fields.items() if v is not None}
-    for key, value in p.extra.items():
-        if key in RESERVED_FIELDS:
-            raise ValueError(f"provider extra {key!r} would override a request field")
-        if value is not None:
-            form[key] = form_value(value)
-    return form
-
-
-def build_files(request: EditRequest) -> list[tuple[str, tuple[str, bytes, str]]]:
-    """One file is a part named `image`, several are `image[]` parts (as the OpenAI SDK does)."""
-    if not request.images:
-        raise ValueError("an edit needs at least one image")
-    name = "image" if len(request.images) == 1 else "image[]"
-    files = [(name, (im.filename, im.data, im.content_type)) for im in request.images]
-    if request.mask is not None:
-        m = request.mask
-        files.append(("mask", (m.filename, m.data, m.content_type)))
-    return files
 
 
 class EditClient:
@@ -375,18 +265,7 @@ class EditClient:
 
     def _cost_ceiling_usd(self, n_asked: int) -> float:
         """The most a reported cost of `n_asked` images may be and still be believed."""
-        return constants.MAX_TRUSTED_COST_FACTOR * self.price_per_image_usd * n_asked
-
-    @staticmethod
-    def _request_id(response: httpx.Response, body: Any = None) -> str | None:
-        """Uncut: an error cuts it (APIError does), `edit` cuts it with a warning."""
-        for name in REQUEST_ID_HEADERS:
-            value = response.headers.get(name)
-            if value:
-                return str(value)
-        if isinstance(body, Mapping) and isinstance(body.get("id"), str):
-            return str(body["id"])
-        return None
+        return cost_ceiling_usd(self.price_per_image_usd, n_asked)
 
     def _raise_for_status(self, response: httpx.Response) -> None:
         if response.status_code < 400:
@@ -399,7 +278,7 @@ class EditClient:
             response.status_code,
             body,
             response.headers,
-            request_id=self._request_id(response, body),
+            request_id=request_id_of(response, body),
         )
 
     @staticmethod
@@ -426,7 +305,7 @@ class EditClient:
         self._raise_for_status(response)
         body = self._json_object(response)
         warnings: list[str] = []
-        request_id = _capped(self._request_id(response, body), "request id", warnings)
+        request_id = capped(request_id_of(response, body), "request id", warnings)
         n_asked = request.params.image_count()
         try:
             images = await self._images(body, n_asked, warnings)
@@ -434,45 +313,15 @@ class EditClient:
             exc.request_id = exc.request_id or request_id
             exc.status = exc.status or response.status_code
             raise
-        meta = body.get("metadata")
-        reported: Mapping[str, Any] = meta if isinstance(meta, Mapping) else {}
-        headers = response.headers
-        answer_id = _capped(body.get("id"), "id", warnings)
-        size = _capped(body.get("size"), "size", warnings)
-        output_format = _capped(body.get("output_format"), "output_format", warnings)
-        currency = _capped(
-            reported.get("cost_currency") or reported.get("currency"), "currency", warnings
-        )
-        provider = _capped(
-            reported.get("provider") or headers.get("x-lumenfall-provider"), "provider", warnings
-        )
-        executed_model = _capped(reported.get("executed_model"), "executed_model", warnings)
-        model = _capped(
-            reported.get("model") or headers.get("x-lumenfall-model"), "model", warnings
-        )
-        cost, cost_raw, distrust = trusted_cost(
-            reported.get("cost"), self._cost_ceiling_usd(n_asked), n_asked
-        )
-        if distrust:
-            warnings.append(distrust)
-        metadata = _capped_metadata(reported, warnings)
-        return EditResponse(
-            id=answer_id,
-            created=_opt_int(body.get("created")),
-            size=size,
-            output_format=output_format,
+        return read_answer(
+            body,
+            response.headers,
             images=images,
-            cost=cost,
-            currency=currency,
-            provider=provider,
-            executed_model=executed_model,
-            model=model,
-            request_id=request_id,
-            metadata=metadata,
-            latency_s=time.perf_counter() - started,
             n_asked=n_asked,
-            cost_raw=cost_raw,
-            warnings=tuple(warnings),
+            request_id=request_id,
+            ceiling_usd=self._cost_ceiling_usd(n_asked),
+            latency_s=time.perf_counter() - started,
+            warnings=warnings,
         )
 
     async def estimate(self, request: EditRequest) -> CostEstimate:
@@ -487,48 +336,7 @@ class EditClient:
         self._raise_for_status(response)
         body = self._json_object(response)
         n_asked = request.params.image_count()
-        micros = self._estimate_micros(body.get("total_cost_micros"), n_asked)
-        components = body.get("components")
-        short = constants.MAX_API_SHORT_TEXT_CHARS
-        return CostEstimate(
-            total_cost_micros=micros,
-            currency=cut_text(_opt_str(body.get("currency")) or spec.CURRENCY, short),
-            model=_opt_short(body.get("model")),
-            provider=_opt_short(body.get("provider")),
-            components=_capped_components(components) if isinstance(components, list) else [],
-        )
-
-    def _estimate_micros(self, micros: Any, n_asked: int) -> int:
-        """A dry run's `total_cost_micros`, when it is a price we can plan a budget with.
-
-        Anything else is a 2xx we cannot use: not retried (the same question gets the same
-        answer) and not charged (a dry run charges nothing).
-        """
-        ceiling = self._cost_ceiling_usd(n_asked) * spec.MICROS_PER_USD
-        value = micros if isinstance(micros, int | float) and not isinstance(micros, bool) else None
-        number = _as_float(value) if value is not None else None
-        if micros is None:
-            problem = "has no total_cost_micros"
-        elif number is None:
-            shown = repr(_raw_text(micros)) if isinstance(micros, str) else _raw_text(micros)
-            problem = f"total_cost_micros {shown} is not a number"
-        elif not math.isfinite(number):
-            problem = f"total_cost_micros {number!r} is not a finite number"
-        elif number < 0:
-            problem = f"total_cost_micros {number!r} is negative"
-        elif number > ceiling:
-            problem = (
-                f"total_cost_micros {number!r} is over {constants.MAX_TRUSTED_COST_FACTOR:g}x the "
-                f"list price of {n_asked} image(s)"
-            )
-        else:
-            return int(number)
-        err = APIResponseError(
-            f"dry-run answer {problem}: a 2xx answer we cannot use (not retried)"
-        )
-        err.retryable = False
-        err.may_have_charged = False
-        raise err
+        return read_estimate(body, n_asked=n_asked, ceiling_usd=self._cost_ceiling_usd(n_asked))
 
     async def list_models(self) -> list[dict[str, Any]]:
         response = await self._send("GET", "models")
@@ -559,7 +367,7 @@ class EditClient:
             if not isinstance(item, Mapping):
                 raise APIResponseError(f"data[{index}] is not an object")
             which = "" if len(data) == 1 else f" of image {index + 1}"
-            revised = _capped(
+            revised = capped(
                 item.get("revised_prompt"),
                 f"revised_prompt{which}",
                 warnings,
@@ -572,7 +380,7 @@ class EditClient:
                 source_url = None
             elif isinstance(url, str) and url:
                 raw = await self.download(url)
-                source_url = _capped(url, f"url{which}", warnings, constants.MAX_API_TEXT_CHARS)
+                source_url = capped(url, f"url{which}", warnings, constants.MAX_API_TEXT_CHARS)
             else:
                 raise APIResponseError(f"data[{index}] has neither b64_json nor url")
             try:
@@ -630,177 +438,60 @@ class EditClient:
             )
         return self._downloads
 
-    @contextlib.asynccontextmanager
-    async def _open_download(self, url: str) -> AsyncIterator[httpx.Response]:
-        """The API's own origin through its pools (it is where we send edits anyway); any
-        other host through netguard: checked addresses, checked redirect hops, no API key."""
-        if self._same_origin(url):
-            with self._pool() as http:
-                async with http.stream("GET", url) as response:
-                    yield response
-            return
-        async with open_stream(self._download_client(), url) as response:
-            yield response
-
     async def _download_once(self, url: str) -> bytes:
-        where = urlsplit(url).netloc
+        # Shown without any user-info; the path and query (a signed URL's keys) are not shown.
+        where = urlsplit(url).netloc.rpartition("@")[2]
+        cap = self.max_image_bytes
+
+        def check_status(response: httpx.Response) -> None:
+            if response.status_code >= 400:
+                err = DownloadError(
+                    f"result download from {where} answered HTTP {response.status_code}",
+                    status=response.status_code,
+                )
+                # Expired or missing will not come back; a 5xx might.
+                err.retryable = response.status_code >= 500 or response.status_code == 429
+                raise err
+
+        def too_large(declared: int | None) -> Exception:
+            if declared is not None:
+                return ResponseTooLargeError(
+                    f"result at {where} is {declared} bytes, over the {cap} byte cap"
+                )
+            return ResponseTooLargeError(f"result at {where} is over the {cap} byte cap")
+
         try:
-            async with self._open_download(url) as response:
-                if response.status_code >= 400:
-                    err = DownloadError(
-                        f"result download from {where} answered HTTP {response.status_code}",
-                        status=response.status_code,
+            if self._same_origin(url):
+                # The API's own origin through its pools (it is where we send edits anyway).
+                with self._pool() as http:
+                    return await get_capped(
+                        http,
+                        url,
+                        max_bytes=cap,
+                        check_status=check_status,
+                        too_large=too_large,
+                        guarded=False,
                     )
-                    # Expired or missing will not come back; a 5xx might.
-                    err.retryable = response.status_code >= 500 or response.status_code == 429
-                    raise err
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > self.max_image_bytes:
-                    raise ResponseTooLargeError(
-                        f"result at {where} is {declared} bytes, over the "
-                        f"{self.max_image_bytes} byte cap"
-                    )
-                chunks: list[bytes] = []
-                total = 0
-                async for chunk in response.aiter_bytes():
-                    total += len(chunk)
-                    if total > self.max_image_bytes:
-                        raise ResponseTooLargeError(
-                            f"result at {where} is over the {self.max_image_bytes} byte cap"
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks)
+            # Any other host through netguard: checked addresses, checked redirect hops,
+            # and a client of its own that never carries the API key.
+            return await get_capped(
+                self._download_client(),
+                url,
+                max_bytes=cap,
+                check_status=check_status,
+                too_large=too_large,
+            )
         except BlockedAddressError as exc:
             raise UnsafeURLError(f"refusing to download a result: {exc}") from None
         except httpx.TimeoutException as exc:
             raise DownloadError(f"timed out downloading a result from {where}") from exc
         except httpx.HTTPError as exc:
             raise DownloadError(
-                f"result download from {where} failed: {type(exc).__name__}: {exc}"
+                f"result download from {where} failed: {type(exc).__name__}: "
+                f"{redact_text(str(exc))}"
             ) from exc
-
-
-def _opt_str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _opt_short(value: Any) -> str | None:
-    text = _opt_str(value)
-    return cut_text(text, constants.MAX_API_SHORT_TEXT_CHARS) if text is not None else None
-
-
-def _opt_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return int(value)
 
 
 def _exc_text(exc: BaseException) -> str:
     """An exception's text for our own message: it may quote a server, so it is cut."""
     return cut_text(str(exc), constants.MAX_API_SHORT_TEXT_CHARS)
-
-
-def _capped(
-    value: Any,
-    what: str,
-    warnings: list[str],
-    limit: int = constants.MAX_API_SHORT_TEXT_CHARS,
-) -> str | None:
-    """A text field of an answer cut to `limit`, with a warning when it had to be cut."""
-    text = _opt_str(value)
-    if text is None or len(text) <= limit:
-        return text
-    warnings.append(f"{what} cut from {len(text)} to {limit} characters")
-    return cut_text(text, limit)
-
-
-def _capped_metadata(metadata: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
-    """`metadata` as sent, or its short scalar members (with a warning) when it is too long."""
-    chars = json_chars(metadata)
-    if chars <= constants.MAX_METADATA_JSON_CHARS:
-        return dict(metadata)
-    kept = short_scalars(metadata, constants.MAX_METADATA_JSON_CHARS)
-    warnings.append(
-        f"metadata cut: {chars} characters of JSON, over the {constants.MAX_METADATA_JSON_CHARS} "
-        f"cap; kept {len(kept)} of {len(metadata)} members"
-    )
-    return kept
-
-
-def _capped_components(components: list[Any]) -> list[dict[str, Any]]:
-    """A dry run's cost components, each cut like metadata, all within the metadata cap."""
-    out: list[dict[str, Any]] = []
-    used = json_chars(out)
-    for item in components:
-        if not isinstance(item, Mapping):
-            continue
-        part = short_scalars(item, constants.MAX_METADATA_JSON_CHARS)
-        size = json_chars(part) + (JSON_SEPARATOR_CHARS if out else 0)
-        if used + size > constants.MAX_METADATA_JSON_CHARS:
-            break
-        out.append(part)
-        used += size
-    return out
-
-
-def _as_float(value: int | float) -> float:
-    try:
-        return float(value)
-    except OverflowError:  # an int too large for a float
-        return math.inf
-
-
-def _raw_text(value: Any) -> str:
-    """A reported value as text for a person: a string as it is, anything else repr-like
-    (reprlib: a huge list or number stays short); cut to MAX_COST_RAW_CHARS."""
-    text = value if isinstance(value, str) else reprlib.repr(value)
-    return cut_text(text, MAX_COST_RAW_CHARS)
-
-
-def trusted_cost(
-    value: Any, ceiling_usd: float, n_asked: int
-) -> tuple[float | None, str | None, str | None]:
-    """(cost, cost_raw, warning) for a reported `metadata.cost`.
-
-    Trusted (cost set, the rest None): a finite int, float or numeric string, >= 0 and at
-    most `ceiling_usd`. Not trusted: cost None, cost_raw the value as text, and a warning.
-    Missing (None): all three None. Booleans are not numbers.
-    """
-    if value is None:
-        return None, None, None
-    raw = _raw_text(value)
-    shown = repr(raw) if isinstance(value, str) else raw
-    number: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = _as_float(value)
-        shown = repr(number)
-    elif isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            number = float(value)
-    if number is None:
-        reason = "is not a number"
-    elif not math.isfinite(number):
-        reason = "is not a finite number"
-    elif number < 0:
-        reason = "is negative"
-    elif number > ceiling_usd:
-        reason = (
-            f"is over {constants.MAX_TRUSTED_COST_FACTOR:g}x the list price of {n_asked} image(s)"
-        )
-    else:
-        return number + 0.0, None, None  # + 0.0: -0.0 becomes 0.0
-    return None, raw, f"reported cost {shown} {reason}: not trusted"
-
-
-__all__ = [
-    "CostEstimate",
-    "EditClient",
-    "EditRequest",
-    "EditResponse",
-    "ImagePart",
-    "OutputImage",
-    "build_files",
-    "build_form",
-]

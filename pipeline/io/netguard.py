@@ -4,13 +4,13 @@ Rules, for every URL fetched through `guarded_transport` and `open_stream`:
 
 1. Only `http` and `https`; any other scheme is refused, naming it.
 2. The host is resolved (an injectable async resolver, by default the system's getaddrinfo) and
-   the fetch is refused if ANY address it resolves to is not public: loopback, private
-   (10/8, 172.16/12, 192.168/16, fc00::/7), link-local, carrier-grade NAT (100.64/10),
-   multicast, broadcast, unspecified, reserved and other special-purpose ranges, IPv4-mapped,
-   IPv4-compatible, NAT64 (64:ff9b::/96) and 6to4 (2002::/16) addresses embedding such an IPv4
-   address. IP literals in any form getaddrinfo accepts (`127.1`, `2130706433`, `0x7f000001`,
-   `[::ffff:127.0.0.1]`) are caught because what is checked is the resolver's answer, never
-   the text of the URL.
+   the fetch is refused if ANY address it resolves to is not public (`pipeline.io.addresses`):
+   loopback, private (10/8, 172.16/12, 192.168/16, fc00::/7), link-local, carrier-grade NAT
+   (100.64/10), multicast, broadcast, unspecified, reserved and other special-purpose ranges,
+   IPv4-mapped, IPv4-compatible, NAT64 (64:ff9b::/96) and 6to4 (2002::/16) addresses embedding
+   such an IPv4 address. IP literals in any form getaddrinfo accepts (`127.1`, `2130706433`,
+   `0x7f000001`, `[::ffff:127.0.0.1]`) are caught because what is checked is the resolver's
+   answer, never the text of the URL.
 3. The connection goes to exactly an address that was checked: the check happens inside the
    network backend at connect time, with one lookup per connection, so DNS rebinding between
    a check and a connect is impossible. TLS still verifies the certificate against (and sends
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import re
@@ -45,13 +44,14 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from typing import TypeAlias
-from urllib.parse import urlsplit, urlunsplit
 
 import httpcore
 import httpx
 
 from pipeline.errors import BlockedAddressError
+from pipeline.io.addresses import address_reason, parse_ip
 from pipeline.io.allowed_roots import ENV_ALLOWED_ROOTS
+from pipeline.io.redact import redact_uri as redact_url
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +76,6 @@ DEFAULT_HINT = "set --allow-private-sources to allow"
 Resolver: TypeAlias = Callable[[str, int], Awaitable[list[str]]]
 """`(host, port) -> IP address strings`; raise `OSError` (e.g. `socket.gaierror`) on failure."""
 
-_IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-_V4_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
-_V4_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
-_V4_PRIVATE = (
-    ipaddress.IPv4Network("10.0.0.0/8"),
-    ipaddress.IPv4Network("172.16.0.0/12"),
-    ipaddress.IPv4Network("192.168.0.0/16"),
-)
-_V4_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
-_V6_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
-_V6_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_V6_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
-_V6_6TO4 = ipaddress.IPv6Network("2002::/16")
-_V6_UNIQUE_LOCAL = ipaddress.IPv6Network("fc00::/7")
-_V6_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")
-_V6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
 # A host name as httpx leaves it (lower case, IDNA already applied); `%` and the like refused.
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
 _HOST_NAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
@@ -116,22 +99,6 @@ _HTTPCORE_TO_HTTPX: dict[type[Exception], type[httpx.HTTPError]] = {
 }
 
 
-def redact_url(url: str) -> str:
-    """`url` without `user:password@` and with any query string replaced by `...`."""
-    with contextlib.suppress(ValueError):
-        parts = urlsplit(url)
-        if parts.scheme or parts.netloc:
-            netloc = parts.netloc.rpartition("@")[2]
-            query = "..." if parts.query else ""
-            return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-    shown = url.split("?", 1)[0].split("#", 1)[0]
-    if "://" in shown:
-        scheme, _, rest = shown.partition("://")
-        authority, slash, path = rest.partition("/")
-        shown = f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
-    return shown + ("?..." if "?" in url else "")
-
-
 async def system_resolver(host: str, port: int) -> list[str]:
     """The system resolver: every IPv4/IPv6 address `getaddrinfo` gives for `host`."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -143,86 +110,6 @@ async def system_resolver(host: str, port: int) -> list[str]:
             scope = sockaddr[3] if len(sockaddr) > 3 else 0
             addresses.append(f"{sockaddr[0]}%{scope}" if scope else str(sockaddr[0]))
     return addresses
-
-
-def _parse_ip(text: str) -> _IPAddress | None:
-    """`text` as an IP address if it is one in canonical notation (no `127.1` forms)."""
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _v4_reason(ip: ipaddress.IPv4Address) -> str | None:
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip in _V4_THIS_NETWORK:
-        return "a 'this network' (0.0.0.0/8) address"
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip.is_link_local:
-        return "a link-local address"
-    if ip in _V4_CGNAT:
-        return "a carrier-grade NAT (100.64.0.0/10) address"
-    if any(ip in net for net in _V4_PRIVATE):
-        return "a private address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if ip == _V4_BROADCAST:
-        return "a broadcast address"
-    if ip.is_reserved:
-        return "a reserved address"
-    if ip.is_private or not ip.is_global:
-        return "a special-purpose (non-public) address"
-    return None
-
-
-def _embedded(reason: str | None, how: str, v4: ipaddress.IPv4Address) -> str | None:
-    return None if reason is None else f"{reason} ({how} {v4})"
-
-
-def _v6_reason(ip: ipaddress.IPv6Address) -> str | None:
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip.is_loopback:
-        return "a loopback address"
-    mapped = ip.ipv4_mapped
-    if mapped is not None:
-        return _embedded(_v4_reason(mapped), "IPv4-mapped", mapped)
-    bare = ipaddress.IPv6Address(int(ip))  # without a scope id, for the network tests
-    if bare in _V6_IPV4_COMPATIBLE:
-        return f"an IPv4-compatible IPv6 address ({ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)})"
-    if bare in _V6_NAT64:
-        v4 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        return _embedded(_v4_reason(v4), "NAT64 of", v4)
-    if bare in _V6_NAT64_LOCAL:
-        return "a local-use NAT64 address"
-    sixtofour = ip.sixtofour
-    if sixtofour is not None:
-        return _embedded(_v4_reason(sixtofour), "6to4 of", sixtofour)
-    if ip.is_link_local:
-        return "a link-local address"
-    if bare in _V6_SITE_LOCAL:
-        return "a site-local address"
-    if bare in _V6_UNIQUE_LOCAL:
-        return "a private (unique local) address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if ip.is_reserved or bare not in _V6_GLOBAL_UNICAST:
-        return "a reserved address"
-    if ip.is_private or not ip.is_global:
-        return "a special-purpose (non-public) address"
-    return None
-
-
-def address_reason(ip: str) -> str | None:
-    """Why `ip` is not a public address (`"a loopback address"`), or None if it is."""
-    parsed = _parse_ip(ip)
-    if parsed is None:
-        return "not a valid IP address"
-    if isinstance(parsed, ipaddress.IPv4Address):
-        return _v4_reason(parsed)
-    return _v6_reason(parsed)
 
 
 def _normal_host(host: str) -> str:
@@ -267,7 +154,7 @@ class AddressPolicy:
 
     async def resolve(self, host: str, port: int) -> list[str]:
         """The addresses to check and connect to for `host` (an IP literal is itself)."""
-        literal = _parse_ip(_normal_host(host))
+        literal = parse_ip(_normal_host(host))
         if literal is not None:
             return [str(literal)]
         resolver = self.resolver or system_resolver
@@ -278,7 +165,7 @@ class AddressPolicy:
     ) -> BlockedAddressError:
         """The error refusing `host`, which is or resolves to `ip`, for `reason`."""
         shown_hint = f" ({self.hint})" if self.hint and hint else ""
-        if _parse_ip(_normal_host(host)) is not None:
+        if parse_ip(_normal_host(host)) is not None:
             detail = f"{host} is {reason}{shown_hint}"
         else:
             detail = f"{host} resolves to {ip}, {reason}{shown_hint}"
@@ -302,7 +189,7 @@ def check_url(url: str) -> None:
     host = parsed.raw_host.decode("ascii", "replace")
     if not host:
         raise BlockedAddressError("no host in the URL", url=shown)
-    if _parse_ip(host) is None and not _HOST_NAME_RE.fullmatch(host):
+    if parse_ip(host) is None and not _HOST_NAME_RE.fullmatch(host):
         raise BlockedAddressError(f"invalid host name {host!r}", url=shown)
 
 
@@ -338,7 +225,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         deadline = None if timeout is None else time.monotonic() + timeout
         addresses: list[str] = []
         for answer in await self._resolve(host, port, timeout):
-            parsed = _parse_ip(answer)
+            parsed = parse_ip(answer)
             if parsed is None:
                 # Refused even when private addresses are allowed: connecting to a name
                 # would mean a second, unchecked lookup.
