@@ -17,6 +17,7 @@ from moto import mock_aws
 from pipeline import spec
 from pipeline.errors import ManifestError
 from pipeline.manifest import read as manifest_read
+from pipeline.manifest.location import ManifestFile
 from pipeline.manifest.open import (
     ROW_COLUMN,
     format_report,
@@ -636,7 +637,7 @@ def test_large_csv_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             f.write(f"id-{n},img/{n}.png,prompt number {n},{n}\n")
     size = path.stat().st_size
     read_so_far = 0
-    real_open = manifest_read.Source.open
+    real_open = ManifestFile.open
 
     class Counting:
         def __init__(self, inner: Any) -> None:
@@ -653,10 +654,10 @@ def test_large_csv_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             self.inner.close()
             self.closed = True
 
-    def counting_open(self: manifest_read.Source) -> pa.NativeFile:
+    def counting_open(self: ManifestFile) -> pa.NativeFile:
         return pa.PythonFile(Counting(real_open(self)), mode="r")
 
-    monkeypatch.setattr(manifest_read.Source, "open", counting_open)
+    monkeypatch.setattr(ManifestFile, "open", counting_open)
     # pyarrow's I/O thread reads about 32 blocks ahead; small blocks make the bound visible.
     block = 64 * 1024
     monkeypatch.setattr(manifest_read, "CSV_BLOCK_BYTES", block)
@@ -878,7 +879,7 @@ def test_s3_manifest_replaced_between_passes(s3: Any) -> None:
     s3.put_object(Bucket=BUCKET, Key="m.csv", Body=b"image,prompt\na,p\n")
     with open_manifest(f"s3://{BUCKET}/m.csv") as manifest:
         s3.put_object(Bucket=BUCKET, Key="m.csv", Body=b"image,prompt\nb,q\n")
-        with pytest.raises(ManifestError, match="changed while it was being read"):
+        with pytest.raises(ManifestError, match="changed since this run first read it"):
             list(manifest.rows())
 
 

@@ -49,23 +49,17 @@ ManifestError while streaming; `validate_manifest` makes that pass before anythi
 
 from __future__ import annotations
 
-import contextlib
-import os
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Literal
 
 from pipeline import spec
+from pipeline.manifest.handle import ManifestHandle
 from pipeline.manifest.read import (
     ColumnMap,
-    CsvReader,
     ParquetReader,
     RawItem,
-    Source,
-    manifest_format,
     map_columns,
     suggest,
 )
@@ -95,46 +89,31 @@ DEFAULT_LISTED_ERRORS = 50
 ManifestFormat = Literal["csv", "parquet"]
 
 
-class Manifest:
+class Manifest(ManifestHandle):
     """An opened manifest whose header has been checked; rows are read lazily, in batches.
 
     Each call to `batches` (or `rows`) is a fresh pass over the file, with its own id check.
     Close it (or use it as a context manager) to remove the local copy of an S3 Parquet file.
     """
 
-    uri: str
     format: ManifestFormat
     columns: list[str]
     unknown_columns: list[str]
     delimiter: str | None
 
-    def __init__(self, uri: str, *, endpoint_url: str | None = None) -> None:
-        self.uri = uri
-        self.delimiter = None
-        self._cleanup: weakref.finalize[[str], Manifest] | None = None
-        self._parquet: ParquetReader | None = None
-        source = Source(uri, endpoint_url=endpoint_url)
-        fmt, gzip = manifest_format(uri)
-        self.format = "csv" if fmt == "csv" else "parquet"
-        self._base = SourceBase.for_manifest(source.uri if source.is_s3 else source.path)
-        self._reader: CsvReader | ParquetReader
-        if self.format == "csv":
-            csv_reader = CsvReader(source, gzip=gzip)
-            self._reader = csv_reader
-            self.delimiter = csv_reader.delimiter
-            self._cmap = map_columns(csv_reader.columns, uri)
-        else:
-            path = source.path
-            if source.is_s3:
-                path = source.download()
-                self._cleanup = weakref.finalize(self, _remove, path)
+    def __init__(
+        self, uri: str, *, endpoint_url: str | None = None, etag: str | None = None
+    ) -> None:
+        super().__init__(uri, map_columns, endpoint_url=endpoint_url, etag=etag)
+        self.format = "csv" if self.fmt == "csv" else "parquet"
+        self.delimiter = self.csv.delimiter if self.csv is not None else None
+        if self.parquet is not None:
             try:
-                self._parquet = self._reader = ParquetReader(path, uri)
-                self._cmap = map_columns(self._parquet.columns, uri)
-                self._parquet.check(self._cmap)
+                self.parquet.check(self._cmap)
             except BaseException:
                 self.close()
                 raise
+        self._base = self.base
         self.columns = list(self._cmap.found)
         self.unknown_columns = list(self._cmap.unknown)
 
@@ -217,30 +196,8 @@ class Manifest:
             report.rows_left, report.images_left = rows_left, images_left
         return report
 
-    def close(self) -> None:
-        if self._parquet is not None:
-            self._parquet.close()
-        if self._cleanup is not None:
-            self._cleanup()
-
-    def __enter__(self) -> Manifest:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"Manifest({self.uri!r}, format={self.format!r}, columns={self.columns!r})"
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 def open_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:

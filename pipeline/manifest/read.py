@@ -4,40 +4,60 @@ A reader checks the file and its header when it is made (so a bad manifest fails
 time) and then yields one raw row per data row, in order, numbered from 1 (header excluded).
 Each raw row is a `RawRow` (cells keyed by canonical column name) or, for a CSV row with the
 wrong number of fields, an InvalidRow in its place.
+
+The CSV reader is here; the rest is in the modules this one gathers: `columns` (format,
+header, raw rows), `location` (where the bytes are: `ManifestFile`) and `parquet_read`.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import csv
-import difflib
-import os
 import re
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
-from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.errors import ManifestError
-from pipeline.io.s3 import make_s3_client
-from pipeline.manifest.rows import (
-    KNOWN_COLUMNS,
-    PARAM_PREFIX,
-    fixed_param_column_reason,
-    ragged_row,
+from pipeline.manifest.columns import (
+    CSV_EXTENSIONS,
+    GZIP_EXTENSIONS,
+    PARQUET_EXTENSIONS,
+    ColumnMap,
+    RawItem,
+    RawRow,
+    canonical_name,
+    manifest_format,
+    map_columns,
+    suggest,
 )
-from pipeline.manifest.types import FieldError, InvalidRow
+from pipeline.manifest.location import ManifestFile
+from pipeline.manifest.parquet_read import PARQUET_READ_ROWS, ParquetReader, parquet_type_problem
+from pipeline.manifest.rows import ragged_row
+from pipeline.manifest.types import FieldError
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+__all__ = [
+    "CSV_BLOCK_BYTES",
+    "CSV_EXTENSIONS",
+    "GZIP_EXTENSIONS",
+    "PARQUET_EXTENSIONS",
+    "PARQUET_READ_ROWS",
+    "ColumnMap",
+    "CsvReader",
+    "ManifestFile",
+    "ParquetReader",
+    "RawItem",
+    "RawRow",
+    "canonical_name",
+    "manifest_format",
+    "map_columns",
+    "parquet_type_problem",
+    "sniff_delimiter",
+    "suggest",
+]
 
 # How much of a CSV is read up front to find its header, sniff the delimiter and check UTF-8.
 SNIFF_BYTES = 64 * 1024
@@ -46,19 +66,12 @@ MAX_HEADER_BYTES = 1024 * 1024
 # ahead, so roughly 33 blocks of raw CSV (plus one output batch) is what sits in memory,
 # whatever the file's size. A single row may not be larger than a block.
 CSV_BLOCK_BYTES = 256 * 1024
-PARQUET_READ_ROWS = 8192
 DELIMITERS: tuple[str, ...] = (",", ";", "\t")
 # Text of a ragged row kept for its hint; the rest is not needed.
 MAX_RAGGED_TEXT = 4096
 
-CSV_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv")
-GZIP_EXTENSIONS: tuple[str, ...] = (".csv.gz", ".tsv.gz")
-PARQUET_EXTENSIONS: tuple[str, ...] = (".parquet", ".pq")
 
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
-
-# Parquet types each column may have; anything else cannot hold the values.
-_INT_COLUMNS = frozenset({"seed", "n", "output_compression"})
 
 # Telling a multi-line value that swallowed rows (a quote left open) from a real multi-line
 # prompt: see CsvReader._rowlike_lines.
@@ -78,205 +91,6 @@ _IMAGE_SUFFIXES: tuple[str, ...] = (
 )
 _LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://\S+$")
-
-
-@dataclass(frozen=True)
-class RawRow:
-    """One data row's cells by canonical column name, plus problems found while reading it."""
-
-    row: int
-    cells: dict[str, object]
-    problems: tuple[FieldError, ...] = ()
-
-
-RawItem = RawRow | InvalidRow
-
-
-@dataclass
-class ColumnMap:
-    """The manifest's columns: as found, the known ones by canonical name, and the rest."""
-
-    found: list[str]
-    canonical: dict[str, str] = field(default_factory=dict)  # raw name -> canonical name
-    unknown: list[str] = field(default_factory=list)
-
-    @property
-    def known(self) -> list[str]:
-        return list(self.canonical.values())
-
-
-def canonical_name(raw: str) -> str | None:
-    """The known column `raw` names (case and surrounding spaces ignored), else None."""
-    name = raw.strip()
-    lowered = name.lower()
-    if lowered in KNOWN_COLUMNS:
-        return lowered
-    if lowered.startswith(PARAM_PREFIX):
-        return PARAM_PREFIX + name[len(PARAM_PREFIX) :].strip()
-    return None
-
-
-def map_columns(found: list[str], uri: str) -> ColumnMap:
-    """Check the header: no duplicate known columns, a prompt, an image or images column."""
-    cmap = ColumnMap(found=list(found))
-    first_at: dict[str, int] = {}
-    for index, raw in enumerate(found, 1):
-        name = canonical_name(raw)
-        if name is None:
-            # pandas writes its index as an unnamed first column; it is noise, not a typo.
-            if not raw.startswith("__index_level_"):
-                cmap.unknown.append(raw)
-            continue
-        if name in first_at:
-            raise ManifestError(
-                f"manifest {uri} has the column {name!r} twice (columns {first_at[name]} "
-                f"and {index})"
-            )
-        first_at[name] = index
-        if name.startswith(PARAM_PREFIX):
-            reason = fixed_param_column_reason(name)
-            if reason:
-                raise ManifestError(f"manifest {uri}: {reason}")
-        cmap.canonical[raw] = name
-    listed = ", ".join(repr(c) for c in found) or "none"
-    if "prompt" not in first_at:
-        raise ManifestError(f"manifest {uri} has no prompt column; found columns: {listed}")
-    if "image" not in first_at and "images" not in first_at:
-        raise ManifestError(
-            f"manifest {uri} has no image or images column; found columns: {listed}"
-        )
-    return cmap
-
-
-def suggest(column: str) -> str | None:
-    """The known column an unknown one most likely meant (`promt` -> `prompt`)."""
-    matches = difflib.get_close_matches(column.strip().lower(), KNOWN_COLUMNS, n=1, cutoff=0.75)
-    return matches[0] if matches else None
-
-
-def manifest_format(uri: str) -> tuple[str, bool]:
-    """("csv" | "parquet", gzip-compressed) from the name; ManifestError when unknown."""
-    name = uri.lower().rstrip("/")
-    if name.endswith(GZIP_EXTENSIONS):
-        return "csv", True
-    if name.endswith(CSV_EXTENSIONS):
-        return "csv", False
-    if name.endswith(PARQUET_EXTENSIONS):
-        return "parquet", False
-    raise ManifestError(
-        f"unknown format for manifest {uri}: expected a name ending in .csv, .csv.gz, .tsv, "
-        ".parquet or .pq"
-    )
-
-
-# --- where the bytes are ------------------------------------------------------------------
-
-
-class Source:
-    """A manifest's bytes: a local file or an S3 object (pinned to the ETag first seen)."""
-
-    def __init__(self, uri: str, *, endpoint_url: str | None = None) -> None:
-        self.uri = uri
-        self.bucket: str | None = None
-        self.key = ""
-        self.path = ""
-        self._etag: str | None = None
-        self._client: S3Client | None = None
-        self._endpoint_url = endpoint_url
-        if uri.startswith("s3://"):
-            bucket, _, key = uri[len("s3://") :].partition("/")
-            if not bucket or not key or key.endswith("/"):
-                raise ManifestError(f"manifest URI {uri} must name an object: s3://bucket/key")
-            self.bucket, self.key = bucket, key
-        elif uri.lower().startswith("file://"):
-            parts = urlsplit(uri)
-            if parts.netloc not in ("", "localhost"):
-                raise ManifestError(f"manifest URI {uri} names another host; file:// is local")
-            self.path = os.path.abspath(unquote(parts.path))
-            self._check_local()
-        elif "://" in uri:
-            raise ManifestError(
-                f"unsupported manifest location {uri}: expected a local path, file:// or s3://"
-            )
-        else:
-            self.path = os.path.abspath(uri)
-            self._check_local()
-
-    @property
-    def is_s3(self) -> bool:
-        return self.bucket is not None
-
-    def _check_local(self) -> None:
-        try:
-            os.stat(self.path)
-        except FileNotFoundError:
-            raise ManifestError(f"manifest not found: {self.path}") from None
-        except OSError as exc:
-            raise ManifestError(f"cannot read manifest {self.path}: {exc.strerror}") from exc
-        if os.path.isdir(self.path):
-            raise ManifestError(f"manifest {self.path} is a directory, not a file")
-        if not os.access(self.path, os.R_OK):
-            raise ManifestError(f"cannot read manifest {self.path}: permission denied")
-
-    def _s3(self) -> S3Client:
-        if self._client is None:
-            self._client = make_s3_client(self._endpoint_url)
-        return self._client
-
-    def _s3_error(self, exc: Exception) -> ManifestError:
-        if isinstance(exc, ClientError):
-            err = exc.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return ManifestError(f"manifest not found: {self.uri}")
-            if code == "NoSuchBucket":
-                return ManifestError(f"bucket {self.bucket!r} does not exist (manifest {self.uri})")
-            if code in ("AccessDenied", "403") or status == 403:
-                return ManifestError(f"access denied reading manifest {self.uri}")
-            if code == "PreconditionFailed" or status == 412:
-                return ManifestError(
-                    f"manifest {self.uri} changed while it was being read; start again"
-                )
-            return ManifestError(
-                f"cannot read manifest {self.uri}: {code} {err.get('Message', '')}"
-            )
-        return ManifestError(f"cannot read manifest {self.uri}: {exc}")
-
-    def open(self) -> pa.NativeFile:
-        """A fresh stream over the raw bytes, from the start."""
-        if not self.is_s3:
-            try:
-                return pa.OSFile(self.path, mode="r")
-            except OSError as exc:
-                raise ManifestError(f"cannot read manifest {self.path}: {exc}") from exc
-        assert self.bucket is not None
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
-        if self._etag:
-            # Every pass must read the same object: a manifest replaced between validation
-            # and the run would otherwise give rows that were never validated.
-            args["IfMatch"] = self._etag
-        try:
-            obj = self._s3().get_object(**args)
-        except (ClientError, BotoCoreError) as exc:
-            raise self._s3_error(exc) from exc
-        self._etag = self._etag or obj.get("ETag")
-        return pa.PythonFile(obj["Body"], mode="r")
-
-    def download(self) -> str:
-        """The object in a temporary file (the caller deletes it)."""
-        assert self.bucket is not None
-        fd, path = tempfile.mkstemp(prefix="imgedit-manifest-", suffix=".parquet")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                self._s3().download_fileobj(self.bucket, self.key, out)
-        except (ClientError, BotoCoreError, OSError) as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            if isinstance(exc, OSError):
-                raise ManifestError(f"cannot download manifest {self.uri}: {exc}") from exc
-            raise self._s3_error(exc) from exc
-        return path
 
 
 # --- CSV ----------------------------------------------------------------------------------
@@ -301,7 +115,7 @@ def sniff_delimiter(header: str) -> str:
 class CsvReader:
     """Streams a CSV with pyarrow; every column is read as text, ragged rows kept in place."""
 
-    def __init__(self, source: Source, *, gzip: bool) -> None:
+    def __init__(self, source: ManifestFile, *, gzip: bool) -> None:
         self._source = source
         self._gzip = gzip
         header = self._read_header()
@@ -636,98 +450,3 @@ def _pyarrow_row(message: str) -> int | None:
             break
         digits += ch
     return int(digits) if digits else None
-
-
-# --- Parquet ------------------------------------------------------------------------------
-
-
-def _is_text(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        return _is_text(t.value_type)
-    return bool(
-        pa.types.is_null(t)
-        or pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or pa.types.is_string_view(t)
-    )
-
-
-def _is_number(t: pa.DataType) -> bool:
-    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
-
-
-def _is_text_list(t: pa.DataType) -> bool:
-    is_list = (
-        pa.types.is_list(t)
-        or pa.types.is_large_list(t)
-        or pa.types.is_fixed_size_list(t)
-        or pa.types.is_list_view(t)
-        or pa.types.is_large_list_view(t)
-    )
-    return bool(is_list and _is_text(t.value_type))
-
-
-def parquet_type_problem(name: str, t: pa.DataType) -> str | None:
-    """What the column's Parquet type should be instead, or None when it can hold the values."""
-    if _is_text(t):
-        return None
-    if name in _INT_COLUMNS:
-        return None if _is_number(t) else "an integer, float or string column"
-    if name == "id":
-        return None if pa.types.is_integer(t) else "a string or integer column"
-    if name == "images":
-        return None if _is_text_list(t) else "a string or list<string> column"
-    if name == "params":
-        return None if pa.types.is_struct(t) else "a string (JSON object) or struct column"
-    if name.startswith(PARAM_PREFIX):
-        scalar = _is_number(t) or pa.types.is_boolean(t)
-        return None if scalar else "a string, number or boolean column"
-    return "a string column"
-
-
-class ParquetReader:
-    """Reads a local Parquet file in record batches of the known columns only."""
-
-    def __init__(self, path: str, uri: str) -> None:
-        self._uri = uri
-        try:
-            self._file = pq.ParquetFile(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise ManifestError(f"manifest {uri} is not a readable Parquet file: {exc}") from exc
-        self.schema = self._file.schema_arrow
-        self.columns = list(self.schema.names)
-        self.num_rows = self._file.metadata.num_rows
-
-    def check(self, cmap: ColumnMap) -> None:
-        for raw, name in cmap.canonical.items():
-            t = self.schema.field(raw).type
-            expected = parquet_type_problem(name, t)
-            if expected:
-                raise ManifestError(
-                    f"manifest {self._uri}: column {raw!r} has the Parquet type {t}; "
-                    f"expected {expected}"
-                )
-        if self.num_rows == 0:
-            raise ManifestError(f"manifest {self._uri} has no rows")
-
-    def rows(self, cmap: ColumnMap) -> Iterator[RawItem]:
-        raws = list(cmap.canonical)
-        names = [cmap.canonical[r] for r in raws]
-        next_row = 1
-        batches = self._file.iter_batches(batch_size=PARQUET_READ_ROWS, columns=raws)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except (pa.ArrowException, OSError) as exc:
-                raise ManifestError(
-                    f"cannot read manifest {self._uri} after row {next_row - 1}: {exc}"
-                ) from exc
-            columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-            for values in zip(*columns, strict=True):
-                yield RawRow(next_row, dict(zip(names, values, strict=True)))
-                next_row += 1
-
-    def close(self) -> None:
-        self._file.close()

@@ -1,25 +1,32 @@
 """Row validation for manifests: one row's cells become a ManifestRow or an InvalidRow.
 
 The column rules themselves are documented in `pipeline.manifest.open`. This module does no I/O:
-sources are resolved to absolute paths or URIs here and read (and checked) later.
+sources are resolved to absolute paths or URIs here (`source_base`) and read (and checked)
+later; each cell's own checks are in `cells`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import os
-import posixpath
-import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from pipeline import spec
 from pipeline.errors import SpecValueError
+from pipeline.manifest.cells import (
+    MAX_ID_CHARS,
+    CellProblem,
+    cell_text,
+    check_id,
+    is_unset,
+    json_or_none,
+    param_value,
+    parse_int,
+    parse_params,
+    show,
+    split_images,
+)
+from pipeline.manifest.source_base import SourceBase
 from pipeline.manifest.types import (
     ROW_COLUMN,
     EditParams,
@@ -28,6 +35,21 @@ from pipeline.manifest.types import (
     ManifestRow,
     ParsedRow,
 )
+
+__all__ = [
+    "CLIENT_FIELDS",
+    "FIXED_FIELDS",
+    "KNOWN_COLUMNS",
+    "MAX_ID_CHARS",
+    "MAX_PARAM_VALUE_CHARS",
+    "MAX_SEED",
+    "MIN_SEED",
+    "PARAM_PREFIX",
+    "RowValidator",
+    "SourceBase",
+    "fixed_param_column_reason",
+    "ragged_row",
+]
 
 # The columns with a meaning of their own; every other column is ignored (and reported),
 # except `param.<name>` columns, which are provider extras.
@@ -53,278 +75,14 @@ PARAM_PREFIX = "param."
 CLIENT_FIELDS: tuple[str, ...] = ("model", "response_format", "image[]", "stream")
 FIXED_FIELDS: frozenset[str] = frozenset(KNOWN_COLUMNS) | frozenset(CLIENT_FIELDS)
 
-MAX_ID_CHARS = 256
 MIN_SEED = 0
 MAX_SEED = 2**63 - 1
-# The column name FieldErrors use for problems of the whole row (a ragged CSV row).
-# Values quoted in reasons are cut to this length so one bad cell cannot flood a report.
-MAX_SHOWN_CHARS = 60
-# Integers written with more digits than this are out of every range we accept; checking the
-# length first keeps int() away from pathological inputs.
-MAX_INT_DIGITS = 30
-# A `params` (or JSON `images`) cell is a form field too: size, members and nesting capped.
-MAX_PARAMS_CHARS = 16 * 1024
-MAX_PARAMS_MEMBERS = 64
-MAX_PARAMS_DEPTH = 8
 # One `param.<name>` cell, as text.
 MAX_PARAM_VALUE_CHARS = 4096
 ID_DIGEST_BYTES = 8
-# Plain ASCII digit strings shorter than this are parsed without further ado.
-MAX_FAST_DIGITS = 19
 # Values of the enumerated columns (n, size, output_format...) repeat across rows; their
 # checks are remembered up to this many distinct values per pass.
 MEMO_ENTRIES = 4096
-
-_INT_RE = re.compile(r"^[+-]?\d+$")
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_BAD_ID_CHARS_RE = re.compile(r"[/\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def show(value: object) -> str:
-    """A value quoted for a reason, cut to MAX_SHOWN_CHARS."""
-    text = value if isinstance(value, str) else str(value)
-    if len(text) > MAX_SHOWN_CHARS:
-        text = text[: MAX_SHOWN_CHARS - 3] + "..."
-    return repr(text) if isinstance(value, str) else text
-
-
-class _Problem(ValueError):
-    """One reason a value is invalid (the message is the reason)."""
-
-
-@dataclass(frozen=True)
-class SourceBase:
-    """Where relative sources resolve: a local directory, or an S3 bucket and key prefix."""
-
-    local_dir: str | None = None
-    s3_bucket: str | None = None
-    s3_prefix: str = ""
-
-    @classmethod
-    def for_manifest(cls, uri: str) -> SourceBase:
-        """The base of a manifest at a local absolute path or an `s3://bucket/key` URI."""
-        if uri.startswith("s3://"):
-            bucket, _, key = uri[len("s3://") :].partition("/")
-            return cls(s3_bucket=bucket, s3_prefix=posixpath.dirname(key))
-        return cls(local_dir=os.path.dirname(os.path.abspath(uri)))
-
-    def resolve(self, source: str) -> str:
-        """An absolute local path, an s3:// URI or an http(s):// URL for `source`.
-
-        Raises _Problem with the reason when the source cannot be one.
-        """
-        if "\x00" in source:
-            raise _Problem(f"{show(source)} contains a NUL character")
-        m = _SCHEME_RE.match(source)
-        if m:
-            scheme = m.group(1).lower()
-            if scheme in ("http", "https"):
-                if not urlsplit(source).netloc:
-                    raise _Problem(f"{show(source)} has no host")
-                return source
-            if scheme == "s3":
-                bucket, _, key = source[len("s3://") :].partition("/")
-                if not bucket or not key:
-                    raise _Problem(f"{show(source)} needs a bucket and a key (s3://bucket/key)")
-                return source
-            if scheme == "file":
-                parts = urlsplit(source)
-                if parts.netloc not in ("", "localhost"):
-                    raise _Problem(f"{show(source)} names another host; file:// must be local")
-                path = unquote(parts.path)
-                if not path or path == "/":
-                    raise _Problem(f"{show(source)} has no path")
-                return os.path.normpath(path)
-            raise _Problem(
-                f"unsupported scheme {scheme!r} in {show(source)}; expected a local path, "
-                "file://, s3:// or http(s)://"
-            )
-        # Most paths are already normal; normpath is only needed for `.`, `..` and `//`.
-        plain = not source.startswith(".") and "/." not in source and "//" not in source
-        plain = plain and not source.endswith("/")
-        if source.startswith("/"):
-            return source if plain else os.path.normpath(source)
-        if self.s3_bucket is not None:
-            if plain:
-                key = f"{self.s3_prefix}/{source}" if self.s3_prefix else source
-            else:
-                key = posixpath.normpath(posixpath.join(self.s3_prefix, source))
-                if key in (".", "..") or key.startswith("../"):
-                    raise _Problem(f"relative path {show(source)} leads outside the bucket")
-            return f"s3://{self.s3_bucket}/{key}"
-        base = self.local_dir or os.getcwd()
-        if plain:
-            return f"{base}/{source}" if base != "/" else f"/{source}"
-        return os.path.normpath(os.path.join(base, source))
-
-
-def _text(value: object) -> str | None:
-    """A cell as stripped text; empty and missing both mean "not set"."""
-    if value is None:
-        return None
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    text = value.strip() if isinstance(value, str) else str(value).strip()
-    return text or None
-
-
-def _is_unset(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    if isinstance(value, list | tuple):
-        return not value
-    return isinstance(value, float) and math.isnan(value)
-
-
-def parse_int(column: str, value: object, low: int, high: int) -> int | None:
-    """An integer cell within low..high, None when unset; raises _Problem otherwise.
-
-    Accepts 42, "42", 42.0 and "42.0" (a spreadsheet or pandas float column), not 4.5.
-    """
-    result: int
-    if type(value) is str and value.isascii() and value.isdigit() and len(value) < MAX_FAST_DIGITS:
-        result = int(value)
-        if not low <= result <= high:
-            raise _Problem(f"{column} {result} is out of range {low}..{high}")
-        return result
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise _Problem(f"{column} {value} is not an integer")
-    if isinstance(value, int):
-        result = value
-    elif isinstance(value, float):
-        # NaN is a value here, not "missing": pyarrow stores pandas' missing floats as null.
-        if not value.is_integer():
-            raise _Problem(f"{column} {value} is not an integer")
-        result = int(value)
-    else:
-        text = str(value).strip()
-        if not text:
-            return None
-        if _INT_RE.match(text):
-            if len(text) > MAX_INT_DIGITS:
-                raise _Problem(f"{column} {show(text)} is out of range {low}..{high}")
-            result = int(text)
-        else:
-            try:
-                number = Decimal(text)
-            except InvalidOperation:
-                raise _Problem(f"{column} {show(text)} is not an integer") from None
-            if not number.is_finite() or number != number.to_integral_value():
-                raise _Problem(f"{column} {show(text)} is not an integer")
-            if number.adjusted() >= MAX_INT_DIGITS:
-                raise _Problem(f"{column} {show(text)} is out of range {low}..{high}")
-            result = int(number)
-    if not low <= result <= high:
-        raise _Problem(f"{column} {result} is out of range {low}..{high}")
-    return result
-
-
-def check_id(value: str) -> None:
-    """Raise _Problem unless `value` is a usable id (a label; never part of a storage key)."""
-    if len(value) > MAX_ID_CHARS:
-        raise _Problem(f"id is {len(value)} characters; the limit is {MAX_ID_CHARS}")
-    m = _BAD_ID_CHARS_RE.search(value)
-    if m:
-        char = m.group(0)
-        what = repr(char) if char in "/\\" else "a control character"
-        raise _Problem(f"id {show(value)} contains {what}")
-    if value in (".", ".."):
-        raise _Problem(f"id {value!r} is not allowed")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
-
-
-# JSON without NaN/Infinity (which are not JSON, and no API field takes them).
-_JSON = json.JSONDecoder(parse_constant=_reject_constant)
-_JSON_LITERALS: dict[str, Any] = {"true": True, "false": False, "null": None}
-
-
-def param_value(value: object) -> Any:
-    """A `param.<name>` cell: a JSON scalar when it parses as one, else the text; None = unset."""
-    if _is_unset(value):
-        return None
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text in _JSON_LITERALS:
-        return _JSON_LITERALS[text]
-    try:
-        parsed = _JSON.decode(text)
-    except ValueError:
-        return text
-    if isinstance(parsed, float) and not math.isfinite(parsed):
-        return text  # 1e999: no API field takes an infinity
-    if parsed is None or isinstance(parsed, str | int | float | bool):
-        return parsed
-    return text
-
-
-def _json_depth(obj: object) -> int:
-    """How deeply lists and objects nest in `obj` (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children: Iterable[object]
-        if isinstance(item, Mapping):
-            children = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if depth > MAX_PARAMS_DEPTH:
-            break
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def _decode_json_cell(column: str, text: str, kind: str = "valid JSON") -> object:
-    """A JSON cell decoded within the size cap; _Problem naming the column otherwise."""
-    if len(text) > MAX_PARAMS_CHARS:
-        raise _Problem(f"{column} is {len(text)} characters; the limit is {MAX_PARAMS_CHARS}")
-    try:
-        return _JSON.decode(text)
-    except json.JSONDecodeError as exc:
-        raise _Problem(f"{column} is not {kind}: {exc.msg} at character {exc.pos}") from None
-    except RecursionError:
-        raise _Problem(f"{column} nests deeper than {MAX_PARAMS_DEPTH} levels") from None
-    except ValueError:
-        raise _Problem(f"{column} is not {kind}: NaN and Infinity are not allowed") from None
-
-
-def _parse_params(value: object) -> dict[str, Any]:
-    """The `params` cell as a dict (null members dropped); raises _Problem otherwise."""
-    obj: object = dict(value) if isinstance(value, Mapping) else None
-    if obj is None:
-        obj = _decode_json_cell("params", str(value).strip())
-    if not isinstance(obj, dict):
-        raise _Problem(f"params must be a JSON object, not {type(obj).__name__} {show(value)}")
-    if len(obj) > MAX_PARAMS_MEMBERS:
-        raise _Problem(f"params has {len(obj)} members; the limit is {MAX_PARAMS_MEMBERS}")
-    if _json_depth(obj) > MAX_PARAMS_DEPTH:
-        raise _Problem(f"params nests deeper than {MAX_PARAMS_DEPTH} levels")
-    if isinstance(value, Mapping) and len(json.dumps(obj, default=str)) > MAX_PARAMS_CHARS:
-        raise _Problem(f"params is over {MAX_PARAMS_CHARS} characters as JSON")
-    return {str(k): v for k, v in obj.items() if v is not None}
-
-
-def _split_images(value: object) -> list[object]:
-    """The `images` cell as a list: a JSON array, `a|b|c`, or a Parquet list."""
-    if isinstance(value, list | tuple):
-        return list(value)
-    text = str(value).strip()
-    if text.startswith("["):
-        parsed = _decode_json_cell("images", text, "a valid JSON array")
-        if not isinstance(parsed, list):
-            raise _Problem("images is not a valid JSON array")
-        return parsed
-    return [part.strip() for part in text.split("|")]
 
 
 def _id_key(value: str) -> int:
@@ -340,7 +98,7 @@ def _int_check(column: str, low: int, high: int) -> Check:
     def check(value: object) -> tuple[Any, str | None]:
         try:
             return parse_int(column, value, low, high), None
-        except _Problem as exc:
+        except CellProblem as exc:
             return None, str(exc)
 
     return check
@@ -350,7 +108,7 @@ def _text_check(convert: Callable[[str], Any]) -> Check:
     """A check for a text column: `convert` returns the value or raises SpecValueError."""
 
     def check(value: object) -> tuple[Any, str | None]:
-        text = _text(value)
+        text = cell_text(value)
         if text is None:
             return None, None
         try:
@@ -433,57 +191,22 @@ class RowValidator:
         """The row's ManifestRow, or an InvalidRow with `problems` and every problem found."""
         errors: list[FieldError] = list(problems)
         get = cells.get
-
         row_id = self._check_id(row, get("id"), errors)
         images = self._images(get("image"), get("images"), errors)
-
-        prompt = get("prompt")
-        prompt_text = prompt.strip() if isinstance(prompt, str) else None
-        if prompt is None:
-            errors.append(FieldError("prompt", "prompt is missing"))
-        elif not prompt_text:
-            errors.append(FieldError("prompt", "prompt is empty"))
-        elif len(prompt_text) > spec.MAX_PROMPT_CHARS:
-            errors.append(
-                FieldError(
-                    "prompt",
-                    f"prompt is {len(prompt_text)} characters; the limit is "
-                    f"{spec.MAX_PROMPT_CHARS}",
-                )
-            )
-
-        mask: str | None = None
-        if self._has_mask:
-            mask_text = _text(get("mask"))
-            if mask_text is not None:
-                try:
-                    mask = self._base.resolve(mask_text)
-                except _Problem as exc:
-                    errors.append(FieldError("mask", str(exc)))
-
-        fields: dict[str, Any] = {}
-        for column, check in self._checks:
-            value = get(column)
-            if value is None or value == "":
-                continue
-            result, reason = check(value)
-            if reason is not None:
-                errors.append(FieldError(column, reason))
-            elif result is not None:
-                fields[column] = result
-
+        prompt = _prompt(get("prompt"), errors)
+        mask = self._mask(get("mask"), errors)
+        fields = self._fields(cells, errors)
         extra = self._extras(cells, errors) if self._params or self._has_params_json else {}
-
         if errors:
             return InvalidRow(row=row, id=row_id, errors=tuple(errors))
-        assert prompt_text is not None  # no errors means the prompt was checked
+        assert prompt is not None  # no errors means the prompt was checked
         field = fields.get
         return ManifestRow(
             row=row,
             id=row_id or f"row-{row}",
             images=tuple(images),
-            images_column="images" if _is_unset(cells.get("image")) else "image",
-            prompt=prompt_text,
+            images_column="images" if is_unset(cells.get("image")) else "image",
+            prompt=prompt,
             seed=field("seed"),
             mask=mask,
             params=EditParams(
@@ -499,16 +222,42 @@ class RowValidator:
             ),
         )
 
+    def _mask(self, value: object, errors: list[FieldError]) -> str | None:
+        if not self._has_mask:
+            return None
+        text = cell_text(value)
+        if text is None:
+            return None
+        try:
+            return self._base.resolve(text)
+        except CellProblem as exc:
+            errors.append(FieldError("mask", str(exc)))
+            return None
+
+    def _fields(self, cells: Mapping[str, object], errors: list[FieldError]) -> dict[str, Any]:
+        """The optional scalar columns' values (unset ones left out)."""
+        fields: dict[str, Any] = {}
+        for column, check in self._checks:
+            value = cells.get(column)
+            if value is None or value == "":
+                continue
+            result, reason = check(value)
+            if reason is not None:
+                errors.append(FieldError(column, reason))
+            elif result is not None:
+                fields[column] = result
+        return fields
+
     def _check_id(self, row: int, value: object, errors: list[FieldError]) -> str | None:
         if not self._has_id:
             return f"row-{row}"
-        text = _text(value)
+        text = cell_text(value)
         if text is None:
             text = f"row-{row}"
         else:
             try:
                 check_id(text)
-            except _Problem as exc:
+            except CellProblem as exc:
                 errors.append(FieldError("id", str(exc)))
                 return None
         key = _id_key(text)
@@ -518,20 +267,20 @@ class RowValidator:
         return text
 
     def _images(self, image: object, images: object, errors: list[FieldError]) -> list[str]:
-        one_set = not _is_unset(image)
-        many_set = not _is_unset(images)
+        one_set = not is_unset(image)
+        many_set = not is_unset(images)
         if one_set and not many_set:
-            text = _text(image)
+            text = cell_text(image)
             assert text is not None
             # A list here is a mix-up of the two columns, not a strange file name.
-            if "|" in text or (text.startswith("[") and isinstance(_json_or_none(text), list)):
+            if "|" in text or (text.startswith("[") and isinstance(json_or_none(text), list)):
                 errors.append(
                     FieldError("image", "image holds one source; put a list in the images column")
                 )
                 return []
             try:
                 return [self._base.resolve(text)]
-            except _Problem as exc:
+            except CellProblem as exc:
                 errors.append(FieldError("image", str(exc)))
                 return []
         if one_set and many_set:
@@ -542,8 +291,8 @@ class RowValidator:
             errors.append(FieldError(column, "no image; set image or images"))
             return []
         try:
-            items = _split_images(images)
-        except _Problem as exc:
+            items = split_images(images)
+        except CellProblem as exc:
             errors.append(FieldError("images", str(exc)))
             return []
         if not items:
@@ -562,7 +311,7 @@ class RowValidator:
                 continue
             try:
                 resolved.append(self._base.resolve(item.strip()))
-            except _Problem as exc:
+            except CellProblem as exc:
                 errors.append(FieldError("images", f"image {i}: {exc}"))
         return resolved
 
@@ -570,10 +319,10 @@ class RowValidator:
         extra: dict[str, Any] = {}
         if self._has_params_json:
             raw = cells.get("params")
-            if not _is_unset(raw):
+            if not is_unset(raw):
                 try:
-                    extra = _parse_params(raw)
-                except _Problem as exc:
+                    extra = parse_params(raw)
+                except CellProblem as exc:
                     errors.append(FieldError("params", str(exc)))
                 for key in extra:
                     if key.strip().lower() in FIXED_FIELDS:
@@ -599,6 +348,23 @@ class RowValidator:
         return extra
 
 
+def _prompt(value: object, errors: list[FieldError]) -> str | None:
+    """The prompt, stripped; None (and an error) when it is missing, empty or too long."""
+    text = value.strip() if isinstance(value, str) else None
+    if value is None:
+        errors.append(FieldError("prompt", "prompt is missing"))
+    elif not text:
+        errors.append(FieldError("prompt", "prompt is empty"))
+    elif len(text) > spec.MAX_PROMPT_CHARS:
+        errors.append(
+            FieldError(
+                "prompt",
+                f"prompt is {len(text)} characters; the limit is {spec.MAX_PROMPT_CHARS}",
+            )
+        )
+    return text
+
+
 def _fixed_reason(where: str, key: str) -> str:
     canonical = key.strip().lower()
     if canonical in KNOWN_COLUMNS:
@@ -614,13 +380,6 @@ def fixed_param_column_reason(column: str) -> str | None:
     if name.strip().lower() in FIXED_FIELDS:
         return _fixed_reason(f"column {column!r}", name)
     return None
-
-
-def _json_or_none(text: str) -> object:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
 
 
 def ragged_row(row: int, expected: int, found: int, text: str | None) -> InvalidRow:

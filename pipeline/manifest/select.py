@@ -23,29 +23,21 @@ with no prompt or image column required.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from types import TracebackType
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
 from pipeline.errors import ConfigError, ManifestError
+from pipeline.manifest.cells import MAX_ID_CHARS, cell_text
+from pipeline.manifest.handle import ManifestHandle
 from pipeline.manifest.read import (
     ColumnMap,
-    CsvReader,
-    ParquetReader,
     RawItem,
     RawRow,
-    Source,
     canonical_name,
-    manifest_format,
 )
-from pipeline.manifest.rows import MAX_ID_CHARS, SourceBase
 from pipeline.manifest.where import Where, compile_where
 
 __all__ = [
@@ -70,7 +62,7 @@ MAX_SELECT_IDS = 100_000
 _NO_VARIABLES: dict[str, Any] = {}
 
 
-class RawManifest:
+class RawManifest(ManifestHandle):
     """Every column of a manifest's rows, streamed in order, numbered like pipeline.manifest.open.
 
     Columns are keyed by their canonical name when they are known manifest columns (`Seed ` ->
@@ -79,73 +71,33 @@ class RawManifest:
     of an S3 Parquet file.
     """
 
-    uri: str
     format: str
     columns: list[str]
     types: dict[str, pa.DataType]
-    base: SourceBase
 
-    def __init__(self, uri: str, *, endpoint_url: str | None = None) -> None:
-        self.uri = uri
-        self._cleanup: weakref.finalize[[str], RawManifest] | None = None
-        self._parquet: ParquetReader | None = None
-        source = Source(uri, endpoint_url=endpoint_url)
-        fmt, gzip = manifest_format(uri)
-        self.format = fmt
-        self.base = SourceBase.for_manifest(source.uri if source.is_s3 else source.path)
-        self._reader: CsvReader | ParquetReader
-        if fmt == "csv":
-            csv_reader = CsvReader(source, gzip=gzip)
-            self._reader = csv_reader
-            self._cmap = all_columns(csv_reader.columns, uri)
+    def __init__(
+        self, uri: str, *, endpoint_url: str | None = None, etag: str | None = None
+    ) -> None:
+        super().__init__(uri, all_columns, endpoint_url=endpoint_url, etag=etag)
+        self.format = self.fmt
+        if self.parquet is None:
             self.types = {name: pa.string() for name in self._cmap.known}
         else:
-            path = source.path
-            if source.is_s3:
-                path = source.download()
-                self._cleanup = weakref.finalize(self, _remove, path)
-            try:
-                self._parquet = self._reader = ParquetReader(path, uri)
-                if self._parquet.num_rows == 0:
-                    raise ManifestError(f"manifest {uri} has no rows")
-                self._cmap = all_columns(self._parquet.columns, uri)
-                schema = self._parquet.schema
-                self.types = {
-                    name: schema.field(raw).type for raw, name in self._cmap.canonical.items()
-                }
-            except BaseException:
+            if self.parquet.num_rows == 0:
                 self.close()
-                raise
+                raise ManifestError(f"manifest {uri} has no rows")
+            schema = self.parquet.schema
+            self.types = {
+                name: schema.field(raw).type for raw, name in self._cmap.canonical.items()
+            }
         self.columns = self._cmap.known
 
     def rows(self) -> Iterator[RawItem]:
         """Each data row: a RawRow with every column, or an InvalidRow for a ragged CSV row."""
         return self._reader.rows(self._cmap)
 
-    def close(self) -> None:
-        if self._parquet is not None:
-            self._parquet.close()
-        if self._cleanup is not None:
-            self._cleanup()
-
-    def __enter__(self) -> RawManifest:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"RawManifest({self.uri!r}, columns={self.columns!r})"
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 def all_columns(found: Sequence[str], uri: str) -> ColumnMap:
@@ -179,11 +131,7 @@ def check_ids(ids: Iterable[str]) -> None:
 
 def row_id(row: int, cells: dict[str, object]) -> str:
     """The id pipeline.manifest.open gives the row: its `id` cell (trimmed), else `row-<n>`."""
-    value = cells.get("id")
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return f"row-{row}"
-    text = value.strip() if isinstance(value, str) else str(value).strip()
-    return text or f"row-{row}"
+    return cell_text(cells.get("id")) or f"row-{row}"
 
 
 # --- where --------------------------------------------------------------------------------
@@ -249,6 +197,7 @@ def select_rows(
     where: str | None = None,
     failed_rows: set[int] | None = None,
     endpoint_url: str | None = None,
+    etag: str | None = None,
 ) -> set[int]:
     """The 1-based row numbers passing every criterion given (at least one is required).
 
@@ -267,7 +216,7 @@ def select_rows(
 
     selected: set[int] = set()
     found: set[str] = set()
-    with RawManifest(manifest_uri, endpoint_url=endpoint_url) as manifest:
+    with RawManifest(manifest_uri, endpoint_url=endpoint_url, etag=etag) as manifest:
         compiled = (
             None
             if where is None
