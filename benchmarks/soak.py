@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,8 +31,10 @@ from PIL import Image
 
 from pipeline.emulator.config import FAULT_RATE_FIELDS
 from pipeline.emulator.process import EmulatorConfig, EmulatorProcess
-from pipeline.engine.run import RunOptions, RunSummary, run_manifest
-from pipeline.engine.runner import RunConfig
+from pipeline.engine.options import RunOptions
+from pipeline.engine.retry import RetryPolicy
+from pipeline.engine.run import RunParts, run_manifest
+from pipeline.engine.summary import RunSummary
 
 ResponseFormat = Literal["url", "b64_json"]
 
@@ -119,23 +121,6 @@ class SoakConfig:
     @property
     def total_fault_rate(self) -> float:
         return sum(self.effective_faults().values())
-
-
-@dataclass(frozen=True)
-class _SoakOptions(RunOptions):
-    """RunOptions with a shorter retry backoff (the engine's options do not expose it)."""
-
-    initial_backoff_s: float = DEFAULT_INITIAL_BACKOFF_S
-    max_backoff_s: float = DEFAULT_MAX_BACKOFF_S
-
-    def run_config(self) -> RunConfig:
-        config = super().run_config()
-        retry = replace(
-            config.retry,
-            initial_backoff_s=self.initial_backoff_s,
-            max_backoff_s=self.max_backoff_s,
-        )
-        return replace(config, retry=retry)
 
 
 @dataclass
@@ -247,7 +232,7 @@ async def soak(emulator: EmulatorProcess, workdir: Path, config: SoakConfig) -> 
     manifest = write_manifest(workdir / "manifest.csv", rows)
     output = workdir / "out"
     configure_emulator(emulator, config)
-    opts = _SoakOptions(
+    opts = RunOptions(
         manifest=str(manifest),
         output=str(output),
         api_base=emulator.base_url,
@@ -256,11 +241,16 @@ async def soak(emulator: EmulatorProcess, workdir: Path, config: SoakConfig) -> 
         request_timeout=config.request_timeout,
         response_format=config.response_format,
         chunk_size=config.chunk_size,
+    )
+    # A shorter backoff than a real run's, so a soak of hundreds of faults ends in seconds.
+    retry = RetryPolicy(
+        max_attempts=config.max_attempts,
+        max_seconds=opts.max_retry_seconds,
         initial_backoff_s=config.initial_backoff_s,
         max_backoff_s=config.max_backoff_s,
     )
     started = time.perf_counter()
-    summary = await run_manifest(opts)
+    summary = await run_manifest(opts, RunParts(retry=retry))
     elapsed = time.perf_counter() - started
     stats = await wait_idle(emulator, config.slow_seconds + IDLE_GRACE_S)
     results = pd.read_parquet(summary.results_uri)

@@ -57,7 +57,8 @@ async def baseline(args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def runner(args: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.engine.run import RunOptions, run_manifest
+    from pipeline.engine.options import RunOptions
+    from pipeline.engine.run import run_manifest
 
     opts = RunOptions(
         manifest=args["manifest"],
@@ -76,7 +77,8 @@ async def runner_noclaims(args: dict[str, Any]) -> dict[str, Any]:
     import pipeline.engine.run
 
     pipeline.engine.run.claims_probe = lambda storage: False  # type: ignore[assignment]
-    from pipeline.engine.run import RunOptions, run_manifest
+    from pipeline.engine.options import RunOptions
+    from pipeline.engine.run import run_manifest
 
     opts = RunOptions(
         manifest=args["manifest"],

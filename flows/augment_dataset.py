@@ -13,7 +13,7 @@ from prefect.client.schemas.objects import State
 from flows.edit_manifest import edit_subflow
 from flows.settings import EditSettings, RunSettings
 from pipeline.engine import layout
-from pipeline.engine.run import check_flow_inputs, new_run_id
+from pipeline.engine.plan import check_flow_inputs, new_run_id
 from pipeline.io.storage import open_storage
 from pipeline.uses.augment import AugmentSpec, expand_manifest, write_dataset_table
 

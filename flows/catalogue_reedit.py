@@ -12,7 +12,7 @@ from prefect.client.schemas.objects import State
 from flows.edit_manifest import edit_subflow
 from flows.settings import EditSettings, RunSettings
 from pipeline.engine import layout
-from pipeline.engine.run import check_flow_inputs, new_run_id
+from pipeline.engine.plan import check_flow_inputs, new_run_id
 from pipeline.errors import ConfigError
 from pipeline.io.storage import open_storage
 from pipeline.uses.catalogue import build_manifest_from_prefix

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shlex
 import signal
@@ -21,15 +22,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.cli_options import choices_of, with_parameters
 from flows.history_cli import register as register_history_commands
-from pipeline import __version__, spec
+from pipeline import __version__
 from pipeline.constants import (
-    DEFAULT_CHUNK_SIZE,
     DEFAULT_CONCURRENCY,
     DEFAULT_LIMIT_NAME,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_RETRY_SECONDS,
-    DEFAULT_TIMEOUT_S,
 )
 from pipeline.emulator.process import emulator_command
 from pipeline.errors import ImgEditError
@@ -94,7 +92,7 @@ def _maybe_emulator(enabled: bool) -> Iterator[str | None]:
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
-    from pipeline.engine.run import RunSummary
+    from pipeline.engine.summary import RunSummary
 
     table = Table(title=f"run {summary['run_id']}", show_header=False)
     table.add_column("metric")
@@ -124,110 +122,25 @@ def _rows(spec_text: str) -> tuple[int, int]:
     return start, end if end is not None else 0
 
 
-@app.command(epilog=EXIT_CODES)
-def run(
-    manifest: Annotated[str, typer.Argument(help="Manifest: local path or s3://, CSV or Parquet")],
-    output: Annotated[
-        str,
-        typer.Option("--output", "-o", help="Output root: a local folder or s3://bucket/prefix"),
-    ],
-    api_base: Annotated[
-        str | None,
-        typer.Option(help="API base URL (default: IMGEDIT_API_BASE, else the Lumenfall gateway)"),
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Model (default: IMGEDIT_MODEL, else p-image-edit)")
-    ] = None,
-    concurrency: Annotated[
-        int, typer.Option(min=1, help="Edit requests in flight at once")
-    ] = DEFAULT_CONCURRENCY,
-    where: Annotated[
-        str | None,
-        typer.Option(
-            help="Only rows where this expression holds, e.g. 'seed > 10 and size == \"1:1\"' "
-            "(comparisons, and/or/not, in [...], contains/startswith/isnull...; not Python)"
-        ),
-    ] = None,
-    ids: Annotated[
-        str | None, typer.Option(help="Only the rows with these ids, comma-separated")
-    ] = None,
-    rows: Annotated[
-        str | None, typer.Option(help="Only rows A to B (1-based, inclusive), e.g. 1:100")
-    ] = None,
-    limit: Annotated[
-        int | None,
-        typer.Option(min=1, help="Only the first N rows the run would edit: try a few first"),
-    ] = None,
-    strict: Annotated[
-        bool, typer.Option(help="Fail before any API call if any row is invalid")
-    ] = False,
-    emulator: Annotated[
-        bool,
-        typer.Option(help="Start the bundled API emulator on a free loopback port for this run"),
-    ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Redo rows whose results already exist")] = False,
-    max_cost: Annotated[
-        float | None,
-        typer.Option(min=0, help="Budget in USD: no request starts once it could be passed"),
-    ] = None,
-    dry_run_estimate: Annotated[
-        bool, typer.Option(help="Price the run with the API's dry run of its first row")
-    ] = False,
-    retry_failed_of: Annotated[
-        str | None, typer.Option(help="Only redo the rows that failed in this earlier run id")
-    ] = None,
-    max_attempts: Annotated[
-        int, typer.Option(min=1, help="Attempts per row, the first included")
-    ] = DEFAULT_MAX_ATTEMPTS,
-    max_retry_seconds: Annotated[
-        float, typer.Option(min=0.001, help="Seconds one row may spend retrying")
-    ] = DEFAULT_MAX_RETRY_SECONDS,
-    request_timeout: Annotated[
-        float, typer.Option(min=0.001, help="Seconds before an attempt counts as lost")
-    ] = DEFAULT_TIMEOUT_S,
-    chunk_size: Annotated[
-        int, typer.Option(min=1, help="Rows per Prefect task")
-    ] = DEFAULT_CHUNK_SIZE,
-    response_format: Annotated[
-        str, typer.Option(help="b64_json (inline) or url (downloaded at once)")
-    ] = "b64_json",
-    s3_endpoint_url: Annotated[
-        str | None, typer.Option(help="S3 endpoint URL (MinIO, R2...); default AWS_ENDPOINT_URL_S3")
-    ] = None,
-    run_id: Annotated[str | None, typer.Option(help="Name of the run (default: a new id)")] = None,
-    allow_private_sources: Annotated[
-        bool,
-        typer.Option(
-            help="Also fetch http(s) sources from loopback and private networks "
-            "(default: refused; env IMGEDIT_ALLOW_PRIVATE_SOURCES=1)"
-        ),
-    ] = False,
-    exclusive_output: Annotated[
-        bool,
-        typer.Option(
-            help="No other run writes to the output: lets a run start on a store that ignores "
-            "conditional writes (no claims there)"
-        ),
-    ] = False,
-    progress_bar: Annotated[
-        bool | None,
-        typer.Option(
-            "--progress/--no-progress",
-            help="Progress bar  [default: on at a terminal]",
-            show_default=False,
-        ),
-    ] = None,
-) -> None:
+def run(**given: Any) -> None:
     """Run the edit-manifest flow on MANIFEST, writing to --output."""
-    if response_format not in spec.RESPONSE_FORMATS:
-        raise _cannot("--response-format", f"must be one of {', '.join(spec.RESPONSE_FORMATS)}")
+    manifest, output = given.pop("manifest"), given.pop("output")
+    emulator, ids, rows = given.pop("emulator"), given.pop("ids"), given.pop("rows")
+    progress_bar = given.pop("progress_bar")
+    api_base, where = given["api_base"], given["select_where"]
+    formats = choices_of("response_format") or []
+    if given["response_format"] not in formats:
+        raise _cannot("--response-format", f"must be one of {', '.join(formats)}")
     row_start, row_end = _rows(rows) if rows else (1, 0)
     id_list = [i.strip() for i in ids.split(",") if i.strip()] if ids is not None else []
     if ids is not None and not id_list:
         raise _cannot("--ids", "no id given")
     # Refused here, before Prefect starts: a hostile or mistyped filter, or a missing key,
     # costs nothing and says so at once.
+    from pydantic import ValidationError
+
     from pipeline.engine.client import check_credentials
+    from pipeline.engine.options import RunOptions
 
     try:
         if where is not None:
@@ -241,34 +154,88 @@ def run(
     output = _absolute_local(output)
     manifest = _absolute_local(manifest)
     params: dict[str, Any] = {
+        **given,
         "manifest": manifest,
         "output": output,
-        "model": model,
-        "concurrency": concurrency,
-        "strict": strict,
-        "overwrite": overwrite,
-        "max_attempts": max_attempts,
-        "max_retry_seconds": max_retry_seconds,
-        "request_timeout": request_timeout,
-        "chunk_size": chunk_size,
-        "response_format": response_format,
-        "s3_endpoint_url": s3_endpoint_url,
-        "run_id": run_id,
-        "max_cost_usd": max_cost,
-        "dry_run_estimate": dry_run_estimate,
-        "retry_failed_of": retry_failed_of,
-        "select_where": where,
         "select_ids": id_list or None,
         "row_start": row_start,
         "row_end": row_end or None,
-        "limit": limit,
-        "allow_private_sources": allow_private_sources,
-        "exclusive_output": exclusive_output,
     }
+    try:
+        RunOptions.model_validate(params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where_ = ".".join(str(x) for x in first["loc"])
+        raise _cannot("cannot run", f"{where_}: {first['msg']}") from None
     show_progress = sys.stderr.isatty() if progress_bar is None else progress_bar
     state = _run(params, emulator=emulator, api_base=api_base, show_progress=show_progress)
     retry = _retry_command(manifest, output, params, api_base=api_base, emulator=emulator)
-    raise typer.Exit(_report(state, retry, s3_endpoint_url))
+    raise typer.Exit(_report(state, retry, given["s3_endpoint_url"]))
+
+
+_RUN_LEADING = [
+    inspect.Parameter(
+        "manifest",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            str, typer.Argument(help="Manifest: local path or s3://, CSV or Parquet")
+        ],
+    ),
+    inspect.Parameter(
+        "output",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[
+            str,
+            typer.Option(
+                "--output", "-o", help="Output root: a local folder or s3://bucket/prefix"
+            ),
+        ],
+    ),
+]
+_RUN_TRAILING = [
+    inspect.Parameter(
+        "ids",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None, typer.Option(help="Only the rows with these ids, comma-separated")
+        ],
+    ),
+    inspect.Parameter(
+        "rows",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(help="Only rows A to B (1-based, inclusive), e.g. 1:100"),
+        ],
+    ),
+    inspect.Parameter(
+        "emulator",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool,
+            typer.Option(
+                help="Start the bundled API emulator on a free loopback port for this run"
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "progress_bar",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            bool | None,
+            typer.Option(
+                "--progress/--no-progress",
+                help="Progress bar  [default: on at a terminal]",
+                show_default=False,
+            ),
+        ],
+    ),
+]
+app.command(epilog=EXIT_CODES)(with_parameters(run, _RUN_LEADING, _RUN_TRAILING))
 
 
 def _run(
@@ -366,7 +333,7 @@ def _failure_reasons(results_uri: str, endpoint_url: str | None) -> list[tuple[s
     import pyarrow.compute as pc
 
     from pipeline.engine.results import read_parquet_bytes
-    from pipeline.uses.catalogue import UriReader
+    from pipeline.io.uri import UriReader
 
     try:
         with UriReader(endpoint_url=endpoint_url) as read:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -30,36 +31,25 @@ from pipeline.constants import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_IN_FLIGHT,
     DEFAULT_CONCURRENCY,
+    DEFAULT_HTTP_TIMEOUT_S,
+    DEFAULT_LEASE_S,
     DEFAULT_LIMIT_NAME,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RETRY_SECONDS,
     DEFAULT_TIMEOUT_S,
 )
-from pipeline.engine import layout, progress
-from pipeline.engine.chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
-from pipeline.engine.interrupts import stop_on_signals
+from pipeline.engine import layout
+from pipeline.engine.chunk import ChunkStats, process_chunk, skip_chunk
+from pipeline.engine.context import RunContext
+from pipeline.engine.options import RunOptions
+from pipeline.engine.plan import RunPlan, describe_plan, new_run_id, plan_run
 from pipeline.engine.results import utcnow
-from pipeline.engine.run import (
-    RunOptions,
-    RunPlan,
-    RunSummary,
-    close_context,
-    describe_plan,
-    finalize_run,
-    iter_chunks,
-    merge_results,
-    new_run_id,
-    open_context,
-    plan_run,
-    preflight,
-    write_summary,
-)
+from pipeline.engine.run import RunHooks, execute, finalize_run
 from pipeline.engine.run_control import INTERRUPTED
 from pipeline.engine.run_log import run_log
-from pipeline.engine.runner import RunContext
+from pipeline.engine.summary import RunSummary, merge_results, write_summary
 from pipeline.errors import ConfigError, ImgEditError
 from pipeline.io.storage import open_storage
-from pipeline.manifest.open import open_manifest
 from pipeline.manifest.types import ParsedRow
 
 SUMMARY_ARTIFACT_KEY = "imgedit-run-summary"
@@ -68,6 +58,9 @@ EDIT_MANIFEST_FLOW = "edit-manifest"
 # The deployment prefect.yaml creates; shards run there unless told otherwise.
 DEFAULT_SHARD_DEPLOYMENT = "edit-manifest/edit-manifest"
 SHARD_POLL_SECONDS = 2.0
+SHARD_OWN_OPTIONS = frozenset(
+    {"run_id", "row_start", "row_end", "max_cost_usd", "strict", "dry_run_estimate", "limit"}
+)
 
 
 class RunAborted(ImgEditError):
@@ -101,54 +94,68 @@ def finalize_task(
 async def edit_manifest(
     manifest: str,
     output: str,
-    model: str | None = None,
+    run_id: str | None = None,
     api_base: str | None = None,
+    model: str | None = None,
     concurrency: Annotated[int, Field(ge=1, le=1024)] = DEFAULT_CONCURRENCY,
     max_attempts: Annotated[int, Field(ge=1, le=50)] = DEFAULT_MAX_ATTEMPTS,
     max_retry_seconds: Annotated[float, Field(gt=0)] = DEFAULT_MAX_RETRY_SECONDS,
     request_timeout: Annotated[float, Field(gt=0)] = DEFAULT_TIMEOUT_S,
-    chunk_size: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_CHUNK_SIZE,
+    source_timeout: Annotated[float, Field(gt=0)] = DEFAULT_HTTP_TIMEOUT_S,
+    chunk_size: Annotated[int, Field(ge=1, le=100000)] = DEFAULT_CHUNK_SIZE,
     chunks_in_flight: Annotated[int, Field(ge=1, le=16)] = DEFAULT_CHUNKS_IN_FLIGHT,
     response_format: Literal["b64_json", "url"] = "b64_json",
     overwrite: bool = False,
     strict: bool = False,
     s3_endpoint_url: str | None = None,
-    run_id: str | None = None,
     max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
     dry_run_estimate: bool = False,
     retry_failed_of: str | None = None,
-    api_limit: str | None = DEFAULT_LIMIT_NAME,
-    shards: Annotated[int, Field(ge=1, le=1000)] = 1,
-    shard_deployment: str | None = None,
     select_ids: list[str] | None = None,
     select_where: str | None = None,
     row_start: Annotated[int, Field(ge=1)] = 1,
     row_end: Annotated[int | None, Field(ge=1)] = None,
+    limit: Annotated[int | None, Field(ge=1)] = None,
     allow_private_sources: bool = False,
     exclusive_output: bool = False,
-    limit: Annotated[int | None, Field(ge=1)] = None,
+    lease_seconds: Annotated[float, Field(gt=0)] = DEFAULT_LEASE_S,
+    api_limit: str | None = DEFAULT_LIMIT_NAME,
+    shards: Annotated[int, Field(ge=1, le=1000)] = 1,
+    shard_deployment: str | None = None,
 ) -> dict[str, Any] | State[Any]:
     """Edit every row of a manifest and store results, sidecars and a results table.
 
     Args:
-        manifest: Manifest URI: local path or s3://, CSV or Parquet
+        manifest: Manifest: local path or s3://, CSV or Parquet
         output: Output root: a local folder or s3://bucket/prefix
-        model: Model name sent to the API; empty: the worker's IMGEDIT_MODEL, else p-image-edit
-        api_base: API base URL; default IMGEDIT_API_BASE, else the Lumenfall gateway
+        run_id: Name of this run's folder under runs/ (default: a new id)
+        api_base: API base URL; empty: IMGEDIT_API_BASE, else the Lumenfall gateway
+        model: Model name sent to the API; empty: IMGEDIT_MODEL, else p-image-edit
         concurrency: Edit requests in flight at once
         max_attempts: Attempts per row, the first one included
         max_retry_seconds: Seconds one row may spend retrying
         request_timeout: Seconds before an attempt counts as lost
+        source_timeout: Seconds to fetch one http(s) source before its row fails
         chunk_size: Rows per Prefect task
         chunks_in_flight: Chunk tasks running at once, sharing one limit
         response_format: How results travel: inline base64, or a URL fetched at once
         overwrite: Redo rows whose results already exist
-        strict: Fail before any API call if any row is invalid
-        s3_endpoint_url: S3 endpoint (MinIO, R2, moto); default AWS_ENDPOINT_URL_S3, else AWS
-        run_id: Name of this run's folder under runs/ (default: a new id)
+        strict: Fail before any API call if any row or source is invalid
+        s3_endpoint_url: S3 endpoint (MinIO, R2, moto); empty: AWS_ENDPOINT_URL_S3, else AWS
         max_cost_usd: Budget in USD: no request starts once it could be passed
         dry_run_estimate: Price the run with the API's dry run of its first row
         retry_failed_of: Only redo the rows that failed in this earlier run id
+        select_ids: Only the rows with these ids (a backfill)
+        select_where: Only rows where this expression holds, e.g. seed > 10 and size == "1:1"
+            (comparisons, and/or/not, in [...], contains/startswith/isnull...; not Python)
+        row_start: First manifest row of this run (shards set it)
+        row_end: Row after the last one of this run (shards)
+        limit: Only the first N rows the run would edit (after any selection): try a few first
+        allow_private_sources: Also fetch http(s) sources from loopback and private networks
+            (ignored on workers with IMGEDIT_ALLOWED_ROOTS)
+        exclusive_output: No other run writes to this output now: lets a run start on a store that
+            ignores conditional writes, where jobs cannot be claimed
+        lease_seconds: Seconds a claim or open marker of this run lives without renewal
         api_limit: Prefect global concurrency limit shared by every run and worker (its '-rpm' twin,
             if any, limits requests per minute); none: local limit only
         shards: Split the manifest into this many child flow runs of `shard_deployment`, for several
@@ -156,46 +163,12 @@ async def edit_manifest(
             s3://)
         shard_deployment: 'flow/deployment' the shards run as (default: this deployment, else edit-
             manifest/edit-manifest)
-        select_ids: Only the rows with these ids (a backfill)
-        select_where: Only rows where this expression holds, e.g. seed > 10 and size == "1:1"
-            (comparisons, and/or/not, in [...], contains/startswith/isnull...; not Python)
-        row_start: First manifest row of this run (shards set it)
-        row_end: Row after the last one of this run (shards)
-        allow_private_sources: Also fetch http(s) sources from loopback and private networks
-            (ignored on workers with IMGEDIT_ALLOWED_ROOTS)
-        exclusive_output: No other run writes to this output now: lets a run start on a store
-            that ignores conditional writes, where jobs cannot be claimed
-        limit: Only the first N rows the run would edit (after any selection): try a few first
     """
+    # The parameters as Prefect passed them, before any other local name exists.
+    given = dict(locals())
     logger = get_run_logger()
     started, started_at = time.perf_counter(), utcnow()
-    opts = RunOptions(
-        manifest=manifest,
-        output=output,
-        run_id=run_id,
-        api_base=api_base,
-        model=model,
-        concurrency=concurrency,
-        max_attempts=max_attempts,
-        max_retry_seconds=max_retry_seconds,
-        request_timeout=request_timeout,
-        chunk_size=chunk_size,
-        chunks_in_flight=chunks_in_flight,
-        response_format=response_format,
-        overwrite=overwrite,
-        strict=strict,
-        s3_endpoint_url=s3_endpoint_url,
-        max_cost_usd=max_cost_usd,
-        dry_run_estimate=dry_run_estimate,
-        retry_failed_of=retry_failed_of,
-        row_start=row_start,
-        row_end=row_end,
-        select_ids=tuple(select_ids or ()),
-        select_where=select_where,
-        allow_private_sources=allow_private_sources,
-        exclusive_output=exclusive_output,
-        limit=limit,
-    )
+    opts = RunOptions.model_validate({name: given[name] for name in RunOptions.model_fields})
     if shards > 1 and limit is not None:
         raise ConfigError("limit is for trying a few rows first: run it without shards")
     rid = run_id or new_run_id(started_at)
@@ -204,11 +177,15 @@ async def edit_manifest(
     with run_log(open_storage(output, endpoint_url=s3_endpoint_url), rid):
         logger.info(describe_plan(plan))
         if shards > 1:
+            if plan.opened is not None:
+                plan.opened.close()  # each shard opens the manifest itself
             summary = await fan_out(
                 opts, rid, plan, shards, shard_deployment, api_limit, started_at, started
             )
         else:
-            summary = await edit_here(opts, rid, plan, api_limit, started_at, started)
+            summary = await execute(
+                opts, plan, hooks=FlowHooks(api_limit), started_at=started_at, started=started
+            )
         await asyncio.gather(
             publish_contact_sheet(
                 summary.results_uri, output, summary.run_id, s3_endpoint_url, allow_private_sources
@@ -255,55 +232,42 @@ async def edit_subflow(**params: Any) -> dict[str, Any] | State[Any]:
     return summary
 
 
-async def edit_here(
-    opts: RunOptions,
-    rid: str,
-    plan: RunPlan,
-    api_limit: str | None,
-    started_at: datetime,
-    started: float,
-) -> RunSummary:
-    """Edit the run's rows in this process: chunk tasks under one leased request limit."""
-    logger = get_run_logger()
-    ctx = open_context(opts, rid, plan=plan)
-    try:
-        plan = await preflight(ctx, opts, plan)
-        progress.publish_plan(rid, plan.rows, plan.estimated_cost_usd)
-        if opts.max_cost_usd is not None and plan.estimated_cost_usd > opts.max_cost_usd:
-            logger.warning(
-                "estimated cost USD %.2f is over the budget of USD %.2f: the run stops "
-                "starting requests at the budget; later runs can continue",
-                plan.estimated_cost_usd,
-                opts.max_cost_usd,
-            )
-        if ctx.done_keys:
-            logger.info(
-                "%d jobs already done in %s: their rows are skipped",
-                len(ctx.done_keys),
-                opts.output,
-            )
-        async with api_slots(api_limit, opts.concurrency, logger) as slots:
+class FlowHooks(RunHooks):
+    """The engine's run sequence as the flow runs it: chunks as Prefect tasks, the shared API
+    limit leased for the edit phase, a progress artifact updated as chunks end."""
+
+    def __init__(self, api_limit: str | None) -> None:
+        self.api_limit = api_limit
+        self.log = get_run_logger()
+        self.tracker: ProgressTracker | None = None
+
+    @contextlib.asynccontextmanager
+    async def limits(self, ctx: RunContext, plan: RunPlan) -> AsyncIterator[None]:
+        async with api_slots(self.api_limit, ctx.config.concurrency, self.log) as slots:
             ctx.set_concurrency(slots)
-            ctx.permits = await rate_permits(api_limit, slots)
-            tracker = await ProgressTracker.start(rid, plan.rows)
-            with (
-                stop_on_signals(ctx.stop),
-                open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as source,
-            ):
-                ctx.start()
-                stats = await run_windowed(
-                    iter_chunks(source, opts.chunk_size, opts.row_range),
-                    # quote: else Prefect walks every row of every chunk, twice, looking for
-                    # futures among the task's arguments (~0.15 s a chunk of 1000 rows).
-                    lambda i, rows: tracker.after(edit_chunk_task(ctx, i, quote(rows))),
-                    window=opts.chunks_in_flight,
-                    stopped=lambda: ctx.stop.stopped,
-                    # Chunks a stopped run never starts: one quick part each, no task runs.
-                    skip=lambda i, rows: tracker.after(skip_chunk(ctx, i, rows)),
-                )
+            ctx.permits = await rate_permits(self.api_limit, slots)
+            self.tracker = await ProgressTracker.start(plan.run_id, plan.rows)
+            yield
+
+    async def chunk(self, ctx: RunContext, index: int, rows: Sequence[ParsedRow]) -> ChunkStats:
+        assert self.tracker is not None
+        # quote: else Prefect walks every row of every chunk, twice, looking for futures
+        # among the task's arguments (~0.15 s a chunk of 1000 rows).
+        return await self.tracker.after(edit_chunk_task(ctx, index, quote(rows)))
+
+    async def skip(self, ctx: RunContext, index: int, rows: Sequence[ParsedRow]) -> ChunkStats:
+        assert self.tracker is not None
+        return await self.tracker.after(skip_chunk(ctx, index, rows))
+
+    def finalize(
+        self,
+        ctx: RunContext,
+        plan: RunPlan,
+        stats: list[ChunkStats],
+        started_at: datetime,
+        started: float,
+    ) -> RunSummary:
         return finalize_task(ctx, plan, stats, started_at, started)
-    finally:
-        await close_context(ctx)
 
 
 class ProgressTracker:
@@ -334,6 +298,13 @@ class ProgressTracker:
         return stats
 
 
+def shard_parameters(opts: RunOptions) -> dict[str, Any]:
+    """The parameters every shard of a scaled-out run gets: every option of the run but those
+    that make it a shard (its id and rows), its budget (shared out by `fan_out`) and what only
+    the parent does (the strict plan, the dry run, a limit)."""
+    return opts.model_dump(mode="json", exclude=set(SHARD_OWN_OPTIONS))
+
+
 def shard_ranges(first: int, rows: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous, near-equal row ranges [start, end) covering `rows` rows from `first`."""
     shards = max(1, min(shards, rows))
@@ -360,29 +331,7 @@ async def fan_out(
     logger = get_run_logger()
     deployment = shard_deployment or _this_deployment()
     ranges = shard_ranges(opts.row_start, plan.rows, shards)
-    base = {
-        name: getattr(opts, name)
-        for name in (
-            "manifest",
-            "output",
-            "api_base",
-            "model",
-            "concurrency",
-            "max_attempts",
-            "max_retry_seconds",
-            "request_timeout",
-            "chunk_size",
-            "chunks_in_flight",
-            "response_format",
-            "overwrite",
-            "s3_endpoint_url",
-            "retry_failed_of",
-            "select_where",
-            "allow_private_sources",
-            "exclusive_output",
-        )
-    }
-    base["select_ids"] = list(opts.select_ids) or None
+    base = shard_parameters(opts)
     if opts.max_cost_usd is not None:
         # Each shard gets its share of the budget, so together they cannot pass it.
         base["max_cost_usd"] = opts.max_cost_usd / len(ranges)

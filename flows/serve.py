@@ -41,8 +41,8 @@ from pipeline.engine import layout
 from pipeline.engine.results import STATUSES
 from pipeline.errors import HistoryError, ImgEditError, StorageError
 from pipeline.io.storage import S3Storage, Storage, check_key
+from pipeline.io.uri import UriReader
 from pipeline.uses import run_history as rh
-from pipeline.uses.catalogue import UriReader
 
 __all__ = ["PAGE_SIZE", "THUMB_PX", "OutputSite", "create_app", "make_server", "run_server"]
 

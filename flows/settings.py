@@ -2,50 +2,70 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from pipeline.constants import DEFAULT_CONCURRENCY, DEFAULT_LIMIT_NAME
+from pipeline.constants import DEFAULT_LIMIT_NAME
+from pipeline.engine.options import RunOptions
 
 OutputFormat = Literal["png", "jpeg", "webp", "avif", "gif"]
 AspectRatio = Literal["auto", "1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4"]
 
 
-class RunSettings(BaseModel):
-    """Where requests go and how hard to push: the same for every row of the run."""
+# The run options the deployments' forms offer in their `run` group: each field, with its
+# type, default, bounds and description, is the run options model's own (pipeline.engine.options).
+RUN_GROUP_OPTIONS = (
+    "api_base",
+    "model",
+    "concurrency",
+    "max_cost_usd",
+    "s3_endpoint_url",
+    "allow_private_sources",
+)
 
-    model_config = ConfigDict(extra="forbid")
 
-    api_base: str | None = Field(
-        None, description="API base URL; empty: the workers' IMGEDIT_API_BASE, else Lumenfall"
-    )
-    model: str | None = Field(
-        None,
-        description="Model name sent to the API; empty: the workers' IMGEDIT_MODEL, else "
-        "p-image-edit",
-    )
-    concurrency: int = Field(
-        DEFAULT_CONCURRENCY, ge=1, le=1024, description="Edit requests in flight at once"
-    )
-    max_cost_usd: float | None = Field(
-        None, ge=0, description="Budget in USD; rows past it are skipped for a later run"
-    )
+class _FlowOnly(BaseModel):
+    """What only the flow knows: Prefect's shared limit and the scale-out."""
+
     api_limit: str | None = Field(
         DEFAULT_LIMIT_NAME, description="Prefect global concurrency limit shared by all runs"
     )
-    s3_endpoint_url: str | None = Field(
-        None, description="S3 endpoint (MinIO, R2); empty: AWS_ENDPOINT_URL_S3, else AWS"
-    )
     shards: int = Field(1, ge=1, le=1000, description="Child flow runs to spread the run over")
-    allow_private_sources: bool = Field(
-        False,
-        description="Also fetch http(s) sources from loopback and private networks (ignored on "
-        "workers with IMGEDIT_ALLOWED_ROOTS)",
+
+
+def _run_settings() -> type[BaseModel]:
+    fields: dict[str, Any] = {
+        name: (RunOptions.model_fields[name].annotation, RunOptions.model_fields[name])
+        for name in RUN_GROUP_OPTIONS
+    }
+    fields.update({name: (f.annotation, f) for name, f in _FlowOnly.model_fields.items()})
+    return create_model(
+        "RunSettings",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="Where requests go and how hard to push: the same for every row of the run.",
+        __module__=__name__,
+        **fields,
     )
 
-    def flow_kwargs(self) -> dict[str, Any]:
-        return self.model_dump()
+
+if TYPE_CHECKING:
+    # What type checkers see; the defaults are placeholders (the real ones are the model's).
+    class RunSettings(BaseModel):
+        api_base: str | None = None
+        model: str | None = None
+        concurrency: int = 0
+        max_cost_usd: float | None = None
+        s3_endpoint_url: str | None = None
+        allow_private_sources: bool = False
+        api_limit: str | None = None
+        shards: int = 0
+
+        def flow_kwargs(self) -> dict[str, Any]: ...
+
+else:
+    RunSettings = _run_settings()
+    RunSettings.flow_kwargs = lambda self: self.model_dump()
 
 
 class EditSettings(BaseModel):

@@ -17,8 +17,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine.options import RunOptions
 from pipeline.engine.results import ResultRow, rows_to_table
-from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.engine.run import run_manifest
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.manifest.open import open_manifest, validate_manifest
 from pipeline.manifest.rows import MAX_ID_CHARS

@@ -32,7 +32,9 @@ from PIL import Image
 
 from pipeline.emulator.config import FAULT_RATE_FIELDS
 from pipeline.emulator.process import EmulatorProcess
-from pipeline.engine.run import RunOptions, RunSummary, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import run_manifest
+from pipeline.engine.summary import RunSummary
 from pipeline.errors import ManifestError
 
 pytestmark = pytest.mark.integration

@@ -13,15 +13,16 @@ import pytest
 from moto import mock_aws
 
 from pipeline.emulator.process import EmulatorProcess
-from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import run_manifest
 from pipeline.errors import ConfigError, StorageError, StorageNotFound
 from pipeline.io.storage import S3Storage
+from pipeline.io.uri import UriReader
 from pipeline.manifest.open import open_manifest, validate_manifest
 from pipeline.manifest.rows import MAX_ID_CHARS
 from pipeline.manifest.types import ManifestRow
 from pipeline.uses import catalogue
 from pipeline.uses.catalogue import (
-    UriReader,
     build_manifest_from_prefix,
     catalogue_id,
     check_settings,

@@ -29,8 +29,9 @@ from flows.artifacts import (
 )
 from pipeline.emulator.process import EmulatorProcess
 from pipeline.engine import layout
+from pipeline.engine.options import RunOptions
 from pipeline.engine.results import ResultRow, rows_to_table
-from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.engine.run import run_manifest
 from pipeline.io.storage import LocalStorage
 from pipeline.uses.contact_sheet import (
     MAX_SAMPLE,

@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipeline.emulator.process import EmulatorProcess
 from pipeline.engine import claims, done_index, layout
-from pipeline.engine.run import RunOptions, RunSummary, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import run_manifest
+from pipeline.engine.summary import RunSummary
 from pipeline.errors import StorageError, StorageNotFound
 from pipeline.io.storage import LocalStorage, S3Storage, open_storage
 

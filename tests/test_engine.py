@@ -16,7 +16,9 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from pipeline.emulator.process import EmulatorProcess
-from pipeline.engine.run import RunOptions, RunSummary, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import run_manifest
+from pipeline.engine.summary import RunSummary
 
 pytestmark = pytest.mark.integration
 

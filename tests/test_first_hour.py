@@ -8,7 +8,6 @@ run's log, and a help that answers without loading Prefect.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +20,9 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.emulator.process import EmulatorProcess
-from pipeline.engine.run import RunOptions, plan_run, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.plan import plan_run
+from pipeline.engine.run import run_manifest
 from tests.conftest import image_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ async def test_the_estimate_counts_only_what_is_left(
     opts = RunOptions(manifest=str(m), output=str(tmp_path / "out"), api_base=emulator.base_url)
     first = plan_run(opts, "first")
     assert first.rows_left == 6 and first.estimated_cost_usd == pytest.approx(0.06)
-    await run_manifest(dataclasses.replace(opts, limit=4))
+    await run_manifest(opts.replace(limit=4))
     again = plan_run(opts, "again")
     assert again.rows_done == 4 and again.rows_left == 2
     assert again.estimated_cost_usd == pytest.approx(0.02)

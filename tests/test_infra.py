@@ -20,7 +20,8 @@ import yaml
 from flows.settings import RunSettings
 from pipeline import spec
 from pipeline.emulator.process import EmulatorProcess
-from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import run_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"

@@ -40,7 +40,8 @@ TEMP_PREFIX = ".tmp-"
 ENGINE_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from pipeline.engine.run import RunOptions, run_manifest
+    from pipeline.engine.options import RunOptions
+    from pipeline.engine.run import run_manifest
 
     manifest, output, api_base = sys.argv[1:4]
     summary = asyncio.run(

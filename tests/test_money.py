@@ -27,7 +27,9 @@ from PIL import Image
 
 from pipeline.emulator.process import EmulatorProcess
 from pipeline.engine import claims, done_index, layout
-from pipeline.engine.run import RunOptions, RunParts, RunSummary, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import RunParts, run_manifest
+from pipeline.engine.summary import RunSummary
 from pipeline.errors import ConfigError, StorageError
 from pipeline.io.storage import LocalStorage, open_storage
 from tests.conftest import image_bytes

@@ -32,8 +32,10 @@ from typer.testing import CliRunner
 from flows.history_cli import register
 from pipeline.emulator.process import EmulatorProcess
 from pipeline.engine import layout
+from pipeline.engine.options import RunOptions
 from pipeline.engine.results import ResultRow, rows_to_table, table_to_parquet_bytes
-from pipeline.engine.run import RunOptions, RunSummary, run_manifest
+from pipeline.engine.run import run_manifest
+from pipeline.engine.summary import RunSummary
 from pipeline.io.storage import LocalStorage
 from pipeline.uses import run_history as rh
 

@@ -22,7 +22,8 @@ import pandas as pd
 import pytest
 
 from pipeline.emulator.process import EmulatorProcess
-from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import run_manifest
 from pipeline.errors import ConfigError, ManifestError, PathNotAllowedError
 from pipeline.io.allowed_roots import ENV_ALLOWED_ROOTS, AllowedRoots
 from pipeline.io.netguard import ENV_ALLOW_PRIVATE_SOURCES, source_policy

@@ -31,7 +31,9 @@ from PIL import Image
 
 from flows.serve import create_app, make_server
 from pipeline.emulator.process import EmulatorProcess
-from pipeline.engine.run import RunOptions, RunSummary, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import run_manifest
+from pipeline.engine.summary import RunSummary
 from pipeline.io.storage import LocalStorage
 
 # Tests that start servers (the emulator, uvicorn, moto) are marked `integration`.

@@ -15,7 +15,8 @@ import pytest
 from benchmarks.soak import MIN_TOTAL_FAULT_RATE, SoakConfig, soak
 from pipeline.emulator.config import DEFAULT_RETRY_AFTER_S, DEFAULT_SLOW_S
 from pipeline.emulator.process import EmulatorProcess
-from pipeline.engine.run import RunOptions, run_manifest
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import run_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
 

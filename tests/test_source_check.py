@@ -348,17 +348,21 @@ class SlowLoader(SourceLoader):
         self.now = 0
         self.peak = 0
         self._lock = threading.Lock()
+        # The loader reads through its UriReader: its local reads are the ones slowed down.
+        read_local = self._reader._read_local
 
-    def _read_local(self, uri: str) -> bytes:
-        with self._lock:
-            self.now += 1
-            self.peak = max(self.peak, self.now)
-        try:
-            time.sleep(0.03)
-            return super()._read_local(uri)
-        finally:
+        def slow_read_local(uri: str) -> bytes:
             with self._lock:
-                self.now -= 1
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+            try:
+                time.sleep(0.03)
+                return read_local(uri)
+            finally:
+                with self._lock:
+                    self.now -= 1
+
+        self._reader._read_local = slow_read_local  # type: ignore[method-assign]
 
 
 async def test_concurrency_bounds_reads(tmp_path: Path) -> None:

@@ -20,8 +20,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.engine import done_index, layout, progress
+from pipeline.engine.context import WORKERS_PER_SLOT, RunContext
+from pipeline.engine.outcomes import stopped_result
 from pipeline.engine.results import ResultRow, rows_to_table, table_to_parquet_bytes
-from pipeline.engine.runner import WORKERS_PER_SLOT, RunContext, process_row, stopped_result
+from pipeline.engine.runner import process_row
 from pipeline.errors import StorageError
 from pipeline.manifest.types import ParsedRow
 

@@ -3,324 +3,58 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
-import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
 import httpx
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline import spec
-from pipeline.constants import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_CHUNKS_IN_FLIGHT,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_LEASE_S,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_MAX_RETRY_SECONDS,
-)
-from pipeline.engine import done_index, layout, progress
+from pipeline.engine import done_index, progress
 from pipeline.engine.chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
 from pipeline.engine.claims import Claims
 from pipeline.engine.claims import probe as claims_probe
-from pipeline.engine.client import EditClient, ResponseFormat, check_credentials
+from pipeline.engine.client import EditClient
+from pipeline.engine.context import RunConfig, RunContext, io_thread_pool
+from pipeline.engine.edit import request_for
 from pipeline.engine.interrupts import stop_on_signals
+from pipeline.engine.options import RunOptions
+from pipeline.engine.plan import RunPlan, describe_plan, new_run_id, plan_run, selected_rows
 from pipeline.engine.results import (
-    STATUSES,
-    failed_rows_of,
-    merge_tables_to_file,
-    read_parquet_bytes,
-    rows_done_before,
-    temp_parquet_path,
     utcnow,
 )
 from pipeline.engine.retry import RetryPolicy
-from pipeline.engine.run_control import RunStop
 from pipeline.engine.run_log import run_log
-from pipeline.engine.runner import RunConfig, RunContext, io_thread_pool, request_for
-from pipeline.engine.source_check import validate_with_sources
-from pipeline.engine.sources import DEFAULT_HTTP_TIMEOUT, SourceLoader
-from pipeline.errors import APIError, ConfigError, ManifestError, SourceError
-from pipeline.io.allowed_roots import AllowedRoots, check_allowed
+from pipeline.engine.sources import SourceLoader
+from pipeline.engine.summary import RunSummary, merge_results, write_summary
+from pipeline.errors import APIError, ConfigError, SourceError
+from pipeline.io.allowed_roots import AllowedRoots
 from pipeline.io.netguard import source_policy
 from pipeline.io.storage import Storage, open_storage
 from pipeline.manifest.open import (
     Manifest,
     RowRange,
-    ValidationReport,
-    format_report,
     open_manifest,
-    validate_manifest,
 )
-from pipeline.manifest.select import check_ids, select_rows
 from pipeline.manifest.types import ManifestRow, ParsedRow
-from pipeline.manifest.where import parse_where
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything a run needs besides credentials (those come from the environment)."""
-
-    manifest: str
-    output: str
-    run_id: str | None = None
-    api_base: str | None = None
-    model: str | None = None
-    concurrency: int = DEFAULT_CONCURRENCY
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    max_retry_seconds: float = DEFAULT_MAX_RETRY_SECONDS
-    request_timeout: float = 120.0
-    # Seconds to fetch one http(s) source image before its row fails.
-    source_timeout: float = DEFAULT_HTTP_TIMEOUT
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    chunks_in_flight: int = DEFAULT_CHUNKS_IN_FLIGHT
-    response_format: ResponseFormat = "b64_json"
-    overwrite: bool = False
-    strict: bool = False
-    s3_endpoint_url: str | None = None
-    # Stop starting requests once spent plus in flight could pass this (USD).
-    max_cost_usd: float | None = None
-    # Price the run with the API's dry run on its first valid row instead of the list price.
-    dry_run_estimate: bool = False
-    # A selection (a backfill): only rows that pass every criterion given are edited; the
-    # others end `skipped` (not selected). See pipeline.manifest.select.
-    retry_failed_of: str | None = None  # the rows that ended `failed` in this earlier run
-    select_ids: tuple[str, ...] = ()
-    select_where: str | None = None  # a pandas expression over the manifest's columns
-    # Only rows `row_start <= row < row_end` (a shard of a scaled-out run); others are absent.
-    row_start: int = 1
-    row_end: int | None = None
-    # Only the first `limit` rows the run may edit (after any selection): try a few first.
-    limit: int | None = None
-    # Fetch http(s) sources from loopback, private and link-local addresses too (see
-    # pipeline.io.netguard); a worker with IMGEDIT_ALLOWED_ROOTS ignores it.
-    allow_private_sources: bool = False
-    # No other run writes to the output: lets a run start on a store that ignores
-    # conditional writes (no claims there); see pipeline.engine.claims.
-    exclusive_output: bool = False
-    # How long a claim or open marker of this run lives without renewal (see claims).
-    lease_seconds: float = DEFAULT_LEASE_S
-
-    @property
-    def row_range(self) -> RowRange | None:
-        return (
-            None
-            if self.row_start <= 1 and self.row_end is None
-            else (
-                self.row_start,
-                self.row_end,
-            )
-        )
-
-    def run_config(self) -> RunConfig:
-        return RunConfig(
-            concurrency=self.concurrency,
-            retry=RetryPolicy(max_attempts=self.max_attempts, max_seconds=self.max_retry_seconds),
-            response_format=self.response_format,
-            overwrite=self.overwrite,
-            max_cost_usd=self.max_cost_usd,
-        )
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    run_id: str
-    manifest: str
-    output: str
-    rows: int
-    valid: int
-    invalid: int
-    images: int  # output images the rows left ask for
-    estimated_cost_usd: float
-    report: ValidationReport
-    rows_left: int = 0  # valid rows in the selection not finished by earlier runs
-    rows_done: int = 0  # rows earlier runs of this manifest on this output finished
-    only_rows: set[int] | None = None  # the selection (see selected_rows); None: every row
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    manifest: str
-    output: str
-    results_uri: str
-    summary_uri: str
-    rows: int
-    by_status: dict[str, int]
-    skipped_by_reason: dict[str, int]
-    images: int
-    cost_usd: float
-    currency: str
-    possible_double_charges: int
-    possible_double_charge_usd: float
-    latency_p50_s: float | None
-    latency_p95_s: float | None
-    elapsed_s: float
-    started_at: str
-    finished_at: str
-    stopped_by: str | None = None
-    estimated_cost_usd: float | None = None
-    # "stopped" (a run-fatal API error, storage that cannot take results) or "interrupted"
-    # (Ctrl-C, SIGTERM); None when the run went through.
-    stop_kind: str | None = None
-    # Answers without a trusted cost (missing, negative, NaN, absurd...): their images at the
-    # run's price, which is what the budget counted them at.
-    cost_assumed_usd: float = 0.0
-    distrusted_costs: int = 0
-    # Rows that waited on another run's claim of their job; requests abandoned unanswered
-    # when an interrupted run stopped waiting (each may have been charged).
-    claims_waited: int = 0
-    abandoned: int = 0
-    storage_failures: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def table(self) -> list[dict[str, Any]]:
-        """The summary as metric/value rows, for a table artifact or a terminal."""
-        rows: list[dict[str, Any]] = [{"metric": "rows", "value": self.rows}]
-        rows += [{"metric": s, "value": self.by_status.get(s, 0)} for s in STATUSES]
-        rows += [
-            {"metric": f"skipped: {reason}", "value": n}
-            for reason, n in sorted(self.skipped_by_reason.items())
-        ]
-        rows += [
-            {"metric": "images", "value": self.images},
-            {"metric": f"cost ({self.currency})", "value": round(self.cost_usd, 4)},
-            {"metric": "possible double charges", "value": self.possible_double_charges},
-            {
-                "metric": f"possible double charge ({self.currency})",
-                "value": round(self.possible_double_charge_usd, 4),
-            },
-            {
-                "metric": f"cost assumed, not reported ({self.currency})",
-                "value": round(self.cost_assumed_usd, 4),
-            },
-            {"metric": "costs not trusted", "value": self.distrusted_costs},
-            {"metric": "rows that waited on another run", "value": self.claims_waited},
-            {"metric": "requests abandoned unanswered", "value": self.abandoned},
-            {"metric": "latency p50 (s)", "value": _round(self.latency_p50_s)},
-            {"metric": "latency p95 (s)", "value": _round(self.latency_p95_s)},
-            {"metric": "elapsed (s)", "value": round(self.elapsed_s, 2)},
-            {"metric": "results", "value": self.results_uri},
-        ]
-        if self.stopped_by:
-            rows.append({"metric": "stopped by", "value": self.stopped_by})
-        return rows
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
-
-
-def new_run_id(now: datetime | None = None) -> str:
-    now = now or utcnow()
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def check_flow_inputs(
-    *,
-    manifest: str | None,
-    output: str,
-    where: str | None = None,
-    ids: Sequence[str] = (),
-    source_prefix: str | None = None,
-) -> None:
-    """Refuse, before any row is read, what no row can fix: a manifest, catalogue prefix or
-    output outside the worker's allowed roots, a `where` that is not the safe expression
-    language, an id list no form should hold."""
-    roots = AllowedRoots.from_env()
-    if manifest is not None:
-        check_allowed(manifest, "manifest", roots)
-    if source_prefix is not None:
-        check_allowed(source_prefix, "source_prefix", roots)
-    check_allowed(output, "output", roots)
-    if where is not None:
-        parse_where(where)
-    check_ids(ids)
-
-
-def check_run_inputs(opts: RunOptions) -> None:
-    check_flow_inputs(
-        manifest=opts.manifest, output=opts.output, where=opts.select_where, ids=opts.select_ids
-    )
-    check_credentials(opts.api_base)
-
-
-def plan_run(opts: RunOptions, run_id: str, storage: Storage | None = None) -> RunPlan:
-    """Validate the whole manifest (streaming, no API call); with `strict`, refuse invalid rows.
-
-    The estimate counts only what is left: rows in the run's selection that earlier runs of
-    this manifest on this output did not finish (see run_history.rows_done_before; the run
-    itself checks each job, so a changed source is still edited).
-    """
-    check_run_inputs(opts)
-    storage = storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
-    only = selected_rows(opts, storage)
-    done = set() if opts.overwrite else rows_done_before(storage, opts.manifest)
-
-    def left(row: int) -> bool:
-        return (only is None or row in only) and row not in done
-
-    if opts.strict:
-        # Strict: what the run would fail on (a missing, unusable or refused source or mask)
-        # refuses the run too, before any API call.
-        report = validate_with_sources(
-            opts.manifest,
-            endpoint_url=opts.s3_endpoint_url,
-            row_range=opts.row_range,
-            concurrency=opts.concurrency,
-            source_timeout=opts.source_timeout,
-            policy=source_policy(opts.allow_private_sources),
-            left=left,
-        )
-    else:
-        report = validate_manifest(
-            opts.manifest, endpoint_url=opts.s3_endpoint_url, row_range=opts.row_range, left=left
-        )
-    if opts.strict and report.invalid:
-        raise ManifestError(
-            f"--strict: {report.invalid} of {report.rows} rows are invalid; nothing was sent.\n"
-            + format_report(report)
-        )
-    images_left = report.images if report.images_left is None else report.images_left
-    return RunPlan(
-        run_id=run_id,
-        manifest=opts.manifest,
-        output=opts.output,
-        rows=report.rows,
-        valid=report.valid,
-        invalid=report.invalid,
-        images=images_left,
-        estimated_cost_usd=round(images_left * spec.PRICE_PER_IMAGE_USD, 6),
-        report=report,
-        rows_left=report.valid if report.rows_left is None else report.rows_left,
-        rows_done=len(done),
-        only_rows=only,
-    )
-
-
-def describe_plan(plan: RunPlan) -> str:
-    """The plan in one line for the run's log: what is left, and what it should cost."""
-    done = f"; {plan.rows_done} done in earlier runs" if plan.rows_done else ""
-    return (
-        f"run {plan.run_id}: {plan.rows} rows ({plan.invalid} invalid{done}); "
-        f"{plan.rows_left} rows left to edit, about {plan.images} images, estimated cost "
-        f"{spec.CURRENCY} {plan.estimated_cost_usd:.2f}"
+def run_config(opts: RunOptions) -> RunConfig:
+    return RunConfig(
+        concurrency=opts.concurrency,
+        retry=RetryPolicy(max_attempts=opts.max_attempts, max_seconds=opts.max_retry_seconds),
+        response_format=opts.response_format,
+        overwrite=opts.overwrite,
+        max_cost_usd=opts.max_cost_usd,
     )
 
 
@@ -336,6 +70,8 @@ class RunParts:
 
     storage: Storage | None = None
     api_transport: httpx.AsyncBaseTransport | None = None
+    # The retry backoff (soak tests shorten it); the options set the attempts and time limit.
+    retry: RetryPolicy | None = None
 
 
 def open_context(
@@ -344,7 +80,9 @@ def open_context(
     """Storage, API client and source loader for a run, and the set of jobs already done."""
     parts = parts or RunParts()
     storage = parts.storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
-    config = opts.run_config()
+    config = run_config(opts)
+    if parts.retry is not None:
+        config = replace(config, retry=parts.retry)
     client = EditClient(
         transport=parts.api_transport,
         base_url=opts.api_base,
@@ -427,26 +165,6 @@ def claims_supported(storage: Storage, opts: RunOptions) -> bool:
     return False
 
 
-def selected_rows(opts: RunOptions, storage: Storage) -> set[int] | None:
-    """The rows this run may edit when it is a selection (a backfill), else None (all)."""
-    if not (opts.select_ids or opts.select_where or opts.retry_failed_of):
-        if opts.limit is None:
-            return None
-        first = max(opts.row_start, 1)
-        last = first + opts.limit
-        return set(range(first, last if opts.row_end is None else min(last, opts.row_end)))
-    rows = select_rows(
-        opts.manifest,
-        ids=opts.select_ids or None,
-        where=opts.select_where,
-        failed_rows=failed_rows_of(storage, opts.retry_failed_of) if opts.retry_failed_of else None,
-        endpoint_url=opts.s3_endpoint_url,
-    )
-    if opts.limit is not None:
-        rows = set(sorted(rows)[: opts.limit])
-    return rows
-
-
 async def preflight(ctx: RunContext, opts: RunOptions, plan: RunPlan) -> RunPlan:
     """With `dry_run_estimate`, price the run by the API's dry run of its first valid row.
 
@@ -455,8 +173,11 @@ async def preflight(ctx: RunContext, opts: RunOptions, plan: RunPlan) -> RunPlan
     """
     if not opts.dry_run_estimate or not plan.valid:
         return plan
-    with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
-        first = next(r for r in manifest.rows() if isinstance(r, ManifestRow))
+    if plan.opened is not None:
+        first = next(r for r in plan.opened.rows() if isinstance(r, ManifestRow))
+    else:
+        with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
+            first = next(r for r in manifest.rows() if isinstance(r, ManifestRow))
     try:
         estimate = await ctx.client.estimate(await request_for(ctx, first))
     except APIError as exc:
@@ -484,81 +205,6 @@ async def close_context(ctx: RunContext) -> None:
     ctx.close()
 
 
-SUMMARY_COLUMNS = [
-    "status",
-    "reason",
-    "cost",
-    "currency",
-    "n_outputs",
-    "latency_s",
-    "possible_double_charges",
-    "possible_double_charge_usd",
-    "error_code",
-    "claim_wait_s",
-    "cost_raw",
-]
-
-
-def merge_results(
-    storage: Storage,
-    table_keys: Sequence[str],
-    run_id: str,
-    in_memory: Mapping[str, bytes] | None = None,
-) -> tuple[str, pa.Table]:
-    """Stream result tables (chunk parts, or shards' tables) into the run's results table.
-
-    `in_memory` holds parts that could not be written when their rows finished: they are
-    merged from memory. Returns the table's URI and the columns a summary needs.
-    """
-    held = in_memory or {}
-    path = temp_parquet_path()
-    try:
-        tables = (
-            read_parquet_bytes(held[key] if key in held else storage.get_bytes(key))
-            for key in table_keys
-        )
-        merge_tables_to_file(tables, path)
-        uri = storage.put_file(layout.results_key(run_id), path)
-        return uri, pq.read_table(path, columns=SUMMARY_COLUMNS)
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def write_summary(
-    storage: Storage,
-    run_id: str,
-    plan: RunPlan,
-    results_uri: str,
-    table: pa.Table,
-    *,
-    started_at: datetime,
-    started: float,
-    stop: RunStop | None = None,
-    stopped_by: str | None = None,
-    price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD,
-) -> RunSummary:
-    summary = RunSummary(
-        **summarize(table, price_per_image_usd),
-        run_id=run_id,
-        manifest=plan.manifest,
-        output=plan.output,
-        results_uri=results_uri,
-        summary_uri=storage.uri_for(layout.summary_key(run_id)),
-        elapsed_s=time.perf_counter() - started,
-        started_at=started_at.isoformat(),
-        finished_at=utcnow().isoformat(),
-        stopped_by=stop.reason if stop is not None and stop.stopped else stopped_by,
-        stop_kind=stop.kind if stop is not None else ("stopped" if stopped_by else None),
-        estimated_cost_usd=plan.estimated_cost_usd,
-    )
-    storage.put_bytes(
-        layout.summary_key(run_id),
-        json.dumps(summary.to_dict(), indent=2).encode(),
-        "application/json",
-    )
-    return summary
-
-
 def finalize_run(
     ctx: RunContext,
     plan: RunPlan,
@@ -583,89 +229,91 @@ def finalize_run(
     )
 
 
-def summarize(
-    table: pa.Table, price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD
-) -> dict[str, Any]:
-    """Counts, cost and latency percentiles from a results table (or its SUMMARY_COLUMNS)."""
-    status = table.column("status")
-    by_status = {s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in STATUSES}
-    skipped = table.filter(pc.equal(status, "skipped"))
-    reasons = pc.value_counts(skipped.column("reason").fill_null("unknown")).to_pylist()
-    succeeded = table.filter(pc.equal(status, "succeeded"))
-    latency = succeeded.column("latency_s").drop_null()
-    p50 = p95 = None
-    if len(latency):
-        q = pc.quantile(latency, q=[0.5, 0.95]).to_pylist()
-        p50, p95 = q[0], q[1]
-    currencies = [c for c in pc.unique(table.column("currency").drop_null()).to_pylist() if c]
-    answered = table.filter(pc.is_valid(table.column("n_outputs")))
-    unpriced = answered.filter(pc.is_null(answered.column("cost")))
-    codes = table.column("error_code")
-    return {
-        "rows": table.num_rows,
-        "by_status": by_status,
-        "skipped_by_reason": {r["values"]: int(r["counts"]) for r in reasons},
-        "images": _sum(succeeded.column("n_outputs")),
-        "cost_usd": round(float(pc.sum(table.column("cost")).as_py() or 0.0), 6),
-        "currency": currencies[0]
-        if len(currencies) == 1
-        else "/".join(currencies) or spec.CURRENCY,
-        "possible_double_charges": _sum(table.column("possible_double_charges")),
-        "possible_double_charge_usd": round(
-            float(pc.sum(table.column("possible_double_charge_usd")).as_py() or 0.0), 6
-        ),
-        "latency_p50_s": p50,
-        "latency_p95_s": p95,
-        "cost_assumed_usd": round(_sum(unpriced.column("n_outputs")) * price_per_image_usd, 6),
-        "distrusted_costs": int(pc.sum(pc.is_valid(table.column("cost_raw"))).as_py() or 0),
-        "claims_waited": int(pc.sum(pc.is_valid(table.column("claim_wait_s"))).as_py() or 0),
-        "abandoned": int(pc.sum(pc.equal(codes, "abandoned")).as_py() or 0),
-        "storage_failures": int(pc.sum(pc.equal(codes, "storage_error")).as_py() or 0),
-    }
+class RunHooks:
+    """What an orchestrator adds around the engine's steps; the engine alone adds nothing.
+
+    The `edit-manifest` flow subclasses it to run chunks as Prefect tasks, lease the shared
+    API limit and publish progress (flows/edit_manifest.py); `execute` is the one sequence
+    both follow, so the CLI's engine and the flow cannot drift apart.
+    """
+
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger] = log
+
+    @contextlib.asynccontextmanager
+    async def limits(self, ctx: RunContext, plan: RunPlan) -> AsyncIterator[None]:
+        """Around the edit phase: shared limits to lease, progress to start."""
+        yield
+
+    async def chunk(self, ctx: RunContext, index: int, rows: Sequence[ParsedRow]) -> ChunkStats:
+        return await process_chunk(ctx, index, rows)
+
+    async def skip(self, ctx: RunContext, index: int, rows: Sequence[ParsedRow]) -> ChunkStats:
+        return await skip_chunk(ctx, index, rows)
+
+    def finalize(
+        self,
+        ctx: RunContext,
+        plan: RunPlan,
+        stats: list[ChunkStats],
+        started_at: datetime,
+        started: float,
+    ) -> RunSummary:
+        return finalize_run(ctx, plan, stats, started_at=started_at, started=started)
 
 
-def _sum(column: pa.ChunkedArray) -> int:
-    return int(pc.sum(column).as_py() or 0)
+async def execute(
+    opts: RunOptions,
+    plan: RunPlan,
+    *,
+    hooks: RunHooks | None = None,
+    parts: RunParts | None = None,
+    started_at: datetime,
+    started: float,
+) -> RunSummary:
+    """The run after its plan: open, preflight, the chunks, finalize; always closed again."""
+    hooks = hooks or RunHooks()
+    manifest = plan.opened or open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url)
+    ctx = open_context(opts, plan.run_id, parts, plan)
+    try:
+        plan = await preflight(ctx, opts, plan)
+        progress.publish_plan(plan.run_id, plan.rows, plan.estimated_cost_usd)
+        if opts.max_cost_usd is not None and plan.estimated_cost_usd > opts.max_cost_usd:
+            hooks.log.warning(
+                "estimated cost USD %.2f is over the budget of USD %.2f: the run stops "
+                "starting requests at the budget; later runs can continue",
+                plan.estimated_cost_usd,
+                opts.max_cost_usd,
+            )
+        if ctx.done_keys:
+            hooks.log.info("%d jobs already done in %s", len(ctx.done_keys), opts.output)
+        async with hooks.limits(ctx, plan):
+            with stop_on_signals(ctx.stop):
+                ctx.start()
+                stats = await run_windowed(
+                    iter_chunks(manifest, opts.chunk_size, opts.row_range),
+                    lambda i, rows: hooks.chunk(ctx, i, rows),
+                    window=opts.chunks_in_flight,
+                    stopped=lambda: ctx.stop.stopped,
+                    # Chunks a stopped run never starts: one quick part each.
+                    skip=lambda i, rows: hooks.skip(ctx, i, rows),
+                )
+        return hooks.finalize(ctx, plan, stats, started_at, started)
+    finally:
+        manifest.close()
+        await close_context(ctx)
 
 
 async def run_manifest(opts: RunOptions, parts: RunParts | None = None) -> RunSummary:
     """Plan, edit and finalize a whole manifest in this process (the engine without Prefect)."""
     started, started_at = time.perf_counter(), utcnow()
     run_id = opts.run_id or new_run_id(started_at)
-    plan = plan_run(opts, run_id, parts.storage if parts else None)
-    log.info(describe_plan(plan))
-    progress.publish_plan(run_id, plan.rows, plan.estimated_cost_usd)
-    ctx = open_context(opts, run_id, parts, plan)
-    try:
-        with run_log(ctx.storage, run_id), stop_on_signals(ctx.stop):
-            plan = await preflight(ctx, opts, plan)
-            ctx.start()
-            with open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url) as manifest:
-                stats = await run_windowed(
-                    iter_chunks(manifest, opts.chunk_size, opts.row_range),
-                    lambda i, rows: process_chunk(ctx, i, rows),
-                    window=opts.chunks_in_flight,
-                    stopped=lambda: ctx.stop.stopped,
-                    skip=lambda i, rows: skip_chunk(ctx, i, rows),
-                )
-            return finalize_run(ctx, plan, stats, started_at=started_at, started=started)
-    finally:
-        await close_context(ctx)
-
-
-__all__ = [
-    "RunOptions",
-    "RunParts",
-    "RunPlan",
-    "RunSummary",
-    "close_context",
-    "describe_plan",
-    "finalize_run",
-    "iter_chunks",
-    "merge_results",
-    "new_run_id",
-    "open_context",
-    "plan_run",
-    "preflight",
-    "run_manifest",
-]
+    storage = (parts.storage if parts else None) or open_storage(
+        opts.output, endpoint_url=opts.s3_endpoint_url
+    )
+    plan = plan_run(opts, run_id, storage)
+    with run_log(storage, run_id):
+        log.info(describe_plan(plan))
+        return await execute(
+            opts, plan, parts=replace(parts or RunParts(), storage=storage),
+            started_at=started_at, started=started,
+        )  # fmt: skip

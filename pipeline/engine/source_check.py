@@ -14,7 +14,8 @@ the pixel limit, or a mask that is not a PNG of the first image's size.
 - Each distinct source is read once, with at most `concurrency` reads at a time. Its bytes
   are dropped once checked (unless `keep_bytes`); only its verdict (format and size, or the
   problem) is kept, in an LRU of at most `cache_entries` URIs, so a catalogue of shared
-  references costs one read each and a million distinct sources do not sit in memory.
+  references costs one read each and a million distinct sources do not sit in memory
+  (`source_verdicts.SourceChecker`).
 - The manifest is streamed in batches; a bounded window of rows is in flight.
 
 Reading every source costs what a run's reading costs (a remote manifest of a million http
@@ -23,7 +24,8 @@ sources means a million downloads): callers make it optional (`imgedit validate
 
 `check_sources` gives a `SourceReport`; `merge_into` folds it into a `ValidationReport` so
 `format_report` lists its rows among the others; `validate_with_sources` (sync) or
-`avalidate_with_sources` does both in one pass over the manifest.
+`avalidate_with_sources` does both in one pass over the manifest (`source_report` holds the
+reports and the merge).
 """
 
 from __future__ import annotations
@@ -31,40 +33,47 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections import Counter, OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, Final, TypeVar
+from dataclasses import dataclass
+from typing import Any, Final, TypedDict, TypeVar, Unpack
 
+from pipeline.engine.source_report import SourceProblem, SourceReport, merge_into
+from pipeline.engine.source_verdicts import (
+    DEFAULT_CACHE_ENTRIES,
+    DEFAULT_CONCURRENCY,
+    MAX_SOURCE_PIXELS,
+    SourceChecker,
+    Verdict,
+)
 from pipeline.engine.sources import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_HTTP_TIMEOUT,
     SourceLoader,
-    mask_problem,
-    redact_uri,
 )
-from pipeline.errors import SourceError
-from pipeline.imageinfo import ImageInfo
 from pipeline.io.allowed_roots import AllowedRoots
 from pipeline.io.netguard import AddressPolicy, source_policy
 from pipeline.manifest.open import (
     DEFAULT_BATCH_SIZE,
     MAX_REPORTED_ERRORS,
+    Manifest,
     RowRange,
     ValidationReport,
     open_manifest,
 )
-from pipeline.manifest.types import FieldError, InvalidRow, ManifestRow, ParsedRow
+from pipeline.manifest.types import ManifestRow, ParsedRow
 
 __all__ = [
     "DEFAULT_CACHE_ENTRIES",
     "DEFAULT_CONCURRENCY",
     "FROM_ENV",
     "MAX_SOURCE_PIXELS",
+    "CheckOptions",
     "SourceChecker",
     "SourceProblem",
     "SourceReport",
+    "SyncCheckOptions",
     "Verdict",
     "avalidate_with_sources",
     "check_sources",
@@ -74,17 +83,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Source reads at once (a run's default concurrency).
-DEFAULT_CONCURRENCY = 16
-# Verdicts remembered (URI -> format and size, or the problem): a few hundred bytes each, so
-# ~30 MB at most; a manifest with more distinct sources re-reads one only if it comes back
-# after this many others.
-DEFAULT_CACHE_ENTRIES = 100_000
-# The API documents no pixel limit for uploads, and the run refuses nothing by pixel count
-# but Pillow's decompression-bomb limit (`imageinfo.probe`, at Image.MAX_IMAGE_PIXELS, whose
-# default is this number). Named here so the check does not depend on a process having
-# raised or lifted Pillow's global, and so a tighter limit has one place to go.
-MAX_SOURCE_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # 89,478,485: about 9459 x 9459
 # Rows in flight per read slot: enough that a slow source does not idle the other slots.
 ROWS_PER_SLOT = 4
 # on_progress is called at most this often (and once at the end).
@@ -100,185 +98,6 @@ class _FromEnv(enum.Enum):
 FROM_ENV: Final = _FromEnv.TOKEN
 
 ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What checking one source found: its header facts, and why it is unusable (or None)."""
-
-    info: ImageInfo | None
-    problem: str | None = None
-
-
-@dataclass(frozen=True)
-class SourceProblem(InvalidRow):
-    """A valid row with an unusable source or mask: an InvalidRow, plus the output images it
-    asked for (which leave the cost estimate when the row becomes invalid)."""
-
-    images: int = 1
-
-
-@dataclass
-class SourceReport:
-    """The outcome of checking the sources of a manifest's valid rows."""
-
-    uri: str
-    rows: int = 0  # rows seen (valid or not) in the range
-    rows_checked: int = 0  # valid rows whose sources were checked
-    invalid: int = 0  # of those, rows with at least one problem
-    invalid_images: int = 0  # output images those rows asked for
-    problems: list[SourceProblem] = field(default_factory=list)  # the first max_errors
-    problems_by_column: Counter[str] = field(default_factory=Counter)  # rows per column
-    sources_read: int = 0  # reads made: distinct sources, unless evicted and seen again
-    cache_hits: int = 0  # sources answered by an earlier or in-flight read
-    cached_verdicts: int = 0  # verdicts held at the end (at most the cap)
-    elapsed_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.invalid == 0
-
-    @property
-    def truncated(self) -> bool:
-        return self.invalid > len(self.problems)
-
-
-class SourceChecker:
-    """Checks rows' sources with a loader: bounded reads, one read per URI, LRU verdicts.
-
-    Use from one event loop. The loader belongs to the caller (it is not closed here).
-    """
-
-    def __init__(
-        self,
-        loader: SourceLoader,
-        *,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        cache_entries: int = DEFAULT_CACHE_ENTRIES,
-    ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-        if cache_entries < 0:
-            raise ValueError(f"cache_entries must be 0 or more, not {cache_entries}")
-        self.loader = loader
-        self.concurrency = concurrency
-        self.cache_entries = cache_entries
-        self._slots = asyncio.Semaphore(concurrency)
-        self._verdicts: OrderedDict[str, Verdict] = OrderedDict()
-        self._inflight: dict[str, asyncio.Task[Verdict]] = {}
-        self.reads = 0  # reads this checker started
-        self.cache_hits = 0  # verdicts from the cache or from a read already in flight
-
-    @property
-    def cached(self) -> int:
-        """Verdicts held now (never more than `cache_entries`)."""
-        return len(self._verdicts)
-
-    def cached_verdict(self, uri: str) -> Verdict | None:
-        """The remembered verdict on `uri` (counted as a hit), or None."""
-        verdict = self._verdicts.get(uri)
-        if verdict is not None:
-            self._verdicts.move_to_end(uri)
-            self.cache_hits += 1
-        return verdict
-
-    async def verdict(self, uri: str) -> Verdict:
-        """The verdict on `uri`: remembered, joined to a read in flight, or read now."""
-        cached = self.cached_verdict(uri)
-        if cached is not None:
-            return cached
-        task = self._inflight.get(uri)
-        if task is None:
-            self.reads += 1
-            task = asyncio.create_task(self._read(uri))
-            self._inflight[uri] = task
-            task.add_done_callback(lambda t: self._finish(uri, t))
-        else:
-            self.cache_hits += 1
-        # Shielded: one row's cancellation must not cancel a read other rows wait on.
-        return await asyncio.shield(task)
-
-    def check_cached(self, row: ManifestRow) -> tuple[bool, SourceProblem | None]:
-        """`(True, outcome)` if every source of the row has a verdict already, else
-        `(False, None)` (nothing counted): shared references then cost no task."""
-        uris = _uris(row)
-        verdicts: list[Verdict] = []
-        for uri in uris:
-            verdict = self._verdicts.get(uri)
-            if verdict is None:
-                return False, None
-            verdicts.append(verdict)
-        for uri in uris:
-            self._verdicts.move_to_end(uri)
-        self.cache_hits += len(uris)
-        return True, _outcome(row, verdicts)
-
-    async def check_row(self, row: ManifestRow) -> SourceProblem | None:
-        """The row's source problems (one per unusable source or mask), or None."""
-        uris = _uris(row)
-        if len(uris) == 1:
-            verdicts = [await self.verdict(uris[0])]
-        else:
-            verdicts = list(await asyncio.gather(*(self.verdict(u) for u in uris)))
-        return _outcome(row, verdicts)
-
-    async def aclose(self) -> None:
-        """Cancel the reads still in flight (a check that stopped early); keep the verdicts."""
-        tasks = list(self._inflight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _read(self, uri: str) -> Verdict:
-        async with self._slots:
-            try:
-                source = await self.loader.load(uri)
-            except SourceError as exc:
-                return Verdict(None, str(exc))
-        info = source.info
-        del source  # the bytes go now, whatever the loader keeps
-        pixels = info.width * info.height
-        if pixels > MAX_SOURCE_PIXELS:
-            return Verdict(
-                info,
-                f"image is {info.size} ({pixels:,} pixels), more than the "
-                f"{MAX_SOURCE_PIXELS:,} allowed: {redact_uri(uri)}",
-            )
-        return Verdict(info)
-
-    def _finish(self, uri: str, task: asyncio.Task[Verdict]) -> None:
-        if self._inflight.get(uri) is task:
-            del self._inflight[uri]
-        if task.cancelled() or task.exception() is not None or self.cache_entries == 0:
-            return
-        self._verdicts[uri] = task.result()
-        self._verdicts.move_to_end(uri)
-        while len(self._verdicts) > self.cache_entries:
-            self._verdicts.popitem(last=False)
-
-
-def _uris(row: ManifestRow) -> tuple[str, ...]:
-    return (*row.images, row.mask) if row.mask is not None else row.images
-
-
-def _outcome(row: ManifestRow, verdicts: list[Verdict]) -> SourceProblem | None:
-    """`verdicts` are those of `_uris(row)`, in order."""
-    errors: list[FieldError] = []
-    for verdict in verdicts[: len(row.images)]:
-        if verdict.problem is not None:
-            error = FieldError(row.images_column, verdict.problem)
-            if error not in errors:  # the same source twice in a row: one line
-                errors.append(error)
-    if row.mask is not None:
-        mask = verdicts[-1]
-        problem = mask.problem
-        if problem is None and mask.info is not None:
-            problem = mask_problem(row.mask, mask.info, verdicts[0].info)
-        if problem is not None:
-            errors.append(FieldError("mask", problem))
-    if not errors:
-        return None
-    return SourceProblem(row.row, row.id, tuple(errors), images=row.params.image_count())
 
 
 class _Progress:
@@ -317,126 +136,192 @@ def _resolve_roots(roots: AllowedRoots | _FromEnv | None) -> AllowedRoots | None
     return AllowedRoots.from_env() if isinstance(roots, _FromEnv) else roots
 
 
+class SyncCheckOptions(TypedDict, total=False):
+    """The options of `validate_with_sources`: those of `check_sources` but `loader`."""
+
+    endpoint_url: str | None
+    concurrency: int
+    row_range: RowRange | None
+    roots: AllowedRoots | _FromEnv | None
+    policy: AddressPolicy | None
+    on_progress: ProgressCallback | None
+    max_errors: int
+    source_timeout: float
+    keep_bytes: bool
+    cache_entries: int
+
+
+class CheckOptions(SyncCheckOptions, total=False):
+    """The options of `check_sources` and `avalidate_with_sources` (see `check_sources`)."""
+
+    loader: SourceLoader | None
+
+
+@dataclass(frozen=True)
+class _Options:
+    """CheckOptions with their defaults."""
+
+    endpoint_url: str | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+    row_range: RowRange | None = None
+    roots: AllowedRoots | _FromEnv | None = FROM_ENV
+    policy: AddressPolicy | None = None
+    on_progress: ProgressCallback | None = None
+    max_errors: int = MAX_REPORTED_ERRORS
+    source_timeout: float = DEFAULT_HTTP_TIMEOUT
+    keep_bytes: bool = False
+    cache_entries: int = DEFAULT_CACHE_ENTRIES
+    loader: SourceLoader | None = None
+
+
+def _new_loader(options: _Options) -> tuple[SourceLoader, ThreadPoolExecutor]:
+    """A loader of the check's own, and the pool its blocking reads run in."""
+    executor = ThreadPoolExecutor(
+        max_workers=options.concurrency, thread_name_prefix="imgedit-check"
+    )
+    loader = SourceLoader(
+        endpoint_url=options.endpoint_url,
+        http_timeout=options.source_timeout,
+        # 0: nothing is cached (every source has bytes), the verdicts are.
+        cache_bytes=DEFAULT_CACHE_BYTES if options.keep_bytes else 0,
+        executor=executor,
+        roots=_resolve_roots(options.roots),
+        policy=options.policy if options.policy is not None else source_policy(False),
+    )
+    return loader, executor
+
+
+class _Window:
+    """Rows whose sources are being checked, settled in file order (so problems are listed in
+    row order), at most `limit` in flight."""
+
+    def __init__(
+        self, checker: SourceChecker, report: SourceReport, progress: _Progress, max_errors: int
+    ) -> None:
+        self.checker = checker
+        self.report = report
+        self.progress = progress
+        self.max_errors = max_errors
+        self.limit = checker.concurrency * ROWS_PER_SLOT
+        self._pending: deque[asyncio.Future[SourceProblem | None]] = deque()
+
+    def _settle(self, problem: SourceProblem | None) -> None:
+        self.report.add(problem, max_errors=self.max_errors)
+        self.progress.done += 1
+
+    async def add(self, row: ManifestRow) -> None:
+        """Start checking `row` (or settle it at once); wait while the window is full."""
+        known, problem = self.checker.check_cached(row)
+        if known and not self._pending:
+            self._settle(problem)  # nothing ahead of it: in order already
+        elif known:
+            done: asyncio.Future[SourceProblem | None] = asyncio.get_running_loop().create_future()
+            done.set_result(problem)
+            self._pending.append(done)
+        else:
+            self._pending.append(asyncio.create_task(self.checker.check_row(row)))
+        while len(self._pending) >= self.limit:
+            self._settle(await self._pending.popleft())
+
+    async def drain(self) -> None:
+        """Settle every row still in flight, in order."""
+        while self._pending:
+            self._settle(await self._pending.popleft())
+
+    async def cancel(self) -> None:
+        """Stop the checks still in flight (a pass that failed or was cancelled)."""
+        for pending in self._pending:
+            pending.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+def _cells_report(manifest: Manifest, left: Callable[[int], bool] | None) -> ValidationReport:
+    cells = ValidationReport(
+        uri=manifest.uri,
+        format=manifest.format,
+        columns=list(manifest.columns),
+        unknown_columns=list(manifest.unknown_columns),
+    )
+    if left is not None:
+        cells.rows_left = cells.images_left = 0
+    return cells
+
+
+def _count_cells(
+    cells: ValidationReport,
+    parsed: ParsedRow,
+    max_errors: int,
+    left: Callable[[int], bool] | None,
+) -> None:
+    cells.add(parsed, max_errors=max_errors)
+    if left is not None and isinstance(parsed, ManifestRow) and left(parsed.row):
+        cells.rows_left = (cells.rows_left or 0) + 1
+        cells.images_left = (cells.images_left or 0) + parsed.params.image_count()
+
+
 async def _check(
     manifest_uri: str,
+    options: _Options,
     *,
-    endpoint_url: str | None,
-    concurrency: int,
-    row_range: RowRange | None,
-    roots: AllowedRoots | _FromEnv | None,
-    policy: AddressPolicy | None,
-    on_progress: ProgressCallback | None,
-    max_errors: int,
-    source_timeout: float,
-    keep_bytes: bool,
-    cache_entries: int,
-    loader: SourceLoader | None,
     validation: bool,
     left: Callable[[int], bool] | None = None,
 ) -> tuple[SourceReport, ValidationReport | None]:
     """One pass over the manifest: the source report, and the cell report if `validation`."""
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-    if max_errors < 0:
-        raise ValueError(f"max_errors must be 0 or more, not {max_errors}")
+    if options.concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {options.concurrency}")
+    if options.max_errors < 0:
+        raise ValueError(f"max_errors must be 0 or more, not {options.max_errors}")
     started = time.perf_counter()
     executor: ThreadPoolExecutor | None = None
-    own = loader is None
+    loader = options.loader
     if loader is None:
-        executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="imgedit-check")
-        loader = SourceLoader(
-            endpoint_url=endpoint_url,
-            http_timeout=source_timeout,
-            # 0: nothing is cached (every source has bytes), the verdicts are.
-            cache_bytes=DEFAULT_CACHE_BYTES if keep_bytes else 0,
-            executor=executor,
-            roots=_resolve_roots(roots),
-            policy=policy if policy is not None else source_policy(False),
-        )
+        loader, executor = _new_loader(options)
     reads_before, hits_before = loader.reads, loader.cache_hits
-    checker = SourceChecker(loader, concurrency=concurrency, cache_entries=cache_entries)
+    checker = SourceChecker(
+        loader,
+        concurrency=options.concurrency,
+        cache_entries=options.cache_entries,
+        max_pixels=MAX_SOURCE_PIXELS,  # read now: the limit this module names
+    )
     report = SourceReport(uri=manifest_uri)
-    # Rows in flight, in file order (so problems are listed in row order), at most `limit`.
-    window: deque[tuple[ManifestRow, asyncio.Future[SourceProblem | None]]] = deque()
-    limit = concurrency * ROWS_PER_SLOT
-    loop = asyncio.get_running_loop()
-    progress = _Progress(on_progress, 0)
+    progress = _Progress(options.on_progress, 0)
+    window = _Window(checker, report, progress, options.max_errors)
     cells: ValidationReport | None = None
-
-    def settle(row: ManifestRow, problem: SourceProblem | None) -> None:
-        report.rows_checked += 1
-        progress.done += 1
-        if problem is None:
-            return
-        report.invalid += 1
-        report.invalid_images += problem.images
-        if len(report.problems) < max_errors:
-            report.problems.append(problem)
-        for column in {e.column for e in problem.errors}:
-            report.problems_by_column[column] += 1
-
+    endpoint_url = options.endpoint_url
     try:
         manifest = await asyncio.to_thread(open_manifest, manifest_uri, endpoint_url=endpoint_url)
         with manifest:
             if validation:
-                cells = ValidationReport(
-                    uri=manifest.uri,
-                    format=manifest.format,
-                    columns=list(manifest.columns),
-                    unknown_columns=list(manifest.unknown_columns),
-                )
-                if left is not None:
-                    cells.rows_left = cells.images_left = 0
-            if on_progress is not None:
+                cells = _cells_report(manifest, left)
+            if options.on_progress is not None:
                 progress.total = await asyncio.to_thread(
-                    _cheap_total, manifest.format, manifest_uri, manifest.count_rows, row_range
+                    _cheap_total,
+                    manifest.format,
+                    manifest_uri,
+                    manifest.count_rows,
+                    options.row_range,
                 )
-            batches = manifest.batches(DEFAULT_BATCH_SIZE, row_range)
+            batches = manifest.batches(DEFAULT_BATCH_SIZE, options.row_range)
             while (batch := await asyncio.to_thread(_next_batch, batches)) is not None:
                 for parsed in batch:
                     report.rows += 1
                     if cells is not None:
-                        cells.add(parsed, max_errors=max_errors)
-                        if (
-                            left is not None
-                            and isinstance(parsed, ManifestRow)
-                            and left(parsed.row)
-                        ):
-                            cells.rows_left = (cells.rows_left or 0) + 1
-                            cells.images_left = (
-                                cells.images_left or 0
-                            ) + parsed.params.image_count()
+                        _count_cells(cells, parsed, options.max_errors, left)
                     if not isinstance(parsed, ManifestRow):
                         progress.done += 1
                         continue
-                    known, problem = checker.check_cached(parsed)
-                    if known and not window:
-                        settle(parsed, problem)  # nothing ahead of it: in order already
-                    elif known:
-                        done: asyncio.Future[SourceProblem | None] = loop.create_future()
-                        done.set_result(problem)
-                        window.append((parsed, done))
-                    else:
-                        window.append((parsed, loop.create_task(checker.check_row(parsed))))
-                    while len(window) >= limit:
-                        row, pending = window.popleft()
-                        settle(row, await pending)
+                    await window.add(parsed)
                     progress.tick()
                 del batch
-            while window:
-                row, pending = window.popleft()
-                settle(row, await pending)
+            await window.drain()
             progress.tick(final=True)
     except BaseException:
-        for _, pending in window:
-            pending.cancel()
-        await asyncio.gather(*(p for _, p in window), return_exceptions=True)
+        await window.cancel()
         raise
     finally:
         await checker.aclose()
-        if own:
+        if executor is not None:  # the loader is the check's own
             await loader.aclose()
-        if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     report.sources_read = loader.reads - reads_before
     report.cache_hits = checker.cache_hits + (loader.cache_hits - hits_before)
@@ -445,25 +330,13 @@ async def _check(
     return report, cells
 
 
-async def check_sources(
-    manifest_uri: str,
-    *,
-    endpoint_url: str | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    row_range: RowRange | None = None,
-    roots: AllowedRoots | _FromEnv | None = FROM_ENV,
-    policy: AddressPolicy | None = None,
-    on_progress: ProgressCallback | None = None,
-    max_errors: int = MAX_REPORTED_ERRORS,
-    source_timeout: float = DEFAULT_HTTP_TIMEOUT,
-    keep_bytes: bool = False,
-    cache_entries: int = DEFAULT_CACHE_ENTRIES,
-    loader: SourceLoader | None = None,
-) -> SourceReport:
+async def check_sources(manifest_uri: str, **options: Unpack[CheckOptions]) -> SourceReport:
     """Read and check the sources and masks of every valid row (rows `start <= row < end`).
 
-    - `concurrency`: source reads at once (blocking reads run in a pool of that many
-      threads, as a run's do).
+    - `endpoint_url`: the S3 service of the manifest and its sources.
+    - `concurrency`: source reads at once (DEFAULT_CONCURRENCY; blocking reads run in a pool
+      of that many threads, as a run's do).
+    - `row_range`: only rows `start <= row < end` (None: all).
     - `roots`: local and S3 sources must lie under these; `FROM_ENV` (default) reads
       `IMGEDIT_ALLOWED_ROOTS` now, None allows anywhere.
     - `policy`: which addresses http(s) sources may come from; None is a run's default
@@ -471,9 +344,11 @@ async def check_sources(
       `IMGEDIT_ALLOW_PRIVATE_SOURCES=1`).
     - `on_progress(done, total)`: rows done, and the rows in the range when that is cheap
       to know (Parquet, a local CSV) else 0; at most every PROGRESS_INTERVAL_S.
-    - `max_errors`: problems kept in the report (all are counted).
+    - `max_errors`: problems kept in the report (all are counted; MAX_REPORTED_ERRORS).
+    - `source_timeout`: of each http(s) read (DEFAULT_HTTP_TIMEOUT).
     - `keep_bytes`: keep checked sources' bytes in the loader's LRU (256 MiB) instead of
-      dropping them at once; verdicts are remembered either way, `cache_entries` of them.
+      dropping them at once; verdicts are remembered either way, `cache_entries` of them
+      (DEFAULT_CACHE_ENTRIES).
     - `loader`: check with this loader (its roots, policy, caps and cache) instead of a new
       one; it is not closed. `endpoint_url`, `roots`, `policy`, `source_timeout` and
       `keep_bytes` then only concern the manifest or are ignored.
@@ -482,124 +357,33 @@ async def check_sources(
     Cell-invalid rows are not checked (their sources may not even be paths). Contacts no
     API; the only network reads are the http(s) sources and S3.
     """
-    report, _ = await _check(
-        manifest_uri,
-        endpoint_url=endpoint_url,
-        concurrency=concurrency,
-        row_range=row_range,
-        roots=roots,
-        policy=policy,
-        on_progress=on_progress,
-        max_errors=max_errors,
-        source_timeout=source_timeout,
-        keep_bytes=keep_bytes,
-        cache_entries=cache_entries,
-        loader=loader,
-        validation=False,
-    )
+    report, _ = await _check(manifest_uri, _Options(**options), validation=False)
     return report
-
-
-def merge_into(
-    report: ValidationReport, sources: SourceReport, *, max_errors: int = MAX_REPORTED_ERRORS
-) -> ValidationReport:
-    """`report` with the rows whose sources are unusable counted invalid (a new report).
-
-    A row invalid for its cells and its sources is one invalid row (its problems joined);
-    rows that become invalid leave `valid` and their images leave the estimate. The errors
-    stay in row order, the first `max_errors` of both lists.
-    """
-    listed = {r.row: r for r in report.errors}
-    overlap = [p for p in sources.problems if p.row in listed]
-    fresh = sources.invalid - len(overlap)
-    by_column = Counter(report.errors_by_column)
-    by_column.update(sources.problems_by_column)
-    merged: dict[int, InvalidRow] = dict(listed)
-    for problem in sources.problems:
-        old = listed.get(problem.row)
-        if old is None:
-            merged[problem.row] = problem
-            continue
-        old_columns = {e.column for e in old.errors}
-        for column in {e.column for e in problem.errors} & old_columns:
-            by_column[column] -= 1  # this row is already counted under that column
-        merged[problem.row] = InvalidRow(old.row, old.id, old.errors + problem.errors)
-    # Each list holds only its first rows when truncated: past its last one, the other list
-    # alone would not be "the first errors" of the manifest.
-    cutoff: float = float("inf")
-    if report.errors_truncated:
-        cutoff = report.errors[-1].row if report.errors else 0
-    if sources.truncated:
-        cutoff = min(cutoff, sources.problems[-1].row if sources.problems else 0)
-    errors = [merged[r] for r in sorted(merged) if r <= cutoff][:max_errors]
-    freed_images = sources.invalid_images - sum(p.images for p in overlap)
-    return replace(
-        report,
-        valid=max(0, report.valid - fresh),
-        invalid=report.invalid + fresh,
-        images=max(0, report.images - freed_images),
-        errors=errors,
-        errors_by_column=+by_column,
-        sources_checked=(report.sources_checked or 0) + sources.rows_checked,
-        source_invalid=report.source_invalid + sources.invalid,
-    )
 
 
 async def avalidate_with_sources(
     manifest_uri: str,
     *,
-    endpoint_url: str | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    row_range: RowRange | None = None,
-    roots: AllowedRoots | _FromEnv | None = FROM_ENV,
-    policy: AddressPolicy | None = None,
-    on_progress: ProgressCallback | None = None,
-    max_errors: int = MAX_REPORTED_ERRORS,
-    source_timeout: float = DEFAULT_HTTP_TIMEOUT,
-    keep_bytes: bool = False,
-    cache_entries: int = DEFAULT_CACHE_ENTRIES,
-    loader: SourceLoader | None = None,
     left: Callable[[int], bool] | None = None,
+    **options: Unpack[CheckOptions],
 ) -> ValidationReport:
     """`validate_manifest` and `check_sources` in one pass over the manifest, merged.
 
-    Parameters as `check_sources`. For a huge remote manifest this reads every source a run
-    would: callers offer to skip it (`--no-sources`) and use `validate_manifest` alone.
+    Options as `check_sources`; `left` as `validate_manifest`'s. For a huge remote manifest
+    this reads every source a run would: callers offer to skip it (`--no-sources`) and use
+    `validate_manifest` alone.
     """
-    sources, cells = await _check(
-        manifest_uri,
-        endpoint_url=endpoint_url,
-        concurrency=concurrency,
-        row_range=row_range,
-        roots=roots,
-        policy=policy,
-        on_progress=on_progress,
-        max_errors=max_errors,
-        source_timeout=source_timeout,
-        keep_bytes=keep_bytes,
-        cache_entries=cache_entries,
-        loader=loader,
-        validation=True,
-        left=left,
-    )
+    opts = _Options(**options)
+    sources, cells = await _check(manifest_uri, opts, validation=True, left=left)
     assert cells is not None
-    return merge_into(cells, sources, max_errors=max_errors)
+    return merge_into(cells, sources, max_errors=opts.max_errors)
 
 
 def validate_with_sources(
     manifest_uri: str,
     *,
-    endpoint_url: str | None = None,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    row_range: RowRange | None = None,
-    roots: AllowedRoots | _FromEnv | None = FROM_ENV,
-    policy: AddressPolicy | None = None,
-    on_progress: ProgressCallback | None = None,
-    max_errors: int = MAX_REPORTED_ERRORS,
-    source_timeout: float = DEFAULT_HTTP_TIMEOUT,
-    keep_bytes: bool = False,
-    cache_entries: int = DEFAULT_CACHE_ENTRIES,
     left: Callable[[int], bool] | None = None,
+    **options: Unpack[SyncCheckOptions],
 ) -> ValidationReport:
     """`avalidate_with_sources` from synchronous code (its own event loop).
 
@@ -609,20 +393,7 @@ def validate_with_sources(
     """
 
     def start() -> Coroutine[Any, Any, ValidationReport]:
-        return avalidate_with_sources(
-            manifest_uri,
-            endpoint_url=endpoint_url,
-            concurrency=concurrency,
-            row_range=row_range,
-            roots=roots,
-            policy=policy,
-            on_progress=on_progress,
-            max_errors=max_errors,
-            source_timeout=source_timeout,
-            keep_bytes=keep_bytes,
-            cache_entries=cache_entries,
-            left=left,
-        )
+        return avalidate_with_sources(manifest_uri, left=left, **options)
 
     return _run_sync(start)
 

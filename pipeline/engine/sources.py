@@ -1,56 +1,56 @@
-"""Loading a row's source images and mask from local paths, s3:// or http(s):// URIs, cached."""
+"""Loading a row's source images and mask, cached: local paths, s3:// or http(s):// URIs.
+
+The bytes come through the one reader of `pipeline.io.uri` (caps, timeouts, the address
+rules, the allowed roots, regular files only); here they are hashed and checked as images,
+each URI read once however many rows share it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import io
-import os
-import re
-import stat
-import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
-from urllib.request import url2pathname
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from PIL import Image
 
-from pipeline.errors import BlockedAddressError, ConfigError, InvalidImageError, SourceError
+from pipeline.errors import ImgEditError, InvalidImageError, SourceError
 from pipeline.imageinfo import ImageInfo, probe
 from pipeline.io.allowed_roots import AllowedRoots
-from pipeline.io.netguard import MAX_REDIRECTS, AddressPolicy, guarded_transport, open_stream
-from pipeline.io.s3 import make_s3_client, parse_s3_uri
+from pipeline.io.netguard import AddressPolicy
+from pipeline.io.redact import redact_uri
+from pipeline.io.uri import UriReader, human_size
 from pipeline.spec import INPUT_FORMATS
 
 T = TypeVar("T")
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-else:  # boto3-stubs is a dev dependency only
-    S3Client = Any
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_HTTP_TIMEOUT",
+    "DEFAULT_MAX_BYTES",
+    "Source",
+    "SourceLoader",
+    "human_size",
+    "mask_problem",
+    "redact_uri",
+]
 
 DEFAULT_HTTP_TIMEOUT = 30.0
 DEFAULT_MAX_BYTES = 50 * 2**20
 DEFAULT_CACHE_BYTES = 256 * 2**20
-READ_CHUNK = 2**20
 
 _FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "webp": "WebP", "avif": "AVIF"}
 _ACCEPTED = ", ".join(sorted(_FORMAT_NAMES[f] for f in INPUT_FORMATS))
-_S3_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
-_S3_DENIED = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled"})
-_S3_BAD_CREDENTIALS = frozenset(
-    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
-)
-_URL_IN_TEXT_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+# What a source may be; anything else is refused before it is read.
+_SOURCE_PREFIXES = ("http://", "https://", "s3://", "file:", "/")
+_EXPECTED = "expected an absolute path, file://, s3://, http:// or https://"
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ class _LoadFailure(Exception):
 class SourceLoader:
     """Reads source files once each: an LRU cache by URI, and one read per URI in flight.
 
-    Local and S3 reads run in a worker thread (one shared, lazily created boto3 client);
-    http(s) goes through one shared httpx client, streaming with a size cap. Use from one
-    event loop; `aclose()` when done.
+    Reads go through one `UriReader`: local and S3 reads in a worker thread of `executor`
+    (one shared, lazily created boto3 client), http(s) through one shared httpx client,
+    streaming with a size cap. Use from one event loop; `aclose()` when done.
     """
 
     def __init__(
@@ -104,10 +104,15 @@ class SourceLoader:
         self.http_timeout = http_timeout
         self.max_bytes = max_bytes
         self.cache_bytes = cache_bytes
-        self._transport = transport
-        self._http: httpx.AsyncClient | None = None
-        self._s3: S3Client | None = None
-        self._s3_lock = threading.Lock()
+        self._reader = UriReader(
+            endpoint_url=endpoint_url,
+            timeout=http_timeout,
+            max_bytes=max_bytes,
+            transport=transport,
+            policy=self.policy,
+            roots=roots,
+            executor=executor,
+        )
         self._cache: OrderedDict[str, Source] = OrderedDict()
         self._cached_bytes = 0
         self._inflight: dict[str, asyncio.Task[Source]] = {}
@@ -153,13 +158,7 @@ class SourceLoader:
         self._inflight.clear()
         self._cache.clear()
         self._cached_bytes = 0
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
-        with self._s3_lock:
-            s3, self._s3 = self._s3, None
-        if s3 is not None:
-            s3.close()
+        await self._reader.aclose()
 
     # --- cache ---------------------------------------------------------------------------
 
@@ -196,130 +195,18 @@ class SourceLoader:
             ) from exc
 
     async def _read_and_check_inner(self, uri: str) -> Source:
-        if self.roots is not None and (reason := self.roots.reason(uri)) is not None:
-            raise _LoadFailure(f"{redact_uri(uri)} is {reason}")
-        if uri.startswith(("http://", "https://")):
-            data = await self._read_http(uri)
-        elif uri.startswith("s3://"):
-            data = await self._in_thread(self._read_s3, uri)
-        elif uri.startswith("file:") or uri.startswith("/"):
-            data = await self._in_thread(self._read_local, uri)
-        else:
-            raise _LoadFailure(_unsupported_location(uri))
+        problem = _location_problem(uri)
+        if problem is not None:
+            raise _LoadFailure(problem)
+        try:
+            data = await self._reader.aread(uri)
+        except ImgEditError as exc:
+            # The reader's message names the location, redacted, and says what failed.
+            raise _LoadFailure(str(exc)) from None
         return await self._in_thread(_check_image, uri, data)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def _read_local(self, uri: str) -> bytes:
-        path = _local_path(uri)
-        try:
-            # A FIFO or a device would block the worker thread or never end: files only.
-            mode = os.stat(path).st_mode
-            if stat.S_ISDIR(mode):
-                raise _LoadFailure(f"is a directory, not a file: {path}")
-            if not stat.S_ISREG(mode):
-                raise _LoadFailure(f"not a regular file: {path}")
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size > self.max_bytes:
-                    raise _LoadFailure(self._too_large(str(path)))
-                # Read one byte past the cap in case the file grew since fstat.
-                data = f.read(self.max_bytes + 1)
-        except FileNotFoundError:
-            raise _LoadFailure(f"file not found: {path}") from None
-        except IsADirectoryError:
-            raise _LoadFailure(f"is a directory, not a file: {path}") from None
-        except NotADirectoryError:
-            raise _LoadFailure(f"file not found: {path}") from None
-        except PermissionError:
-            raise _LoadFailure(f"permission denied reading {path}") from None
-        except OSError as exc:
-            raise _LoadFailure(
-                f"cannot read {path}: {exc.strerror or type(exc).__name__}"
-            ) from None
-        if len(data) > self.max_bytes:
-            raise _LoadFailure(self._too_large(str(path)))
-        return data
-
-    def _s3_client(self) -> S3Client:
-        with self._s3_lock:
-            if self._s3 is None:
-                self._s3 = make_s3_client(self.endpoint_url)
-            return self._s3
-
-    def _read_s3(self, uri: str) -> bytes:
-        try:
-            loc = parse_s3_uri(uri)
-        except ConfigError as exc:
-            raise _LoadFailure(str(exc)) from None
-        if not loc.key:
-            raise _LoadFailure(f"s3 URI names no object: {uri}")
-        try:
-            resp = self._s3_client().get_object(Bucket=loc.bucket, Key=loc.key)
-            body = resp["Body"]
-            try:
-                if int(resp.get("ContentLength") or 0) > self.max_bytes:
-                    raise _LoadFailure(self._too_large(uri))
-                data: bytes = body.read(self.max_bytes + 1)
-            finally:
-                body.close()
-        except NoCredentialsError:
-            raise _LoadFailure(f"no AWS credentials found to read {uri}") from None
-        except ClientError as exc:
-            raise _LoadFailure(_s3_reason(exc, uri, loc.bucket)) from None
-        except BotoCoreError as exc:
-            raise _LoadFailure(f"cannot read {uri}: {redact_text(str(exc))}") from None
-        if len(data) > self.max_bytes:
-            raise _LoadFailure(self._too_large(uri))
-        return data
-
-    def _http_client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            # Redirects are followed by netguard.open_stream, each hop checked; an injected
-            # transport (tests) replaces the guarded one, not the URL checks.
-            self._http = httpx.AsyncClient(
-                follow_redirects=False,
-                timeout=httpx.Timeout(self.http_timeout),
-                transport=self._transport or guarded_transport(self.policy),
-            )
-        return self._http
-
-    async def _read_http(self, uri: str) -> bytes:
-        shown = redact_uri(uri)
-        client = self._http_client()
-        try:
-            # The timeout bounds the whole fetch too, so a server dripping bytes cannot hold
-            # a row forever.
-            async with asyncio.timeout(self.http_timeout):
-                return await self._fetch(client, uri, shown)
-        except (TimeoutError, httpx.TimeoutException):
-            raise _LoadFailure(
-                f"timed out after {self.http_timeout:g} s fetching {shown}"
-            ) from None
-        except BlockedAddressError as exc:
-            raise _LoadFailure(str(exc)) from None
-        except httpx.ConnectError as exc:
-            raise _LoadFailure(f"cannot connect fetching {shown}: {_http_reason(exc)}") from None
-        except httpx.HTTPError as exc:
-            raise _LoadFailure(f"error fetching {shown}: {_http_reason(exc)}") from None
-
-    async def _fetch(self, client: httpx.AsyncClient, uri: str, shown: str) -> bytes:
-        async with open_stream(client, uri, max_redirects=MAX_REDIRECTS) as resp:
-            if resp.status_code != 200:
-                raise _LoadFailure(f"{shown} answered {resp.status_code}")
-            declared = resp.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                raise _LoadFailure(self._too_large(shown))
-            buf = io.BytesIO()
-            async for chunk in resp.aiter_bytes(READ_CHUNK):
-                buf.write(chunk)
-                # Stop at the cap, whatever the headers said (or did not say).
-                if buf.tell() > self.max_bytes:
-                    raise _LoadFailure(self._too_large(shown))
-            return buf.getvalue()
-
-    def _too_large(self, where: str) -> str:
-        return f"larger than {human_size(self.max_bytes)}: {where}"
 
 
 def mask_problem(uri: str, mask: ImageInfo, first: ImageInfo | None) -> str | None:
@@ -362,70 +249,11 @@ def _pil_format(data: bytes) -> str | None:
         return None
 
 
-def _local_path(uri: str) -> Path:
-    if uri.startswith("file:"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise _LoadFailure(f"file URI on another host is not supported: {uri}")
-        return Path(url2pathname(parts.path))
-    return Path(uri)
-
-
-def _unsupported_location(uri: str) -> str:
+def _location_problem(uri: str) -> str | None:
+    """Why `uri` cannot be a source (a manifest resolves relative paths before), or None."""
+    if uri.startswith(_SOURCE_PREFIXES):
+        return None
     scheme = urlsplit(uri).scheme if "://" in uri else ""
     if scheme:
-        return (
-            f"unsupported URI scheme {scheme!r} in {redact_uri(uri)} "
-            "(expected an absolute path, file://, s3://, http:// or https://)"
-        )
-    return (
-        f"not an absolute path: {uri!r} "
-        "(expected an absolute path, file://, s3://, http:// or https://)"
-    )
-
-
-def _s3_reason(exc: ClientError, uri: str, bucket: str) -> str:
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", ""))
-    if code == "NoSuchBucket":
-        return f"s3 bucket not found: {bucket} ({uri})"
-    if code in _S3_NOT_FOUND:
-        return f"s3 object not found: {uri}"
-    if code in _S3_DENIED:
-        return f"access denied reading {uri}"
-    if code in _S3_BAD_CREDENTIALS:
-        return f"AWS credentials refused ({code}) reading {uri}"
-    message = redact_text(str(error.get("Message") or ""))
-    return f"s3 error {code or 'unknown'} reading {uri}" + (f": {message}" if message else "")
-
-
-def _http_reason(exc: httpx.HTTPError) -> str:
-    text = redact_text(str(exc).strip())
-    return text or type(exc).__name__
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` without credentials: no `user:password@`, no query string (presigned URLs carry
-    the access key id and signature there)."""
-    if "://" not in uri:
-        return uri
-    with contextlib.suppress(ValueError):
-        parts = urlsplit(uri)
-        netloc = parts.netloc.rpartition("@")[2]
-        query = "..." if parts.query else ""
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-    return uri.split("?", 1)[0]
-
-
-def redact_text(text: str) -> str:
-    """`text` with every URL in it passed through `redact_uri`."""
-    return _URL_IN_TEXT_RE.sub(lambda m: redact_uri(m.group(0)), text)
-
-
-def human_size(n: int) -> str:
-    """`52428800` -> `50 MiB`; exact units when they fit, else one decimal."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:.0f} {unit}" if n % scale == 0 else f"{value:.1f} {unit}"
-    return f"{n} bytes"
+        return f"unsupported URI scheme {scheme!r} in {redact_uri(uri)} ({_EXPECTED})"
+    return f"not an absolute path: {uri!r} ({_EXPECTED})"

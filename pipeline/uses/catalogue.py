@@ -21,36 +21,28 @@ and a local file whose name is not valid UTF-8.
 Re-editing only what changed needs nothing more: a job key hashes the source's bytes, so a run
 over an unchanged catalogue finds every job done and makes no API call.
 
-`UriReader` reads bytes back from a local path, `file://`, `s3://` or `http(s)://` URI
-synchronously (contact sheets, sidecars of earlier runs).
+`iter_parquet_batches` reads a table, or a Parquet file at a path or URI (through a reader
+such as `pipeline.io.uri.UriReader`), in record batches.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any
+from urllib.parse import quote, unquote
 
-import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from pipeline.engine.sources import redact_uri
-from pipeline.errors import BlockedAddressError, ConfigError, StorageError, StorageNotFound
-from pipeline.io.netguard import AddressPolicy, guarded_transport, open_stream, source_policy
-from pipeline.io.s3 import make_s3_client, parse_s3_uri
+from pipeline.errors import ConfigError, StorageError, StorageNotFound
 from pipeline.io.storage import LocalStorage, open_storage
 from pipeline.manifest.read import PARQUET_EXTENSIONS, canonical_name, suggest
 from pipeline.manifest.rows import (
@@ -62,18 +54,12 @@ from pipeline.manifest.rows import (
 )
 from pipeline.manifest.types import InvalidRow
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-else:  # boto3-stubs is a dev dependency only
-    S3Client = Any
-
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CATALOGUE_BATCH_ROWS",
     "IMAGE_EXTENSIONS",
     "ManifestInfo",
-    "UriReader",
     "build_manifest_from_prefix",
     "catalogue_id",
     "check_manifest_path",
@@ -103,9 +89,6 @@ ROW_OWN_COLUMNS: frozenset[str] = frozenset({"id", "image", "images", "prompt", 
 # Placeholders for checking settings as a manifest row would be checked.
 _CHECK_IMAGE = "/check.png"
 _CHECK_PROMPT = "check"
-# Defaults of UriReader: like the source loader's limits.
-DEFAULT_READ_TIMEOUT = 30.0
-DEFAULT_MAX_READ_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -415,132 +398,7 @@ def build_manifest_from_prefix(
     return ManifestInfo(path=Path(out_path).expanduser().absolute(), rows=rows, skipped=skipped)
 
 
-# --- reading URIs -------------------------------------------------------------------------
-
-
-class UriReader:
-    """Reads whole objects by URI, synchronously: local paths, file://, s3://, http(s)://.
-
-    Thread-safe (one lazily created boto3 client, shared). Errors are
-    StorageError (StorageNotFound when the object does not exist), with credentials removed.
-    """
-
-    def __init__(
-        self,
-        *,
-        endpoint_url: str | None = None,
-        timeout: float = DEFAULT_READ_TIMEOUT,
-        max_bytes: int = DEFAULT_MAX_READ_BYTES,
-        transport: httpx.AsyncBaseTransport | None = None,
-        policy: AddressPolicy | None = None,
-    ) -> None:
-        self.endpoint_url = endpoint_url
-        # http(s) reads go through netguard (an injected transport, for tests, replaces it).
-        self._transport = transport
-        self.policy = policy or source_policy()
-        self.timeout = timeout
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._s3: S3Client | None = None
-
-    def __call__(self, uri: str) -> bytes:
-        return self.read(uri)
-
-    def read(self, uri: str) -> bytes:
-        if uri.startswith("s3://"):
-            return self._read_s3(uri)
-        if uri.startswith(("http://", "https://")):
-            return self._read_http(uri)
-        if uri.startswith("file:"):
-            parts = urlsplit(uri)
-            if parts.netloc not in ("", "localhost"):
-                raise StorageError(f"cannot read {uri}: file:// must name a local file")
-            return self._read_local(unquote(parts.path))
-        if "://" in uri:
-            raise StorageError(f"cannot read {redact_uri(uri)}: unsupported scheme")
-        return self._read_local(uri)
-
-    def _read_local(self, path: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size > self.max_bytes:
-                    raise StorageError(f"cannot read {path}: larger than {self.max_bytes} bytes")
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise StorageNotFound(f"not found: {path}") from exc
-        except OSError as exc:
-            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-    def _client(self) -> S3Client:
-        with self._lock:
-            if self._s3 is None:
-                self._s3 = make_s3_client(self.endpoint_url)
-            return self._s3
-
-    def _read_s3(self, uri: str) -> bytes:
-        try:
-            loc = parse_s3_uri(uri)
-        except ConfigError as exc:
-            raise StorageError(str(exc)) from exc
-        try:
-            resp = self._client().get_object(Bucket=loc.bucket, Key=loc.key)
-            body = resp["Body"]
-            try:
-                if int(resp.get("ContentLength") or 0) > self.max_bytes:
-                    raise StorageError(f"cannot read {uri}: larger than {self.max_bytes} bytes")
-                data: bytes = body.read()
-            finally:
-                body.close()
-            return data
-        except NoCredentialsError as exc:
-            raise StorageError(f"cannot read {uri}: no AWS credentials found") from exc
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise StorageNotFound(f"not found: {uri}") from exc
-            raise StorageError(f"cannot read {uri}: {code or 'error'}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from exc
-
-    def _read_http(self, uri: str) -> bytes:
-        # netguard is async; a sync caller (a contact sheet in a worker thread) gets a fetch
-        # on a short-lived thread of its own, so it works whether or not a loop runs here.
-        with ThreadPoolExecutor(1, thread_name_prefix="imgedit-http") as pool:
-            return pool.submit(asyncio.run, self._fetch_http(uri)).result()
-
-    async def _fetch_http(self, uri: str) -> bytes:
-        shown = redact_uri(uri)
-        transport = self._transport or guarded_transport(self.policy)
-        try:
-            async with (
-                httpx.AsyncClient(timeout=self.timeout, transport=transport) as client,
-                open_stream(client, uri) as resp,
-            ):
-                if resp.status_code == 404:
-                    raise StorageNotFound(f"not found: {shown}")
-                if resp.status_code != 200:
-                    raise StorageError(f"cannot read {shown}: HTTP {resp.status_code}")
-                buf = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    buf += chunk
-                    if len(buf) > self.max_bytes:
-                        raise StorageError(
-                            f"cannot read {shown}: larger than {self.max_bytes} bytes"
-                        )
-                return bytes(buf)
-        except BlockedAddressError as exc:
-            raise StorageError(str(exc)) from None
-        except httpx.HTTPError as exc:
-            raise StorageError(f"cannot read {shown}: {type(exc).__name__}") from exc
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> UriReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+# --- reading Parquet tables ---------------------------------------------------------------
 
 
 def iter_parquet_batches(

@@ -36,7 +36,8 @@ from pipeline.errors import ImgEditError
 from pipeline.imageinfo import probe
 from pipeline.io.netguard import AddressPolicy
 from pipeline.io.storage import Storage
-from pipeline.uses.catalogue import UriReader, iter_parquet_batches
+from pipeline.io.uri import UriReader
+from pipeline.uses.catalogue import iter_parquet_batches
 
 log = logging.getLogger(__name__)
 

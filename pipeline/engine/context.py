@@ -1,0 +1,133 @@
+"""What the chunks of one run share in one process: its config, clients, limits and claims."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pipeline import spec
+from pipeline.constants import DEFAULT_CONCURRENCY
+from pipeline.engine import layout
+from pipeline.engine.claims import Claims
+from pipeline.engine.client import EditClient, ResponseFormat
+from pipeline.engine.results import (
+    ResultRow,
+)
+from pipeline.engine.retry import RetryPolicy
+from pipeline.engine.run_control import (
+    ApiHealth,
+    BatchedPermits,
+    Budget,
+    RateGate,
+    RunStop,
+    StorageHealth,
+)
+from pipeline.engine.sources import SourceLoader
+from pipeline.io.storage import Storage
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Rows being loaded or stored besides those waiting on the API, per unit of concurrency.
+WORKERS_PER_SLOT = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    concurrency: int = DEFAULT_CONCURRENCY
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    response_format: ResponseFormat = "b64_json"
+    overwrite: bool = False
+    price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD
+    max_cost_usd: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self.max_cost_usd is not None and self.max_cost_usd < 0:
+            raise ValueError("max_cost_usd must not be negative")
+
+
+class RunContext:
+    """What the chunks of one run share in one process: clients, limits, claims, the done set."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        storage: Storage,
+        client: EditClient,
+        loader: SourceLoader,
+        config: RunConfig,
+        done_keys: set[str] | None = None,
+        check_unindexed: bool = False,
+        io_executor: ThreadPoolExecutor | None = None,
+        only_rows: set[int] | None = None,
+        claims: Claims | None = None,
+    ) -> None:
+        self.run_id = layout.check_run_id(run_id)
+        self.storage = storage
+        self.client = client
+        self.loader = loader
+        self.config = config
+        self.done_keys: set[str] = done_keys if done_keys is not None else set()
+        # The done index may miss jobs that a chunk without claims committed: check a job's
+        # sidecar before editing it (see pipeline.engine.done_index).
+        self.check_unindexed = check_unindexed
+        self.stop = RunStop()
+        self.storage_health = StorageHealth(self.stop)
+        self.api_health = ApiHealth(self.stop)
+        self.budget = Budget(config.max_cost_usd)
+        self.gate = RateGate()
+        self.limiter = asyncio.Semaphore(config.concurrency)
+        self._inflight: dict[str, asyncio.Future[ResultRow]] = {}
+        self.io_executor = io_executor or io_thread_pool(config.concurrency)
+        # When set, rows not in it end `skipped` (not selected) without any I/O.
+        self.only_rows = only_rows
+        # When set, every request takes a permit first (a shared rate limit).
+        self.permits: BatchedPermits | None = None
+        # One claim per job edited, across runs; None: this run is the output's only writer.
+        self.claims = claims
+        # Results parts that could not be written: kept here, written with the final table.
+        self.unwritten_parts: dict[str, bytes] = {}
+
+    def start(self) -> None:
+        """Start what runs beside the rows: the renewal of claims and open markers."""
+        if self.claims is not None:
+            self.claims.start()
+
+    def set_concurrency(self, limit: int) -> None:
+        """Change the request limit; only before the first request of the run."""
+        self.config = replace(self.config, concurrency=limit)
+        self.limiter = asyncio.Semaphore(limit)
+
+    async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.io_executor, partial(fn, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        self.stop.close()
+        self.io_executor.shutdown(wait=True)
+
+
+def io_thread_pool(concurrency: int) -> ThreadPoolExecutor:
+    """Threads for blocking storage and source I/O (boto3, files), sized to the concurrency.
+
+    asyncio's default pool has only cpu+4 threads: at concurrency 64 writes would queue.
+    """
+    return ThreadPoolExecutor(
+        max_workers=max(8, concurrency * WORKERS_PER_SLOT), thread_name_prefix="imgedit-io"
+    )
+
+
+# --- result rows ---------------------------------------------------------------------------

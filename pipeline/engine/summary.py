@@ -1,0 +1,223 @@
+"""A run's summary: counts, cost and latency from its results table, stored as summary.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import spec
+from pipeline.engine import layout
+from pipeline.engine.plan import RunPlan
+from pipeline.engine.results import (
+    STATUSES,
+    merge_tables_to_file,
+    read_parquet_bytes,
+    temp_parquet_path,
+    utcnow,
+)
+from pipeline.engine.run_control import RunStop
+from pipeline.io.storage import Storage
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    manifest: str
+    output: str
+    results_uri: str
+    summary_uri: str
+    rows: int
+    by_status: dict[str, int]
+    skipped_by_reason: dict[str, int]
+    images: int
+    cost_usd: float
+    currency: str
+    possible_double_charges: int
+    possible_double_charge_usd: float
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    elapsed_s: float
+    started_at: str
+    finished_at: str
+    stopped_by: str | None = None
+    estimated_cost_usd: float | None = None
+    # "stopped" (a run-fatal API error, storage that cannot take results) or "interrupted"
+    # (Ctrl-C, SIGTERM); None when the run went through.
+    stop_kind: str | None = None
+    # Answers without a trusted cost (missing, negative, NaN, absurd...): their images at the
+    # run's price, which is what the budget counted them at.
+    cost_assumed_usd: float = 0.0
+    distrusted_costs: int = 0
+    # Rows that waited on another run's claim of their job; requests abandoned unanswered
+    # when an interrupted run stopped waiting (each may have been charged).
+    claims_waited: int = 0
+    abandoned: int = 0
+    storage_failures: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> list[dict[str, Any]]:
+        """The summary as metric/value rows, for a table artifact or a terminal."""
+        rows: list[dict[str, Any]] = [{"metric": "rows", "value": self.rows}]
+        rows += [{"metric": s, "value": self.by_status.get(s, 0)} for s in STATUSES]
+        rows += [
+            {"metric": f"skipped: {reason}", "value": n}
+            for reason, n in sorted(self.skipped_by_reason.items())
+        ]
+        rows += [
+            {"metric": "images", "value": self.images},
+            {"metric": f"cost ({self.currency})", "value": round(self.cost_usd, 4)},
+            {"metric": "possible double charges", "value": self.possible_double_charges},
+            {
+                "metric": f"possible double charge ({self.currency})",
+                "value": round(self.possible_double_charge_usd, 4),
+            },
+            {
+                "metric": f"cost assumed, not reported ({self.currency})",
+                "value": round(self.cost_assumed_usd, 4),
+            },
+            {"metric": "costs not trusted", "value": self.distrusted_costs},
+            {"metric": "rows that waited on another run", "value": self.claims_waited},
+            {"metric": "requests abandoned unanswered", "value": self.abandoned},
+            {"metric": "latency p50 (s)", "value": _round(self.latency_p50_s)},
+            {"metric": "latency p95 (s)", "value": _round(self.latency_p95_s)},
+            {"metric": "elapsed (s)", "value": round(self.elapsed_s, 2)},
+            {"metric": "results", "value": self.results_uri},
+        ]
+        if self.stopped_by:
+            rows.append({"metric": "stopped by", "value": self.stopped_by})
+        return rows
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+SUMMARY_COLUMNS = [
+    "status",
+    "reason",
+    "cost",
+    "currency",
+    "n_outputs",
+    "latency_s",
+    "possible_double_charges",
+    "possible_double_charge_usd",
+    "error_code",
+    "claim_wait_s",
+    "cost_raw",
+]
+
+
+def merge_results(
+    storage: Storage,
+    table_keys: Sequence[str],
+    run_id: str,
+    in_memory: Mapping[str, bytes] | None = None,
+) -> tuple[str, pa.Table]:
+    """Stream result tables (chunk parts, or shards' tables) into the run's results table.
+
+    `in_memory` holds parts that could not be written when their rows finished: they are
+    merged from memory. Returns the table's URI and the columns a summary needs.
+    """
+    held = in_memory or {}
+    path = temp_parquet_path()
+    try:
+        tables = (
+            read_parquet_bytes(held[key] if key in held else storage.get_bytes(key))
+            for key in table_keys
+        )
+        merge_tables_to_file(tables, path)
+        uri = storage.put_file(layout.results_key(run_id), path)
+        return uri, pq.read_table(path, columns=SUMMARY_COLUMNS)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def write_summary(
+    storage: Storage,
+    run_id: str,
+    plan: RunPlan,
+    results_uri: str,
+    table: pa.Table,
+    *,
+    started_at: datetime,
+    started: float,
+    stop: RunStop | None = None,
+    stopped_by: str | None = None,
+    price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD,
+) -> RunSummary:
+    summary = RunSummary(
+        **summarize(table, price_per_image_usd),
+        run_id=run_id,
+        manifest=plan.manifest,
+        output=plan.output,
+        results_uri=results_uri,
+        summary_uri=storage.uri_for(layout.summary_key(run_id)),
+        elapsed_s=time.perf_counter() - started,
+        started_at=started_at.isoformat(),
+        finished_at=utcnow().isoformat(),
+        stopped_by=stop.reason if stop is not None and stop.stopped else stopped_by,
+        stop_kind=stop.kind if stop is not None else ("stopped" if stopped_by else None),
+        estimated_cost_usd=plan.estimated_cost_usd,
+    )
+    storage.put_bytes(
+        layout.summary_key(run_id),
+        json.dumps(summary.to_dict(), indent=2).encode(),
+        "application/json",
+    )
+    return summary
+
+
+def summarize(
+    table: pa.Table, price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD
+) -> dict[str, Any]:
+    """Counts, cost and latency percentiles from a results table (or its SUMMARY_COLUMNS)."""
+    status = table.column("status")
+    by_status = {s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in STATUSES}
+    skipped = table.filter(pc.equal(status, "skipped"))
+    reasons = pc.value_counts(skipped.column("reason").fill_null("unknown")).to_pylist()
+    succeeded = table.filter(pc.equal(status, "succeeded"))
+    latency = succeeded.column("latency_s").drop_null()
+    p50 = p95 = None
+    if len(latency):
+        q = pc.quantile(latency, q=[0.5, 0.95]).to_pylist()
+        p50, p95 = q[0], q[1]
+    currencies = [c for c in pc.unique(table.column("currency").drop_null()).to_pylist() if c]
+    answered = table.filter(pc.is_valid(table.column("n_outputs")))
+    unpriced = answered.filter(pc.is_null(answered.column("cost")))
+    codes = table.column("error_code")
+    return {
+        "rows": table.num_rows,
+        "by_status": by_status,
+        "skipped_by_reason": {r["values"]: int(r["counts"]) for r in reasons},
+        "images": _sum(succeeded.column("n_outputs")),
+        "cost_usd": round(float(pc.sum(table.column("cost")).as_py() or 0.0), 6),
+        "currency": currencies[0]
+        if len(currencies) == 1
+        else "/".join(currencies) or spec.CURRENCY,
+        "possible_double_charges": _sum(table.column("possible_double_charges")),
+        "possible_double_charge_usd": round(
+            float(pc.sum(table.column("possible_double_charge_usd")).as_py() or 0.0), 6
+        ),
+        "latency_p50_s": p50,
+        "latency_p95_s": p95,
+        "cost_assumed_usd": round(_sum(unpriced.column("n_outputs")) * price_per_image_usd, 6),
+        "distrusted_costs": int(pc.sum(pc.is_valid(table.column("cost_raw"))).as_py() or 0),
+        "claims_waited": int(pc.sum(pc.is_valid(table.column("claim_wait_s"))).as_py() or 0),
+        "abandoned": int(pc.sum(pc.equal(codes, "abandoned")).as_py() or 0),
+        "storage_failures": int(pc.sum(pc.equal(codes, "storage_error")).as_py() or 0),
+    }
+
+
+def _sum(column: pa.ChunkedArray) -> int:
+    return int(pc.sum(column).as_py() or 0)
