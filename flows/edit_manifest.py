@@ -113,6 +113,7 @@ async def edit_manifest(
     retry_failed_of: str | None = None,
     select_ids: list[str] | None = None,
     select_where: str | None = None,
+    manifest_version: Annotated[str | None, Field(max_length=256)] = None,
     row_start: Annotated[int, Field(ge=1)] = 1,
     row_end: Annotated[int | None, Field(ge=1)] = None,
     limit: Annotated[int | None, Field(ge=1)] = None,
@@ -148,6 +149,8 @@ async def edit_manifest(
         select_ids: Only the rows with these ids (a backfill)
         select_where: Only rows where this expression holds, e.g. seed > 10 and size == "1:1"
             (comparisons, and/or/not, in [...], contains/startswith/isnull...; not Python)
+        manifest_version: The version (S3 ETag) of the manifest to read: a scaled-out run gives
+            its shards the one its plan read; a manifest changed since is an error
         row_start: First manifest row of this run (shards set it)
         row_end: Row after the last one of this run (shards)
         limit: Only the first N rows the run would edit (after any selection): try a few first
@@ -332,6 +335,9 @@ async def fan_out(
     deployment = shard_deployment or _this_deployment()
     ranges = shard_ranges(opts.row_start, plan.rows, shards)
     base = shard_parameters(opts)
+    if plan.opened is not None:
+        # Every shard reads the version of the manifest this plan read (and counted).
+        base["manifest_version"] = plan.opened.file.etag
     if opts.max_cost_usd is not None:
         # Each shard gets its share of the budget, so together they cannot pass it.
         base["max_cost_usd"] = opts.max_cost_usd / len(ranges)

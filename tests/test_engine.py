@@ -1,4 +1,4 @@
-"""The engine without Prefect: manifest -> emulator on loopback -> local or S3 storage."""
+"""The engine without Prefect: manifest -> the emulator in process -> local or S3 storage."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,28 @@ from pipeline.emulator.process import EmulatorProcess
 from pipeline.engine.options import RunOptions
 from pipeline.engine.run import run_manifest
 from pipeline.engine.summary import RunSummary
+from tests.conftest import DEFAULT_EMULATOR_CONFIG
+from tests.inprocess_emulator import InProcessEmulator
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def emulator() -> Iterator[InProcessEmulator]:
+    """A fresh emulator app for each test, reached through its ASGI transport."""
+    emu = InProcessEmulator()
+    yield emu
+    emu.close()
+
+
+@pytest.fixture
+def socket_emulator(emulator_process: EmulatorProcess) -> Iterator[EmulatorProcess]:
+    """The session's emulator subprocess under uvicorn, for faults only a socket shows."""
+    emulator_process.reset()
+    emulator_process.configure(**DEFAULT_EMULATOR_CONFIG)
+    yield emulator_process
+    emulator_process.configure(**DEFAULT_EMULATOR_CONFIG)
+
 
 COLUMNS = [
     "id",
@@ -55,7 +76,9 @@ def results_of(summary: RunSummary) -> pd.DataFrame:
     return pd.read_parquet(summary.results_uri).set_index("id")
 
 
-async def run(manifest: Path, output: Path | str, emu: EmulatorProcess, **kw: Any) -> RunSummary:
+async def run(
+    manifest: Path, output: Path | str, emu: InProcessEmulator | EmulatorProcess, **kw: Any
+) -> RunSummary:
     opts = RunOptions(
         manifest=str(manifest),
         output=str(output),
@@ -63,11 +86,12 @@ async def run(manifest: Path, output: Path | str, emu: EmulatorProcess, **kw: An
         concurrency=kw.pop("concurrency", 8),
         **kw,
     )
-    return await run_manifest(opts)
+    parts = emu.parts() if isinstance(emu, InProcessEmulator) else None
+    return await run_manifest(opts, parts)
 
 
 async def test_every_parameter_reaches_the_server_as_sent(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+    tmp_path: Path, sources: dict[str, Path], emulator: InProcessEmulator
 ) -> None:
     manifest = write_manifest(
         tmp_path / "m.csv",
@@ -125,7 +149,7 @@ async def test_every_parameter_reaches_the_server_as_sent(
 
 @pytest.mark.parametrize("response_format", ["b64_json", "url"])
 async def test_size_mapping_and_both_response_formats(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess, response_format: str
+    tmp_path: Path, sources: dict[str, Path], emulator: InProcessEmulator, response_format: str
 ) -> None:
     cases = {
         "fhd": ({"size": "1920x1080"}, "1365x768"),
@@ -158,7 +182,7 @@ async def test_size_mapping_and_both_response_formats(
 
 
 async def test_invalid_rows_are_reported_while_the_others_succeed(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+    tmp_path: Path, sources: dict[str, Path], emulator: InProcessEmulator
 ) -> None:
     ok = {"images": str(sources["square.png"]), "prompt": "fine", "seed": 1}
     rows = [
@@ -187,8 +211,10 @@ async def test_invalid_rows_are_reported_while_the_others_succeed(
 
 
 async def test_retries_through_429_5xx_and_dropped_connections(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+    tmp_path: Path, sources: dict[str, Path], socket_emulator: EmulatorProcess
 ) -> None:
+    # A dropped connection needs a real one: this test talks to the emulator over loopback.
+    emulator = socket_emulator
     emulator.configure(
         rate_limited_rate=0.15,
         retry_after=0,
@@ -223,7 +249,7 @@ async def test_retries_through_429_5xx_and_dropped_connections(
 
 
 async def test_a_rerun_skips_done_rows_without_calling_the_api(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+    tmp_path: Path, sources: dict[str, Path], emulator: InProcessEmulator
 ) -> None:
     rows = [
         {"id": f"r{i}", "images": str(sources["wide.jpg"]), "prompt": "p", "seed": i}
@@ -240,7 +266,7 @@ async def test_a_rerun_skips_done_rows_without_calling_the_api(
 
 
 async def test_rows_with_the_same_job_are_edited_once(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+    tmp_path: Path, sources: dict[str, Path], emulator: InProcessEmulator
 ) -> None:
     row = {"images": str(sources["square.png"]), "prompt": "same", "seed": 9}
     manifest = write_manifest(tmp_path / "m.csv", [{"id": "a", **row}, {"id": "b", **row}])
@@ -254,7 +280,7 @@ async def test_rows_with_the_same_job_are_edited_once(
 async def test_a_run_fatal_error_stops_the_run_and_a_rerun_continues(
     tmp_path: Path,
     sources: dict[str, Path],
-    emulator: EmulatorProcess,
+    emulator: InProcessEmulator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     emulator.configure(api_key="right-key")
@@ -284,7 +310,7 @@ def moto_endpoint(aws_credentials: None) -> Any:
 
 
 async def test_s3_output_carries_actual_size_revised_prompt_and_cost(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess, moto_endpoint: str
+    tmp_path: Path, sources: dict[str, Path], emulator: InProcessEmulator, moto_endpoint: str
 ) -> None:
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
     s3.create_bucket(Bucket="edits")
@@ -325,7 +351,7 @@ def simple_rows(
 
 
 async def test_a_budget_stops_new_requests_and_a_later_run_continues(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+    tmp_path: Path, sources: dict[str, Path], emulator: InProcessEmulator
 ) -> None:
     manifest = write_manifest(tmp_path / "m.csv", simple_rows(sources, 20))
     capped = await run(manifest, tmp_path / "out", emulator, concurrency=3, max_cost_usd=0.05)
@@ -339,7 +365,7 @@ async def test_a_budget_stops_new_requests_and_a_later_run_continues(
 
 
 async def test_only_the_failures_of_an_earlier_run_are_redone(
-    tmp_path: Path, sources: dict[str, Path], emulator: EmulatorProcess
+    tmp_path: Path, sources: dict[str, Path], emulator: InProcessEmulator
 ) -> None:
     manifest = write_manifest(tmp_path / "m.csv", simple_rows(sources, 30))
     emulator.configure(internal_error_rate=0.3, fault_seed=11)
@@ -360,7 +386,7 @@ async def test_only_the_failures_of_an_earlier_run_are_redone(
 async def test_a_dry_run_prices_the_run_and_proves_the_key_first(
     tmp_path: Path,
     sources: dict[str, Path],
-    emulator: EmulatorProcess,
+    emulator: InProcessEmulator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rows = simple_rows(sources, 4)

@@ -73,6 +73,32 @@ async def test_a_manifest_replaced_during_a_run_is_never_read_half_new(
             assert api.requests == 3
 
 
+def test_shards_read_the_version_their_parent_planned(
+    tmp_path: Path, aws_credentials: None
+) -> None:
+    """A scaled-out run hands its shards the ETag its plan read (`manifest_version`): a shard
+    starting after the manifest was replaced refuses it instead of editing other rows."""
+    src = tmp_path / "src.png"
+    src.write_bytes(image_bytes((32, 32), (5, 6, 7)))
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="manifests")
+        s3.put_object(Bucket="manifests", Key="m.csv", Body=csv_bytes(src, ["a", "b"]))
+        parent = RunOptions(manifest="s3://manifests/m.csv", output=str(tmp_path / "out"))
+        planned = plan_run(parent, "parent")
+        assert planned.opened is not None
+        version = planned.opened.file.etag
+        planned.opened.close()
+        shard = parent.replace(manifest_version=version, row_start=1, row_end=2)
+        same = plan_run(shard, "shard-0")
+        assert same.opened is not None and same.opened.file.etag == version
+        same.opened.close()
+        for strict in (False, True):
+            s3.put_object(Bucket="manifests", Key="m.csv", Body=csv_bytes(src, ["x"] * 9))
+            with pytest.raises(ManifestError, match="changed since this run first read it"):
+                plan_run(shard.replace(strict=strict), "shard-1")
+
+
 def plan_time():  # type: ignore[no-untyped-def]
     from pipeline.engine.results import utcnow
 

@@ -129,6 +129,15 @@ class RunOptions(BaseModel):
             json_schema_extra=_cli("--where"),
         ),
     ] = None
+    manifest_version: Annotated[
+        str | None,
+        Field(
+            max_length=256,
+            description="The version (S3 ETag) of the manifest to read: a scaled-out run gives "
+            "its shards the one its plan read; a manifest changed since is an error",
+            json_schema_extra=_cli(None),
+        ),
+    ] = None
     row_start: Annotated[
         int,
         Field(

@@ -100,7 +100,9 @@ def plan_run(opts: RunOptions, run_id: str, storage: Storage | None = None) -> R
     """
     check_run_inputs(opts)
     storage = storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
-    opened = open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url)
+    opened = open_manifest(
+        opts.manifest, endpoint_url=opts.s3_endpoint_url, etag=opts.manifest_version
+    )
     try:
         only = selected_rows(opts, storage, etag=opened.file.etag)
         done = set() if opts.overwrite else rows_done_before(storage, opts.manifest)
@@ -138,6 +140,7 @@ def _validate(opts: RunOptions, opened: Manifest, left: Callable[[int], bool]) -
     report = validate_with_sources(
         opts.manifest,
         endpoint_url=opts.s3_endpoint_url,
+        etag=opened.file.etag,
         row_range=opts.row_range,
         concurrency=opts.concurrency,
         source_timeout=opts.source_timeout,

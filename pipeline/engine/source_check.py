@@ -140,6 +140,7 @@ class SyncCheckOptions(TypedDict, total=False):
     """The options of `validate_with_sources`: those of `check_sources` but `loader`."""
 
     endpoint_url: str | None
+    etag: str | None
     concurrency: int
     row_range: RowRange | None
     roots: AllowedRoots | _FromEnv | None
@@ -162,6 +163,7 @@ class _Options:
     """CheckOptions with their defaults."""
 
     endpoint_url: str | None = None
+    etag: str | None = None  # read this version of an S3 manifest (a run's pinned one)
     concurrency: int = DEFAULT_CONCURRENCY
     row_range: RowRange | None = None
     roots: AllowedRoots | _FromEnv | None = FROM_ENV
@@ -289,7 +291,9 @@ async def _check(
     cells: ValidationReport | None = None
     endpoint_url = options.endpoint_url
     try:
-        manifest = await asyncio.to_thread(open_manifest, manifest_uri, endpoint_url=endpoint_url)
+        manifest = await asyncio.to_thread(
+            open_manifest, manifest_uri, endpoint_url=endpoint_url, etag=options.etag
+        )
         with manifest:
             if validation:
                 cells = _cells_report(manifest, left)

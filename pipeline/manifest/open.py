@@ -200,13 +200,16 @@ class Manifest(ManifestHandle):
         return f"Manifest({self.uri!r}, format={self.format!r}, columns={self.columns!r})"
 
 
-def open_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
+def open_manifest(
+    uri: str, *, endpoint_url: str | None = None, etag: str | None = None
+) -> Manifest:
     """Open a manifest and check it as a whole (file, format, header, column types).
 
     Raises ManifestError naming the problem. `endpoint_url` selects the S3 service
-    (see pipeline.io.s3.resolve_endpoint_url).
+    (see pipeline.io.s3.resolve_endpoint_url); `etag` the version of an S3 manifest to read
+    (one that has changed since is a ManifestError; None: the version this first read sees).
     """
-    return Manifest(uri, endpoint_url=endpoint_url)
+    return Manifest(uri, endpoint_url=endpoint_url, etag=etag)
 
 
 @dataclass
