@@ -37,7 +37,6 @@ from pipeline.uses.contact_sheet import (
     MAX_SAMPLE,
     PREVIEW_MAX_BASE64,
     ContactSheet,
-    contact_sheet,
     preview_jpeg,
     render_contact_sheet,
     sample_rows,
@@ -97,7 +96,7 @@ def make_results(tmp_path: Path, colours: list[tuple[int, int, int]]) -> list[Re
 def test_one_line_per_row_source_beside_result(tmp_path: Path) -> None:
     rows = make_results(tmp_path, [RED, GREEN, BLUE])
     rows.append(ResultRow(row=1, id="bad", status="failed", source_uris=[str(tmp_path / "x")]))
-    png = contact_sheet(rows_to_table(rows), thumb=THUMB, title="run r1")
+    png = render_contact_sheet(rows_to_table(rows), thumb=THUMB, title="run r1").png
     sheet = open_png(png)
     geo = sheet_geometry(3, THUMB)
     assert sheet.size == (geo.width, geo.height)
@@ -138,16 +137,17 @@ def test_sampling_is_deterministic_and_in_row_order(tmp_path: Path) -> None:
 
 def test_sample_smaller_than_the_run(tmp_path: Path) -> None:
     table = rows_to_table(make_results(tmp_path, [RED, GREEN, BLUE, RED, GREEN]))
-    sheet = open_png(contact_sheet(table, thumb=THUMB, sample=2, seed=3))
+    sheet = open_png(render_contact_sheet(table, thumb=THUMB, sample=2, seed=3).png)
     assert sheet.size == (sheet_geometry(2, THUMB).width, sheet_geometry(2, THUMB).height)
-    assert contact_sheet(table, thumb=THUMB, sample=2, seed=3) == contact_sheet(
-        table, thumb=THUMB, sample=2, seed=3
+    assert (
+        render_contact_sheet(table, thumb=THUMB, sample=2, seed=3).png
+        == render_contact_sheet(table, thumb=THUMB, sample=2, seed=3).png
     )
 
 
 def test_no_succeeded_rows_still_gives_a_png(tmp_path: Path) -> None:
     table = rows_to_table([ResultRow(row=1, id="a", status="failed")])
-    sheet = open_png(contact_sheet(table, thumb=THUMB))
+    sheet = open_png(render_contact_sheet(table, thumb=THUMB).png)
     geo = sheet_geometry(0, THUMB)
     assert sheet.size == (geo.width, geo.height) and geo.height > geo.header
 
@@ -162,7 +162,7 @@ def test_unreadable_images_become_grey_cells(tmp_path: Path) -> None:
         source_uris=[str(tmp_path / "missing.png")],
         output_uris=[str(tmp_path / "junk.png")],
     )
-    sheet = open_png(contact_sheet(rows_to_table([row]), thumb=THUMB))
+    sheet = open_png(render_contact_sheet(rows_to_table([row]), thumb=THUMB).png)
     geo = sheet_geometry(1, THUMB)
     for box in (geo.source_box(0), geo.result_box(0)):
         assert share_near(region(sheet, box), (160, 160, 160), 0) > 0.5
@@ -187,7 +187,7 @@ def test_results_from_a_parquet_file_and_images_on_s3(
         storage = LocalStorage(tmp_path / "out")
         results = tmp_path / "results.parquet"
         pq.write_table(rows_to_table([row]), results)
-        png = contact_sheet(results, thumb=THUMB)
+        png = render_contact_sheet(results, thumb=THUMB).png
     sheet = open_png(png)
     geo = sheet_geometry(1, THUMB)
     assert share_near(region(sheet, geo.source_box(0)), GREEN) > 0.97
@@ -215,7 +215,7 @@ def test_long_prompts_wrap_and_are_cut() -> None:
 )
 def test_bad_sizes_are_refused(kwargs: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        contact_sheet(rows_to_table([]), **kwargs)  # type: ignore[arg-type]
+        render_contact_sheet(rows_to_table([]), **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.mark.integration
@@ -235,7 +235,7 @@ async def test_contact_sheet_of_a_real_run(tmp_path: Path, emulator: EmulatorPro
     )
     summary = await run_manifest(opts)
     assert summary.by_status["succeeded"] == 3
-    png = contact_sheet(summary.results_uri, thumb=THUMB, title=f"run {summary.run_id}")
+    png = render_contact_sheet(summary.results_uri, thumb=THUMB, title=f"run {summary.run_id}").png
     uri = write_contact_sheet(LocalStorage(tmp_path / "out"), summary.run_id, png)
     sheet = open_png(Path(uri).read_bytes())
     geo = sheet_geometry(3, THUMB)

@@ -225,6 +225,17 @@ class CsvReader:
             return ManifestError(f"cannot read manifest {uri}: {exc}")
         return ManifestError(f"cannot parse manifest {uri} after data row {last_row}: {message}")
 
+    def _batches(self, reader: Any, last_row: Callable[[], int]) -> Iterator[pa.RecordBatch]:
+        """The reader's batches; a read error names `last_row()`, the last row read well."""
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as exc:
+                raise self._translate(exc, last_row()) from exc
+            yield batch
+
     def rows(self, cmap: ColumnMap) -> Iterator[RawItem]:
         """Every data row in order: RawRow, or InvalidRow for a ragged row, numbered from 1."""
         ragged: deque[tuple[int, int, int, str]] = deque()
@@ -251,13 +262,8 @@ class CsvReader:
         held: RawRow | None = None
         last_values: tuple[Any, ...] = ()
         try:
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except (pa.ArrowException, OSError) as exc:
-                    raise self._translate(exc, next_row - 1) from exc
+            # Read late on purpose: an error names the row reached when it came.
+            for batch in self._batches(reader, lambda: next_row - 1):  # noqa: B023
                 columns = [batch.column(i).to_pylist() for i, _ in known]
                 for values in zip(*columns, strict=True):
                     # A ragged row takes the number pyarrow gave it; `<=` keeps the numbering
@@ -403,13 +409,7 @@ class CsvReader:
         stream, reader = self._open_reader(on_invalid, [prompt])
         total = 0
         try:
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except (pa.ArrowException, OSError) as exc:
-                    raise self._translate(exc, total + ragged) from exc
+            for batch in self._batches(reader, lambda: total + ragged):  # noqa: B023
                 total += batch.num_rows
         finally:
             stream.close()

@@ -47,7 +47,6 @@ __all__ = [
     "PREVIEW_MAX_BASE64",
     "ContactSheet",
     "SheetGeometry",
-    "contact_sheet",
     "jpeg_data_uri",
     "preview_jpeg",
     "render_contact_sheet",
@@ -306,30 +305,6 @@ class ContactSheet:
     height: int
     shown: int
     total: int
-
-
-def contact_sheet(
-    results: pa.Table | Path | str,
-    *,
-    read: Reader | None = None,
-    endpoint_url: str | None = None,
-    sample: int = DEFAULT_SAMPLE,
-    thumb: int = DEFAULT_THUMB,
-    seed: int = 0,
-    title: str | None = None,
-    policy: AddressPolicy | None = None,
-) -> bytes:
-    """The PNG bytes of a contact sheet of `results`; see `render_contact_sheet`."""
-    return render_contact_sheet(
-        results,
-        read=read,
-        endpoint_url=endpoint_url,
-        sample=sample,
-        thumb=thumb,
-        seed=seed,
-        title=title,
-        policy=policy,
-    ).png
 
 
 def render_contact_sheet(
