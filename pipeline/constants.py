@@ -35,3 +35,24 @@ MAX_METADATA_JSON_CHARS = 16_384  # `metadata` of an answer, the body of an erro
 # A server asking for a longer wait than this is treated as asking for this (the OpenAI
 # SDK's cap): one Retry-After must not freeze a run.
 MAX_RETRY_AFTER_S = 120.0
+
+# --- model profiles (pipeline.models) ----------------------------------------------------
+
+# A model's `?schema=true` answer is read only this far (bytes), and only this much of it:
+# properties, values of one enum, characters of one value, and the bounds a limit may take.
+MAX_SCHEMA_BYTES = 1024 * 1024
+MAX_SCHEMA_PROPERTIES = 128
+MAX_SCHEMA_ENUM_VALUES = 64
+MAX_SCHEMA_VALUE_CHARS = 64
+MAX_SCHEMA_IMAGES = 64
+MAX_SCHEMA_PROMPT_CHARS = 100_000
+MAX_SCHEMA_SIDE = 16_384
+# A model's price per image read from a schema is believed up to this (USD).
+MAX_SCHEMA_PRICE_USD = 10.0
+# What a permissive profile (a model whose schema cannot be read) lets through.
+PERMISSIVE_MAX_IMAGES = 16
+PERMISSIVE_MAX_PROMPT_CHARS = 32_000
+# `usage` token counts over this are not believed (a cost from them is not trusted).
+MAX_USAGE_TOKENS = 100_000_000
+# Models listed by `imgedit models` (each may cost a schema request).
+MAX_LISTED_MODELS = 200
