@@ -1,12 +1,13 @@
-"""The emulator's deterministic image edit: sources fitted, blended, tinted and captioned.
+"""The emulator's deterministic image edit: sources fitted, edited as the prompt's words ask,
+tinted and captioned.
 
-An edit is split so that almost all of its cost is paid once per (sources, mask, output size):
-the *base* (decoded, cover-fitted first image, masked area blended, reference thumbnails) is
-cached, and each (prompt, seed, variant) only adds two tinted bands: a bar at the top and a
-caption strip at the bottom. PNG and JPEG output exploit that split (see splice): the base's
-unchanged rows are compressed once and spliced between the freshly compressed bands, so a 1 MP
-image costs well under a millisecond of encoding instead of ~70 ms (PNG) or ~3 ms (JPEG, which
-holds the GIL).
+An edit is split so that almost all of its cost is paid once: the *base* (decoded, cover-fitted
+first image, references and mask; per sources, mask and output size) is cached, and so is each
+*look* of a base (the effects the prompt's words ask for, see vocabulary and effects; per
+base and effects). Each (prompt, seed, variant) then only adds two tinted bands (a bar at the
+top, a caption strip at the bottom) and the seeded stamps of its overlays (stars, snowflakes,
+the sun). PNG and JPEG output exploit that split (see splice and look): the look's unchanged
+row groups are compressed once and spliced between the freshly compressed bands and groups.
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from pipeline.emulator.effects import Scene, apply_effects
+from pipeline.emulator.filters import lerp, to_float, to_u8
+from pipeline.emulator.look import Look
+from pipeline.emulator.overlays import Overlays, as_map
+from pipeline.emulator.references import apply_references
 from pipeline.emulator.splice import (
     MCU_ROWS,
     PNG_LEVEL,
-    JpegParts,
-    PngSegment,
     encode_jpeg,
-    jpeg_parts,
-    png_segment,
     spliced_jpeg,
     spliced_png,
 )
+from pipeline.emulator.vocabulary import Plan, plan_for
 from pipeline.errors import InvalidImageError
 
 # Band geometry, as fractions of the output height; band edges fall on JPEG MCU rows.
@@ -82,31 +85,75 @@ def layout_for(width: int, height: int) -> Layout:
 # --- the base: everything that depends only on the sources and the output size --------------
 
 
+# Looks kept per base: a batch applies one prompt, a benchmark a handful, to each source.
+LOOK_CACHE_ENTRIES = 4
+
+
 class Base:
-    """The cached part of an edit. The picture is never changed; encodings are made on demand."""
+    """The cached part of an edit, and the looks made of it. Pictures are never changed."""
 
-    def __init__(self, image: Image.Image, layout: Layout) -> None:
-        self.image = image
+    def __init__(
+        self,
+        image: Image.Image,
+        layout: Layout,
+        *,
+        fitted: Image.Image | None = None,
+        references: Sequence[Image.Image] = (),
+        area: Image.Image | None = None,
+        thumbnails: Sequence[tuple[int, int, int, int]] = (),
+    ) -> None:
+        self.image = image  # the picture of a prompt that asks for no effect
         self.layout = layout
-        self._png: PngSegment | None = None
-        self._jpeg: dict[int, JpegParts] = {}
+        self.fitted = fitted if fitted is not None else image  # the first image, fitted
+        self.references = list(references)
+        self.area = area
+        self.thumbnails = list(thumbnails)
+        self._looks: OrderedDict[Plan, Look] = OrderedDict()
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
 
-    def png_middle(self) -> PngSegment:
-        with self._lock:
-            if self._png is None:
-                start, end = self.layout.middle
-                rows = np.asarray(self.image.crop((0, start, self.layout.width, end)))
-                self._png = png_segment(rows)
-            return self._png
+    def look(self, plan: Plan) -> Look:
+        """The look of `plan`, made once (other threads wanting it meanwhile wait)."""
+        with self._build_lock:
+            with self._lock:
+                found = self._looks.get(plan)
+                if found is not None:
+                    self._looks.move_to_end(plan)
+                    return found
+            made = build_look(self, plan)
+            with self._lock:
+                self._looks[plan] = made
+                while len(self._looks) > LOOK_CACHE_ENTRIES:
+                    self._looks.popitem(last=False)
+            return made
 
-    def jpeg_parts(self, quality: int) -> JpegParts:
-        with self._lock:
-            parts = self._jpeg.get(quality)
-            if parts is None:
-                parts = jpeg_parts(self.image, quality)
-                self._jpeg[quality] = parts
-            return parts
+
+def build_look(base: Base, plan: Plan) -> Look:
+    """`base` edited as `plan` asks: references, effects (inside the mask's area, if any),
+    thumbnails of the references on top, and the overlays its variants will draw."""
+    layout = base.layout
+    if not plan:
+        return Look(np.asarray(base.image), layout.middle, None)
+    source = to_float(np.asarray(base.fitted))
+    area = None if base.area is None else np.asarray(base.area, dtype=np.float32) / np.float32(255)
+    scene = Scene(source=source, area=area)
+    picture = apply_references(source, base.references, plan)
+    picture = apply_effects(picture, plan, scene)
+    if area is not None:
+        picture = lerp(source, picture, area)
+    image = Image.fromarray(to_u8(picture))
+    _paste_thumbnails(image, base.references, layout)
+    overlays = None
+    if scene.overlays:
+        allowed = np.full((layout.height, layout.width), 255, dtype=np.uint8)
+        if area is not None:
+            allowed = as_map(area)
+        for left, top, right, bottom in base.thumbnails:
+            allowed[top:bottom, left:right] = 0
+        sky = as_map(scene.sky()) if plan.has("night") or plan.has("sunset") else allowed
+        stars = sky if scene.star_weight is None else as_map(scene.star_weight)
+        overlays = Overlays(tuple(scene.overlays), layout.middle, allowed, sky, stars, scene.mono)
+    return Look(np.asarray(image), layout.middle, overlays)
 
 
 def decode_rgb(data: bytes, target: tuple[int, int] | None = None) -> Image.Image:
@@ -144,27 +191,33 @@ def build_base(images: Sequence[bytes], mask: bytes | None, width: int, height: 
         raise ValueError("at least one image is needed")
     size = (width, height)
     layout = layout_for(width, height)
-    picture = ImageOps.fit(decode_rgb(images[0], size), size, method=Image.Resampling.BILINEAR)
+    fitted = ImageOps.fit(decode_rgb(images[0], size), size, method=Image.Resampling.BILINEAR)
     refs = [decode_rgb(data, size) for data in images[1:]]
+    picture = fitted
     first_ref: Image.Image | None = None
     if refs:
         first_ref = ImageOps.fit(refs[0], size, method=Image.Resampling.BILINEAR)
         picture = Image.blend(picture, first_ref, REFERENCE_BLEND)
+    area: Image.Image | None = None
     if mask is not None:
         area = _edit_area(mask, size)
         # The "edit" inside the mask: the first reference, or the picture's negative.
         donor = first_ref if first_ref is not None else ImageOps.invert(picture)
         edited = Image.blend(picture, donor, MASK_BLEND)
         picture = Image.composite(edited, picture, area)
-    _paste_thumbnails(picture, refs, layout)
-    return Base(picture, layout)
+    thumbnails = _paste_thumbnails(picture, refs, layout)
+    return Base(picture, layout, fitted=fitted, references=refs, area=area, thumbnails=thumbnails)
 
 
-def _paste_thumbnails(picture: Image.Image, refs: Sequence[Image.Image], layout: Layout) -> None:
+def _paste_thumbnails(
+    picture: Image.Image, refs: Sequence[Image.Image], layout: Layout
+) -> list[tuple[int, int, int, int]]:
+    """Pastes a framed thumbnail of each reference down the right edge; returns their boxes."""
     side = max(16, round(min(layout.width, layout.height) * THUMB_FRACTION))
     margin = max(4, side // 12)
     x = layout.width - side - margin
     y = layout.top + margin
+    boxes = []
     for ref in refs:
         if y + side > layout.height - layout.caption:
             break
@@ -175,7 +228,9 @@ def _paste_thumbnails(picture: Image.Image, refs: Sequence[Image.Image], layout:
             (THUMB_BORDER, THUMB_BORDER),
         )
         picture.paste(frame, (x, y))
+        boxes.append((x, y, x + side, y + side))
         y += side + margin
+    return boxes
 
 
 class BaseCache:
@@ -338,8 +393,26 @@ def render_bands(
     return top, strip
 
 
+def overlay_key(prompt: str, seed: int | None, variant: int) -> bytes:
+    """What a variant's seeded stamps are drawn from: (prompt, seed, variant), like its tint."""
+    return hashlib.sha256(f"overlay\x00{prompt}\x00{seed}\x00{variant}".encode()).digest()
+
+
 def compose(base: Base, top: Image.Image, strip: Image.Image) -> Image.Image:
+    """The base's own picture (a prompt that asks for no effect) under two bands."""
     picture = base.image.copy()
+    picture.paste(top, (0, 0))
+    picture.paste(strip, (0, base.layout.height - base.layout.caption))
+    return picture
+
+
+def variant_picture(
+    base: Base, *, prompt: str, seed: int | None, variant: int, n: int
+) -> Image.Image:
+    """The whole picture of one variant, as render_variant encodes it."""
+    look = base.look(plan_for(prompt))
+    top, strip = render_bands(base.layout, prompt=prompt, seed=seed, variant=variant, n=n)
+    picture = Image.fromarray(look.picture(overlay_key(prompt, seed, variant)))
     picture.paste(top, (0, 0))
     picture.paste(strip, (0, base.layout.height - base.layout.caption))
     return picture
@@ -356,16 +429,18 @@ def render_variant(
     compression: int | None = None,
 ) -> bytes:
     """One output image, encoded. Same arguments, same bytes."""
-    top, strip = render_bands(base.layout, prompt=prompt, seed=seed, variant=variant, n=n)
     layout = base.layout
+    if output_format not in ("png", "jpeg"):
+        picture = variant_picture(base, prompt=prompt, seed=seed, variant=variant, n=n)
+        return encode(picture, output_format, compression)
+    look = base.look(plan_for(prompt))
+    key = overlay_key(prompt, seed, variant)
+    top, strip = render_bands(layout, prompt=prompt, seed=seed, variant=variant, n=n)
     if output_format == "png":
-        return spliced_png(layout.width, layout.height, top, base.png_middle(), strip)
-    if output_format == "jpeg":
-        quality = compression or DEFAULT_QUALITY["jpeg"]
-        middle = base.jpeg_parts(quality)
-        first, last = (row // MCU_ROWS for row in layout.middle)
-        return spliced_jpeg(top, middle.header, middle.rows[first:last], strip, quality)
-    return encode(compose(base, top, strip), output_format, compression)
+        return spliced_png(layout.width, layout.height, top, look.middle_png(key), strip)
+    quality = compression or DEFAULT_QUALITY["jpeg"]
+    header, rows = look.middle_jpeg(key, quality)
+    return spliced_jpeg(top, header, rows, strip, quality)
 
 
 def encode(picture: Image.Image, output_format: str, compression: int | None = None) -> bytes:

@@ -1,11 +1,12 @@
 """PNG and JPEG files assembled from separately compressed bands of rows.
 
-An edited picture differs from its cached base only in a bar at the top and a caption strip
-at the bottom (see render). The base's middle rows are compressed once; each output then only
-compresses its two bands and splices the three pieces together. PNG: the middle is a
-sync-flushed raw deflate segment in its own IDAT chunk, and the checksum is combined from the
-pieces'. JPEG: every MCU row is its own restart interval, so rows are exchangeable as bytes.
-The spliced files are byte-identical to encoding the whole picture the same way.
+An edited picture differs from its cached look only in a bar at the top, a caption strip at
+the bottom and the few row groups its seeded stamps touch (see look). The look's middle rows
+are compressed once; each output then only compresses its bands and touched groups and
+splices the pieces together. PNG: each 16-row group of the middle is a sync-flushed raw
+deflate segment in its own IDAT chunk, and the checksum is combined from the pieces'. JPEG:
+every MCU row is its own restart interval, so rows are exchangeable as bytes. A spliced JPEG
+is byte-identical to encoding the whole picture; a spliced PNG decodes to the same pixels.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,13 +58,19 @@ def png_segment(rows: np.ndarray) -> PngSegment:
 
 
 def spliced_png(
-    width: int, height: int, top: Image.Image, middle: PngSegment, strip: Image.Image
+    width: int,
+    height: int,
+    top: Image.Image,
+    middle: Sequence[PngSegment],
+    strip: Image.Image,
 ) -> bytes:
-    """The RGB PNG of `top`, then `middle`'s rows, then `strip`, stacked (width x height)."""
+    """The RGB PNG of `top`, then the `middle` segments' rows, then `strip`, stacked
+    (width x height)."""
     top_raw = _filter_rows(np.asarray(top), up=False)
     strip_raw = _filter_rows(np.asarray(strip), up=False)
     adler = zlib.adler32(top_raw)
-    adler = adler32_combine(adler, middle.adler, middle.raw_len)
+    for segment in middle:
+        adler = adler32_combine(adler, segment.adler, segment.raw_len)
     adler = adler32_combine(adler, zlib.adler32(strip_raw), len(strip_raw))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"".join(
@@ -70,7 +78,7 @@ def spliced_png(
             PNG_SIGNATURE,
             _chunk(b"IHDR", ihdr),
             _chunk(b"IDAT", ZLIB_HEADER + _deflate(top_raw, final=False)),
-            middle.chunk,
+            *(segment.chunk for segment in middle),
             _chunk(b"IDAT", _deflate(strip_raw, final=True) + struct.pack(">I", adler)),
             _chunk(b"IEND", b""),
         )
