@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,13 @@ from flows.edit_manifest import edit_subflow
 from flows.settings import EditSettings, RunSettings
 from pipeline.engine import layout
 from pipeline.engine.plan import check_flow_inputs, new_run_id
+from pipeline.io.allowed_roots import AllowedRoots, check_allowed
 from pipeline.io.storage import open_storage
 from pipeline.uses.augment import AugmentSpec, expand_manifest, write_dataset_table
+from pipeline.uses.export import ExportFormat, ExportOptions, export_run
 
 DATASET_ARTIFACT_KEY = "imgedit-dataset"
+EXPORT_ARTIFACT_KEY = "imgedit-export"
 
 
 @flow(name="augment-dataset", persist_result=False, validate_parameters=True)
@@ -30,6 +34,8 @@ async def augment_dataset(
     where: str | None = None,
     edit: EditSettings = EditSettings(),  # noqa: B008
     run: RunSettings = RunSettings(),  # noqa: B008
+    export: ExportFormat | None = None,
+    export_to: str | None = None,
 ) -> dict[str, Any] | State[Any]:
     """Expand, edit, and write `runs/<run_id>/dataset.parquet`: one row per output image.
 
@@ -43,10 +49,26 @@ async def augment_dataset(
             contains(prompt, "beach") (the source's columns, prompt, seed; not Python)
         edit: How each image is edited (n: variants per request)
         run: API, limits and budget
+        export: Also export the run's images as a training-ready dataset: webdataset (tar
+            shards) or parquet (an Image column for Hugging Face datasets)
+        export_to: Where the export goes (a local folder or s3://); default
+            <output>/exports/<run_id>/<format>
     """
     logger = get_run_logger()
     check_flow_inputs(manifest=manifest, output=output, where=where)
     run_id = new_run_id()
+    storage = open_storage(output, endpoint_url=run.s3_endpoint_url)
+    export_options = (
+        ExportOptions(
+            format=export,
+            to=export_to or storage.uri_for(f"exports/{run_id}/{export.value}"),
+        )
+        if export is not None
+        else None
+    )
+    if export_options is not None:
+        # Refused before anything is paid, as the output is.
+        check_allowed(export_options.to, "export destination", AllowedRoots.from_env())
     settings = {k: v for k, v in edit.manifest_columns().items() if k not in ("seed", "n")}
     spec = AugmentSpec(
         manifest=manifest,
@@ -56,7 +78,6 @@ async def augment_dataset(
         n=edit.n,
         settings=settings,
     )
-    storage = open_storage(output, endpoint_url=run.s3_endpoint_url)
     with tempfile.TemporaryDirectory(prefix="imgedit-augment-") as tmp:
         expanded = Path(tmp) / "expanded.parquet"
         info = expand_manifest(spec, expanded, endpoint_url=run.s3_endpoint_url)
@@ -84,4 +105,19 @@ async def augment_dataset(
         key=DATASET_ARTIFACT_KEY,
         description="Augmented dataset table (Parquet): load it with pandas.read_parquet",
     )
-    return {**summary, "dataset_uri": dataset.uri, "dataset_rows": dataset.rows}
+    result = {**summary, "dataset_uri": dataset.uri, "dataset_rows": dataset.rows}
+    if export_options is None:
+        return result
+    report = await asyncio.to_thread(
+        export_run, output, run_id, export_options, endpoint_url=run.s3_endpoint_url
+    )
+    for line in report.lines():
+        logger.info("%s", line)
+    index = report.index_uri if "://" in report.index_uri else f"file://{report.index_uri}"
+    await acreate_link_artifact(
+        link=index,
+        link_text=f"{report.format} export of run {run_id} ({report.samples} images)",
+        key=EXPORT_ARTIFACT_KEY,
+        description="Training-ready dataset: its index lists every file with its sha256",
+    )
+    return {**result, "export": report.to_dict()}

@@ -23,7 +23,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_options import choices_of, with_parameters
+from flows.export_cli import register as register_export_command
 from flows.history_cli import register as register_history_commands
+from flows.models_cli import register as register_models_command
 from pipeline import __version__
 from pipeline.constants import (
     DEFAULT_CONCURRENCY,
@@ -423,15 +425,28 @@ def validate(
             show_default=False,
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Check against this model's limits; default IMGEDIT_MODEL, else "
+            "p-image-edit (a model without a built-in profile is read from --api-base)"
+        ),
+    ] = None,
+    api_base: Annotated[
+        str | None,
+        typer.Option(help="API base to read a model's schema from; default IMGEDIT_API_BASE"),
+    ] = None,
 ) -> None:
     """Check every row of MANIFEST, and its sources, without calling the API.
 
     Exit 1 if any row is invalid: a bad cell, or a source or mask that is missing, not an
     image, too large, refused (allowed roots, internal address) or of the wrong size.
     """
+    from pipeline.engine.profiles import load_profile
     from pipeline.manifest.open import format_report, validate_manifest
 
     try:
+        profile = load_profile(model, base_url=api_base)
         left = _left_of(_absolute_local(manifest), output, s3_endpoint_url) if output else None
         if sources:
             from pipeline.engine.source_check import validate_with_sources
@@ -446,9 +461,12 @@ def validate(
                     policy=source_policy(allow_private_sources),
                     on_progress=on_progress,
                     left=left,
+                    profile=profile,
                 )
         else:
-            report = validate_manifest(manifest, endpoint_url=s3_endpoint_url, left=left)
+            report = validate_manifest(
+                manifest, endpoint_url=s3_endpoint_url, left=left, profile=profile
+            )
     except ImgEditError as exc:
         raise _cannot("manifest error", exc) from None
     out.print(format_report(report), markup=False, highlight=False)
@@ -532,6 +550,8 @@ app.command("emulator", help="Serve the bundled edit-API emulator (for tests, de
     emulator_command
 )
 register_history_commands(app)
+register_models_command(app)
+register_export_command(app)
 
 
 _RAN = {"flow": False}

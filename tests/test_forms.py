@@ -25,7 +25,10 @@ def test_every_form_field_has_a_description(deployment: dict[str, Any]) -> None:
     undescribed = [k for k, v in schema["properties"].items() if not v.get("description")]
     assert not undescribed, f"{deployment['name']}: no description for {undescribed}"
     for name, model in schema.get("definitions", {}).items():
-        undescribed = [k for k, v in model["properties"].items() if not v.get("description")]
+        # An enum's definition (e.g. the export format) has choices, not fields.
+        fields = model.get("properties", {})
+        assert fields or model.get("enum"), f"{deployment['name']}: {name} is neither"
+        undescribed = [k for k, v in fields.items() if not v.get("description")]
         assert not undescribed, f"{deployment['name']}: {name} has no description for {undescribed}"
 
 

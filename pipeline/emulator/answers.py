@@ -15,9 +15,9 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from pipeline import spec
+from pipeline.emulator.catalog import emulated
+from pipeline.models.schema import profile_to_schema
 
-MODEL_OWNER = "prunaai"
 MODEL_CREATED = 1_751_328_000  # fixed, so /models answers are stable
 
 ERROR_TYPES: dict[int, str] = {
@@ -132,34 +132,15 @@ def b64_body(doc: dict[str, Any], images: Sequence[bytes], bad: str | None) -> b
 
 def model_doc(model: str, with_schema: bool) -> dict[str, Any]:
     """A /v1/models entry; with its parameter schema when asked (`?schema=true`)."""
+    profile = emulated(model).profile
     doc: dict[str, Any] = {
         "id": model,
         "object": "model",
         "created": MODEL_CREATED,
-        "owned_by": MODEL_OWNER,
+        "owned_by": profile.owned_by,
     }
     if with_schema:
-        doc["schema"] = {
-            "prompt": {"type": "string", "maxLength": spec.MAX_PROMPT_CHARS, "required": True},
-            "image": {"type": "file", "minItems": spec.MIN_IMAGES, "maxItems": spec.MAX_IMAGES},
-            "mask": {"type": "file", "format": "png"},
-            "n": {"type": "integer", "minimum": spec.MIN_N, "maximum": spec.MAX_N},
-            "size": {"type": "string", "enum": ["auto", *(str(s) for s in spec.SUPPORTED_SIZES)]},
-            "aspect_ratio": {
-                "type": "string",
-                "enum": ["auto", *(s.aspect for s in spec.SUPPORTED_SIZES)],
-            },
-            "resolution": {"type": "string", "enum": ["auto", *spec.RESOLUTION_TIERS]},
-            "output_format": {"type": "string", "enum": list(spec.OUTPUT_FORMATS)},
-            "output_compression": {
-                "type": "integer",
-                "minimum": spec.MIN_COMPRESSION,
-                "maximum": spec.MAX_COMPRESSION,
-            },
-            "response_format": {"type": "string", "enum": list(spec.RESPONSE_FORMATS)},
-            "seed": {"type": "integer"},
-            "turbo": {"type": "boolean", "default": True},
-            "disable_safety_checker": {"type": "boolean", "default": False},
-            "replicate_weights": {"type": "string"},
-        }
+        doc["schema"] = profile_to_schema(profile)
+        if profile.cost.source != "tokens":
+            doc["pricing"] = {"per_image": profile.cost.price_per_image_usd}
     return doc

@@ -143,6 +143,8 @@ async def _edit(
         headers["X-Lumenfall-Model"] = model
     config = state.config
     edit = validate(form, config)
+    if edit.served is not None:
+        headers["X-Lumenfall-Provider"] = edit.served.provider
     record["n"] = edit.n
     record["output_size"] = f"{edit.width}x{edit.height}"
 
@@ -250,7 +252,10 @@ async def _answer(
     if malformed == "not_json":
         return await _finish(NOT_JSON_BODY, "text/html; charset=utf-8", decision, headers, deadline)
 
-    rewrite = revised_prompt(edit.prompt, fp, state.config.revised_prompt_rate)
+    rewrite = revised_prompt(edit.prompt, fp, _rewrite_rate(edit, state.config))
+    served = edit.served
+    provider = served.provider if served is not None else PROVIDER
+    prefix = served.executed_prefix if served is not None else EXECUTED_MODEL_PREFIX
     doc: dict[str, Any] = {
         "id": headers["X-Lumenfall-Request-Id"],
         "created": int(time.time()),
@@ -259,13 +264,17 @@ async def _answer(
         "data": [{} for _ in images],
         "metadata": {
             "model": edit.model,
-            "executed_model": EXECUTED_MODEL_PREFIX + edit.model,
-            "provider": PROVIDER,
-            "provider_name": PROVIDER_NAME,
+            "executed_model": prefix + edit.model,
+            "provider": provider,
+            "provider_name": PROVIDER_NAME if provider == PROVIDER else provider,
             "cost": edit.cost_micros / spec.MICROS_PER_USD,
             "cost_currency": spec.CURRENCY,
         },
     }
+    if edit.usage is not None:
+        # A token-billed model reports its tokens, not a cost: the client prices them.
+        doc["usage"] = edit.usage
+        del doc["metadata"]["cost"]
     if malformed == "no_data":
         del doc["data"]
         return await _finish(json_bytes(doc), "application/json", decision, headers, deadline)
@@ -290,6 +299,17 @@ async def _answer(
         name = state.files.put(payload, ext, content_type, truncate_at=truncate_at)
         item["url"] = f"{base_url.rstrip('/')}/v1/files/{name}"
     return await _finish(json_bytes(doc), "application/json", decision, headers, deadline)
+
+
+def _rewrite_rate(edit: Edit, config: EmulatorConfig) -> float:
+    """How often the answer carries a revised_prompt: always with prompt enhancement on,
+    never with it off or for a model that does not rewrite, else the configured share."""
+    served = edit.served
+    if served is not None and not served.profile.revised_prompt:
+        return 0.0
+    if edit.enhance is not None:
+        return 1.0 if edit.enhance else 0.0
+    return config.revised_prompt_rate
 
 
 async def _finish(
@@ -323,7 +343,7 @@ def _estimate(edit: Edit) -> dict[str, Any]:
                 "metric": "image",
                 "quantity": edit.n,
                 "billable_quantity": edit.n,
-                "unit_price": spec.PRICE_PER_IMAGE_USD,
+                "unit_price": edit.cost_micros / max(edit.n, 1) / spec.MICROS_PER_USD,
                 "total_cost": edit.cost_micros,
             }
         ],

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -14,9 +15,21 @@ from starlette.requests import Request
 
 from pipeline import spec
 from pipeline.emulator.answers import ErrorAnswer, invalid
+from pipeline.emulator.catalog import EmulatedModel, emulated, usage_micros, usage_tokens
 from pipeline.emulator.config import EmulatorConfig
 from pipeline.errors import InvalidImageError, SpecValueError
 from pipeline.imageinfo import probe
+from pipeline.models import check as model_check
+from pipeline.models.profile import (
+    ASPECT_RATIO,
+    ENHANCE_PROMPT,
+    KNOWN_PARAMS,
+    PARAM_ALIASES,
+    QUALITY,
+    RESOLUTION,
+    THINKING,
+    ModelProfile,
+)
 
 PRICE_MICROS = round(spec.PRICE_PER_IMAGE_USD * spec.MICROS_PER_USD)
 # Multipart limits: 5 images + a mask + room for stray parts; many provider fields.
@@ -45,10 +58,17 @@ class Edit:
     output_format: str
     compression: int | None
     seed: int | None
+    served: EmulatedModel | None = None
+    # Prompt enhancement asked for: True on, False off, None the model's default.
+    enhance: bool | None = None
+    usage: dict[str, Any] | None = None  # the `usage` a token-billed model reports
+    unit_micros: int = PRICE_MICROS
 
     @property
     def cost_micros(self) -> int:
-        return self.n * PRICE_MICROS
+        if self.usage is not None:
+            return usage_micros(self.model, self.usage)
+        return self.n * self.unit_micros
 
 
 @dataclass(frozen=True)
@@ -125,14 +145,20 @@ def check_auth(api_key: str | None, request: Request) -> None:
 def validate(form: Form, config: EmulatorConfig) -> Edit:
     """The edit `form` asks for, or the ErrorAnswer the gateway would give it."""
     model = _model(form, config)
-    prompt = _prompt(form)
-    parts, dims = _images(form, config, model)
-    mask = _mask(form, dims[0])
-    n = _int_field(form, "n", spec.MIN_N, spec.MAX_N) or 1
+    served = emulated(model)
+    profile = served.profile
+    prompt = _prompt(form, profile)
+    _refuse_untaken(form, profile)
+    parts, dims = _images(form, config, model, profile)
+    mask = _mask(form, dims[0], profile)
+    n = _int_field(form, "n", profile.min_n, profile.max_n) or 1
     compression = _int_field(form, "output_compression", spec.MIN_COMPRESSION, spec.MAX_COMPRESSION)
     seed = _int_field(form, "seed", -MAX_SEED, MAX_SEED - 1)
-    response_format, output_format = _formats(form)
-    out = _output_size(form, dims[0])
+    response_format, output_format = _formats(form, profile)
+    _check_enums(form, profile, output_format)
+    width, height = _output_size(form, dims[0], profile)
+    quality = _text_field(form, QUALITY)
+    usage = usage_tokens(prompt, dims, (width, height), n, quality) if served.usage else None
     return Edit(
         model=model,
         prompt=prompt,
@@ -141,13 +167,74 @@ def validate(form: Form, config: EmulatorConfig) -> Edit:
         mask=mask.data if mask is not None else None,
         mask_sha=mask.sha256 if mask is not None else None,
         n=n,
-        width=out.width,
-        height=out.height,
+        width=width,
+        height=height,
         response_format=response_format,
         output_format=output_format,
         compression=compression,
         seed=seed,
+        served=served,
+        enhance=_enhance(form, profile),
+        usage=usage,
+        unit_micros=round(profile.cost.price_per_image_usd * spec.MICROS_PER_USD),
     )
+
+
+def _field_names(form: Form) -> list[str]:
+    return list(dict.fromkeys(key for key, _ in form.fields))
+
+
+def _refuse_untaken(form: Form, profile: ModelProfile) -> None:
+    """A model that refuses unknown fields (gpt-image) answers 400 for one it does not take
+    (seed...); prompt enhancement is ignored where a model lacks it, as the gateway does."""
+    if not profile.strict_extras:
+        return
+    for key in _field_names(form):
+        name = PARAM_ALIASES.get(key, key)
+        if name == ENHANCE_PROMPT or profile.takes(name):
+            continue
+        if name == THINKING:
+            raise invalid(f"{key} is not supported by {profile.model}; supported: none", key)
+        raise invalid(f"Unknown parameter: '{key}'.", key)
+
+
+def _enum_value(form: Form, name: str) -> tuple[str, str] | None:
+    """(the field's name as sent, its value) for `name` or one of its aliases."""
+    for key in (name, *(a for a, n in PARAM_ALIASES.items() if n == name)):
+        value = _text_field(form, key)
+        if value is not None:
+            return key, value
+    return None
+
+
+def _check_enums(form: Form, profile: ModelProfile, output_format: str) -> None:
+    """Every enumerated field the model takes holds a value it supports (400 listing them)."""
+    for name in KNOWN_PARAMS:
+        if name == QUALITY or not profile.takes(name):
+            continue
+        found = _enum_value(form, name)
+        if found is None:
+            continue
+        key, value = found
+        try:
+            model_check.check_enum(profile, key, value)
+            if name == "background":
+                model_check.check_transparent(profile, value, output_format)
+        except SpecValueError as exc:
+            raise invalid(str(exc), key) from exc
+
+
+def _enhance(form: Form, profile: ModelProfile) -> bool | None:
+    found = _enum_value(form, ENHANCE_PROMPT)
+    if found is None or not profile.takes(ENHANCE_PROMPT):
+        return None
+    key, value = found
+    text = value.lower()
+    if text in TRUE_VALUES:
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise invalid(f"{key} must be on or off, got {value[:40]!r}", key)
 
 
 def _model(form: Form, config: EmulatorConfig) -> str:
@@ -161,22 +248,22 @@ def _model(form: Form, config: EmulatorConfig) -> str:
     return model
 
 
-def _prompt(form: Form) -> str:
+def _prompt(form: Form, profile: ModelProfile) -> str:
     prompt = form.first("prompt")
     if prompt is None:
         raise invalid("prompt: Invalid input: expected string, received undefined", "prompt")
     if not prompt.strip():
         raise invalid("prompt: Too small: expected string to have >=1 characters", "prompt")
-    if len(prompt) > spec.MAX_PROMPT_CHARS:
+    if len(prompt) > profile.max_prompt_chars:
         raise invalid(
-            f"prompt: Too big: expected string to have <={spec.MAX_PROMPT_CHARS} characters",
+            f"prompt: Too big: expected string to have <={profile.max_prompt_chars} characters",
             "prompt",
         )
     return prompt
 
 
 def _images(
-    form: Form, config: EmulatorConfig, model: str
+    form: Form, config: EmulatorConfig, model: str, profile: ModelProfile
 ) -> tuple[list[FormFile], list[tuple[int, int]]]:
     """The image parts and their dimensions; at least one, each a readable accepted format."""
     for key, _ in form.fields:
@@ -185,9 +272,15 @@ def _images(
     parts = form.image_parts()
     if not parts:
         raise invalid("image: at least one image file is required", "image")
-    if len(parts) > spec.MAX_IMAGES:
+    if len(parts) > profile.max_images:
         raise invalid(
-            f"image: {model} accepts at most {spec.MAX_IMAGES} images, got {len(parts)}", "image"
+            f"image: {model} accepts at most {profile.max_images} images, got {len(parts)}",
+            "image",
+        )
+    if len(parts) < profile.min_images:
+        raise invalid(
+            f"image: {model} needs at least {profile.min_images} images, got {len(parts)}",
+            "image",
         )
     dims: list[tuple[int, int]] = []
     for i, part in enumerate(parts, start=1):
@@ -210,7 +303,7 @@ def _images(
     return parts, dims
 
 
-def _mask(form: Form, first: tuple[int, int]) -> FormFile | None:
+def _mask(form: Form, first: tuple[int, int], profile: ModelProfile) -> FormFile | None:
     """The mask part, if any: one PNG the size of the first image."""
     mask_parts = [f for f in form.files if f.name == "mask"]
     if len(mask_parts) > 1:
@@ -218,6 +311,11 @@ def _mask(form: Form, first: tuple[int, int]) -> FormFile | None:
     if not mask_parts:
         return None
     mask = mask_parts[0]
+    if not profile.mask.accepted:
+        raise invalid(f"mask: {profile.model} takes no mask", "mask")
+    limit = profile.mask.max_bytes
+    if limit is not None and len(mask.data) > limit:
+        raise invalid(f"mask is {len(mask.data)} bytes; {profile.model} takes at most {limit}")
     try:
         mask_info = probe(mask.data)
     except InvalidImageError as exc:
@@ -233,47 +331,55 @@ def _mask(form: Form, first: tuple[int, int]) -> FormFile | None:
     return mask
 
 
-def _formats(form: Form) -> tuple[str, str]:
+def _formats(form: Form, profile: ModelProfile) -> tuple[str, str]:
     """(response_format, output_format), checking quality on the way."""
-    response_format = _text_field(form, "response_format") or "url"
+    default = "url" if "url" in profile.response_formats else profile.response_formats[0]
+    response_format = _text_field(form, "response_format") or default
     if response_format not in spec.RESPONSE_FORMATS:
         raise invalid(
             f"response_format must be one of {', '.join(spec.RESPONSE_FORMATS)}, "
             f"got {response_format!r}",
             "response_format",
         )
+    if response_format not in profile.response_formats:
+        raise invalid(
+            f"response_format {response_format!r} is not supported by {profile.model}; "
+            f"supported: {', '.join(profile.response_formats)}",
+            "response_format",
+        )
     output_format = "png"
     raw_format = _text_field(form, "output_format")
     if raw_format is not None:
         try:
-            output_format = spec.normalize_output_format(raw_format)
+            output_format = model_check.normalize_output_format(profile, raw_format)
         except SpecValueError as exc:
             raise invalid(str(exc), "output_format") from exc
     quality = _text_field(form, "quality")
-    if quality is not None and quality.lower() not in spec.QUALITY_VALUES:
+    allowed = profile.enums.get(QUALITY, spec.QUALITY_VALUES)
+    if quality is not None and quality.lower() not in allowed:
         raise invalid(
-            f"quality must be one of {', '.join(spec.QUALITY_VALUES)}, got {quality!r}",
+            f"quality must be one of {', '.join(allowed)}, got {quality!r}",
             "quality",
         )
     return response_format, output_format
 
 
-def _output_size(form: Form, first: tuple[int, int]) -> spec.OutputSize:
+def _output_size(form: Form, first: tuple[int, int], profile: ModelProfile) -> tuple[int, int]:
     size = _text_field(form, "size")
-    aspect_ratio = _text_field(form, "aspect_ratio")
-    resolution = _text_field(form, "resolution")
+    aspect_ratio = _text_field(form, ASPECT_RATIO) if profile.takes(ASPECT_RATIO) else None
+    resolution = _text_field(form, RESOLUTION) if profile.takes(RESOLUTION) else None
     for name, value, check in (
-        ("size", size, spec.check_size),
-        ("aspect_ratio", aspect_ratio, spec.check_aspect_ratio),
-        ("resolution", resolution, spec.check_resolution),
+        ("size", size, model_check.check_size),
+        (ASPECT_RATIO, aspect_ratio, model_check.check_aspect_ratio),
+        (RESOLUTION, resolution, model_check.check_resolution),
     ):
         if value is not None:
             try:
-                check(value)
+                check(profile, value)
             except SpecValueError as exc:
                 raise invalid(str(exc), name) from exc
     try:
-        return spec.resolve_output_size(size, aspect_ratio, resolution, first_image=first)
+        return model_check.output_size(profile, size, aspect_ratio, resolution, first_image=first)
     except SpecValueError as exc:
         raise invalid(str(exc), "size") from exc
 

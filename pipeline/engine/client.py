@@ -13,13 +13,14 @@ import base64
 import binascii
 import contextlib
 import ipaddress
+import json
 import math
 import os
 import time
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -61,8 +62,12 @@ from pipeline.imageinfo import probe
 from pipeline.io.http import get_capped
 from pipeline.io.netguard import AddressPolicy, guarded_transport
 from pipeline.io.redact import redact_text
+from pipeline.models.profile import ModelProfile
+from pipeline.models.registry import ENV_MODEL, builtin_profile, run_model
+from pipeline.models.schema import permissive_profile
 
 __all__ = [
+    "ENV_MODEL",
     "CostEstimate",
     "EditClient",
     "EditRequest",
@@ -79,7 +84,6 @@ __all__ = [
 
 ENV_API_BASE = "IMGEDIT_API_BASE"
 ENV_API_KEYS = ("IMGEDIT_API_KEY", "LUMENFALL_API_KEY")
-ENV_MODEL = "IMGEDIT_MODEL"
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 64
@@ -150,6 +154,7 @@ class EditClient:
         transport: httpx.AsyncBaseTransport | None = None,
         download_policy: AddressPolicy | None = None,
         price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD,
+        profile: ModelProfile | None = None,
     ) -> None:
         if not (math.isfinite(price_per_image_usd) and price_per_image_usd >= 0):
             raise ValueError(
@@ -158,7 +163,13 @@ class EditClient:
         # The list price a reported cost (and a dry-run estimate) is checked against.
         self.price_per_image_usd = price_per_image_usd
         self.base_url = resolve_api_base(base_url)
-        self.model = model or os.environ.get(ENV_MODEL) or spec.DEFAULT_MODEL
+        self.model = run_model(model)
+        # How the model answers (its cost from `usage` or from metadata.cost).
+        self.profile = (
+            profile
+            or builtin_profile(self.model)
+            or permissive_profile(self.model, "no profile was given to the client")
+        )
         self._api_key = api_key or _env_api_key()
         self.max_image_bytes = max_image_bytes
         base = urlsplit(self.base_url)
@@ -235,6 +246,7 @@ class EditClient:
         params: Mapping[str, str] | None = None,
         data: Mapping[str, str] | None = None,
         files: Any = None,
+        stream: bool = False,
     ) -> httpx.Response:
         url = f"{self.base_url}/{path.lstrip('/')}"
         try:
@@ -246,7 +258,7 @@ class EditClient:
                 # writes (each field's header, value and boundary), each a syscall here and a
                 # wake-up at the server.
                 request.read()
-                return await http.send(request)
+                return await http.send(request, stream=stream)
         except httpx.ConnectTimeout as exc:
             raise APITimeoutError(f"timed out connecting to {url}", sent=False) from exc
         except httpx.PoolTimeout as exc:
@@ -322,6 +334,9 @@ class EditClient:
             ceiling_usd=self._cost_ceiling_usd(n_asked),
             latency_s=time.perf_counter() - started,
             warnings=warnings,
+            token_prices=self.profile.cost.token_prices
+            if self.profile.cost.source == "tokens"
+            else None,
         )
 
     async def estimate(self, request: EditRequest) -> CostEstimate:
@@ -338,16 +353,54 @@ class EditClient:
         n_asked = request.params.image_count()
         return read_estimate(body, n_asked=n_asked, ceiling_usd=self._cost_ceiling_usd(n_asked))
 
-    async def list_models(self) -> list[dict[str, Any]]:
-        response = await self._send("GET", "models")
-        self._raise_for_status(response)
-        data = self._json_object(response).get("data")
-        return [dict(m) for m in data if isinstance(m, Mapping)] if isinstance(data, list) else []
+    async def list_models(self, *, schema: bool = False) -> list[dict[str, Any]]:
+        """`GET /models` (with `?schema=true`: each with its parameter schema), read within
+        MAX_SCHEMA_BYTES."""
+        params = {"schema": "true"} if schema else None
+        body = await self._get_json_capped("models", params)
+        data = body.get("data")
+        if not isinstance(data, list):
+            return []
+        listed = data[: constants.MAX_LISTED_MODELS]
+        return [dict(m) for m in listed if isinstance(m, Mapping)]
 
-    async def get_model(self, model_id: str) -> dict[str, Any]:
-        response = await self._send("GET", f"models/{model_id}")
-        self._raise_for_status(response)
-        return self._json_object(response)
+    async def get_model(self, model_id: str, *, schema: bool = False) -> dict[str, Any]:
+        """`GET /models/{id}` (with `?schema=true`: its parameter schema), within the cap."""
+        params = {"schema": "true"} if schema else None
+        return await self._get_json_capped(f"models/{_model_path(model_id)}", params)
+
+    async def _get_json_capped(self, path: str, params: Mapping[str, str] | None) -> dict[str, Any]:
+        """A JSON object from the API, its body read up to MAX_SCHEMA_BYTES (then refused)."""
+        cap = constants.MAX_SCHEMA_BYTES
+        response = await self._send("GET", path, params=params, stream=True)
+        try:
+            if _declared(response) > cap:
+                raise ResponseTooLargeError(f"the answer of {path} is over {cap} bytes")
+            buf = bytearray()
+            async for chunk in response.aiter_bytes():
+                buf += chunk
+                if len(buf) > cap:
+                    raise ResponseTooLargeError(f"the answer of {path} is over {cap} bytes")
+        except httpx.HTTPError as exc:
+            raise APIConnectionError(
+                f"reading the answer of {path} failed: {_exc_text(exc)}"
+            ) from exc
+        finally:
+            await response.aclose()
+        if response.status_code >= 400:
+            # The body is read (decoded) already: an error made from it, headers but those
+            # that describe the encoded body.
+            kept = {k: v for k, v in response.headers.items() if k.lower() not in _BODY_HEADERS}
+            self._raise_for_status(
+                httpx.Response(response.status_code, headers=kept, content=bytes(buf))
+            )
+        try:
+            body = json.loads(bytes(buf))
+        except ValueError as exc:
+            raise APIResponseError(f"the answer of {path} is not JSON") from exc
+        if not isinstance(body, dict):
+            raise APIResponseError(f"the answer of {path} is not a JSON object")
+        return body
 
     async def _images(
         self, body: Mapping[str, Any], n_asked: int, warnings: list[str]
@@ -490,6 +543,23 @@ class EditClient:
                 f"result download from {where} failed: {type(exc).__name__}: "
                 f"{redact_text(str(exc))}"
             ) from exc
+
+
+_BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+def _declared(response: httpx.Response) -> int:
+    """The body length the headers declare (0 when they declare none)."""
+    declared = response.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() and len(declared) < 19 else 0
+
+
+def _model_path(model_id: str) -> str:
+    """A model id as a URL path (ids may hold `/`); ConfigError for one that could escape it."""
+    parts = model_id.split("/")
+    if not model_id or any(p in ("", ".", "..") for p in parts) or not model_id.isprintable():
+        raise ConfigError(f"model id {model_id[:80]!r} is not usable in a URL path")
+    return quote(model_id, safe="/")
 
 
 def _exc_text(exc: BaseException) -> str:

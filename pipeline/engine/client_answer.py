@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from pipeline import constants, spec
+from pipeline.engine.client_usage import read_usage
 from pipeline.errors import (
     JSON_SEPARATOR_CHARS,
     APIResponseError,
@@ -27,6 +28,7 @@ from pipeline.errors import (
     short_scalars,
 )
 from pipeline.imageinfo import ImageInfo
+from pipeline.models.prices import TokenPrices
 
 __all__ = [
     "MAX_COST_RAW_CHARS",
@@ -83,6 +85,9 @@ class EditResponse:
     n_asked: int = 1
     cost_raw: str | None = None
     warnings: tuple[str, ...] = ()
+    # Where `cost` came from: "metadata" (metadata.cost) or "usage" (tokens x prices).
+    cost_source: str | None = None
+    usage: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,9 +130,13 @@ def read_answer(
     ceiling_usd: float,
     latency_s: float,
     warnings: list[str],
+    token_prices: TokenPrices | None = None,
 ) -> EditResponse:
     """An edit's answer (its images already fetched and checked) as an EditResponse: every
-    text cut with a warning, the reported cost trusted only under `ceiling_usd`."""
+    text cut with a warning, the reported cost trusted only under `ceiling_usd`.
+
+    With `token_prices` (a model billed by tokens), the cost is the answer's `usage` times
+    those prices when `usage` is readable, else `metadata.cost`."""
     meta = body.get("metadata")
     reported: Mapping[str, Any] = meta if isinstance(meta, Mapping) else {}
     answer_id = capped(body.get("id"), "id", warnings)
@@ -141,7 +150,16 @@ def read_answer(
     )
     executed_model = capped(reported.get("executed_model"), "executed_model", warnings)
     model = capped(reported.get("model") or headers.get("x-lumenfall-model"), "model", warnings)
-    cost, cost_raw, distrust = trusted_cost(reported.get("cost"), ceiling_usd, n_asked)
+    usage = read_usage(body.get("usage"), warnings) if token_prices is not None else None
+    cost_source: str | None = None
+    if usage is not None and token_prices is not None:
+        cost_source = "usage"
+        computed = round(usage.cost_usd(token_prices), 9)
+        cost, cost_raw, distrust = trusted_cost(computed, ceiling_usd, n_asked)
+    else:
+        cost, cost_raw, distrust = trusted_cost(reported.get("cost"), ceiling_usd, n_asked)
+        if reported.get("cost") is not None:
+            cost_source = "metadata"
     if distrust:
         warnings.append(distrust)
     metadata = _capped_metadata(reported, warnings)
@@ -162,6 +180,8 @@ def read_answer(
         n_asked=n_asked,
         cost_raw=cost_raw,
         warnings=tuple(warnings),
+        cost_source=cost_source,
+        usage=usage.as_dict() if usage is not None else None,
     )
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pipeline.manifest.types import EditParams
+from pipeline.models.profile import SEED, ModelProfile
 
 __all__ = [
     "RESERVED_FIELDS",
@@ -16,8 +17,12 @@ __all__ = [
     "ResponseFormat",
     "build_files",
     "build_form",
+    "fit_request",
     "form_value",
 ]
+
+# The EditParams fields a model may not take (the others every model takes).
+OPTIONAL_PARAM_FIELDS = ("aspect_ratio", "resolution", "quality", "output_compression", "user")
 
 # Form fields the client sets itself; provider extras may not override them.
 RESERVED_FIELDS = frozenset(
@@ -97,6 +102,26 @@ def build_form(request: EditRequest, model: str) -> dict[str, str]:
         if value is not None:
             form[key] = form_value(value)
     return form
+
+
+def fit_request(request: EditRequest, profile: ModelProfile) -> tuple[EditRequest, tuple[str, ...]]:
+    """The request without the fields `profile`'s model does not take, and their names."""
+    p = request.params
+    dropped: list[str] = []
+    seed = request.seed
+    if seed is not None and not profile.takes(SEED):
+        seed = None
+        dropped.append(SEED)
+    changes: dict[str, Any] = {}
+    for name in OPTIONAL_PARAM_FIELDS:
+        if getattr(p, name) is not None and not profile.takes(name):
+            changes[name] = None
+            dropped.append(name)
+    extra = {k: v for k, v in p.extra.items() if profile.takes(k)}
+    dropped.extend(k for k in p.extra if k not in extra)
+    if not dropped:
+        return request, ()
+    return replace(request, seed=seed, params=replace(p, extra=extra, **changes)), tuple(dropped)
 
 
 def build_files(request: EditRequest) -> list[tuple[str, tuple[str, bytes, str]]]:

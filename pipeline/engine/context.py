@@ -29,6 +29,7 @@ from pipeline.engine.run_control import (
 )
 from pipeline.engine.sources import SourceLoader
 from pipeline.io.storage import Storage
+from pipeline.models.profile import ModelProfile
 
 if TYPE_CHECKING:
     pass
@@ -73,8 +74,11 @@ class RunContext:
         io_executor: ThreadPoolExecutor | None = None,
         only_rows: set[int] | None = None,
         claims: Claims | None = None,
+        profile: ModelProfile | None = None,
     ) -> None:
         self.run_id = layout.check_run_id(run_id)
+        # The run's model profile: what each request may send (see edit.fit_request).
+        self.profile = profile or client.profile
         self.storage = storage
         self.client = client
         self.loader = loader

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pipeline import __version__, spec
 from pipeline.engine import layout
 from pipeline.engine.client import EditRequest, EditResponse, ImagePart
+from pipeline.engine.client_request import fit_request
 from pipeline.engine.context import RunContext
 from pipeline.engine.outcomes import mark_stopped
 from pipeline.engine.results import (
@@ -59,13 +60,21 @@ async def load_sources(ctx: RunContext, row: ManifestRow) -> list[Source]:
 def _request(
     ctx: RunContext, row: ManifestRow, sources: Sequence[Source], mask: Source | None
 ) -> EditRequest:
+    return _fitted_request(ctx, row, sources, mask)[0]
+
+
+def _fitted_request(
+    ctx: RunContext, row: ManifestRow, sources: Sequence[Source], mask: Source | None
+) -> tuple[EditRequest, tuple[str, ...]]:
+    """The row's request, without what the run's model does not take, and what that was."""
+
     def part(name: str, s: Source) -> ImagePart:
         fmt = s.info.format
         return ImagePart(
             f"{name}.{fmt}", s.data, spec.CONTENT_TYPES.get(fmt, "application/octet-stream")
         )
 
-    return EditRequest(
+    request = EditRequest(
         prompt=row.prompt,
         images=[part(f"image{i}", s) for i, s in enumerate(sources)],
         mask=part("mask", mask) if mask else None,
@@ -73,6 +82,8 @@ def _request(
         params=row.params,
         response_format=ctx.config.response_format,
     )
+    # What the run's model does not take is not sent (the row's result names it).
+    return fit_request(request, ctx.profile)
 
 
 # --- the edit ------------------------------------------------------------------------------
@@ -182,7 +193,8 @@ async def edit_and_store(
     result: ResultRow,
     journal: ChunkJournal | None = None,
 ) -> None:
-    request = _request(ctx, row, sources, mask)
+    request, dropped = _fitted_request(ctx, row, sources, mask)
+    result.dropped_params = list(dropped)
     response = await _edit(ctx, row, request, result)
     if response is None:
         return
@@ -225,6 +237,7 @@ def _record_response(result: ResultRow, response: EditResponse) -> None:
         (i.revised_prompt for i in response.images if i.revised_prompt), None
     )
     result.cost = response.cost
+    result.cost_source = response.cost_source
     result.cost_raw = response.cost_raw
     result.warnings = "; ".join(response.warnings) or None
     result.currency = response.currency
@@ -300,6 +313,8 @@ def sidecar_document(
             "user": p.user,
             "extra": p.extra,
             "response_format": request.response_format,
+            # Fields the row set that the model does not take: not sent.
+            "dropped_params": result.dropped_params,
         },
         "response": {
             "id": response.id,
@@ -324,6 +339,8 @@ def sidecar_document(
         "actual_size": result.actual_size,
         "revised_prompt": result.revised_prompt,
         "cost": response.cost,
+        "cost_source": response.cost_source,
+        "usage": response.usage,
         "cost_raw": response.cost_raw,
         "warnings": list(response.warnings),
         "currency": response.currency,

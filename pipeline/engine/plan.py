@@ -11,6 +11,7 @@ from datetime import datetime
 from pipeline import spec
 from pipeline.engine.client import check_credentials
 from pipeline.engine.options import RunOptions
+from pipeline.engine.profiles import load_profile
 from pipeline.engine.results import (
     failed_rows_of,
     rows_done_before,
@@ -29,6 +30,8 @@ from pipeline.manifest.open import (
 )
 from pipeline.manifest.select import check_ids, select_rows
 from pipeline.manifest.where import parse_where
+from pipeline.models.profile import ModelProfile
+from pipeline.models.registry import DEFAULT_PROFILE
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ class RunPlan:
     # The manifest, opened once for the whole run (and pinned to one version): `execute`
     # reads its chunks from it and closes it.
     opened: Manifest | None = None
+    # The run's model profile (resolved once per run): what rows are checked by, what is
+    # sent, and how the answers' cost is read.
+    profile: ModelProfile = DEFAULT_PROFILE
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -89,7 +95,12 @@ def check_run_inputs(opts: RunOptions) -> None:
     check_credentials(opts.api_base)
 
 
-def plan_run(opts: RunOptions, run_id: str, storage: Storage | None = None) -> RunPlan:
+def plan_run(
+    opts: RunOptions,
+    run_id: str,
+    storage: Storage | None = None,
+    profile: ModelProfile | None = None,
+) -> RunPlan:
     """Validate the whole manifest (streaming, no API call); with `strict`, refuse invalid rows.
 
     The manifest is opened here once for the whole run (`RunPlan.opened`: an S3 object is
@@ -97,11 +108,17 @@ def plan_run(opts: RunOptions, run_id: str, storage: Storage | None = None) -> R
     chunks read that same handle, and `execute` closes it. The estimate counts only what is
     left: rows in the selection that earlier runs of this manifest on this output did not
     finish (results.rows_done_before; each job is still checked when the run reaches it).
+    Rows are checked by the run's model profile (`profile`, else resolved here: see
+    `engine.profiles`), and priced at its list price.
     """
     check_run_inputs(opts)
+    profile = profile or load_profile(opts.model, base_url=opts.api_base)
     storage = storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
     opened = open_manifest(
-        opts.manifest, endpoint_url=opts.s3_endpoint_url, etag=opts.manifest_version
+        opts.manifest,
+        endpoint_url=opts.s3_endpoint_url,
+        etag=opts.manifest_version,
+        profile=profile,
     )
     try:
         only = selected_rows(opts, storage, etag=opened.file.etag)
@@ -110,7 +127,7 @@ def plan_run(opts: RunOptions, run_id: str, storage: Storage | None = None) -> R
         def left(row: int) -> bool:
             return (only is None or row in only) and row not in done
 
-        report = _validate(opts, opened, left)
+        report = _validate(opts, opened, left, profile)
     except BaseException:
         opened.close()
         raise
@@ -123,16 +140,19 @@ def plan_run(opts: RunOptions, run_id: str, storage: Storage | None = None) -> R
         valid=report.valid,
         invalid=report.invalid,
         images=images_left,
-        estimated_cost_usd=round(images_left * spec.PRICE_PER_IMAGE_USD, 6),
+        estimated_cost_usd=round(images_left * profile.cost.price_per_image_usd, 6),
         report=report,
         rows_left=report.valid if report.rows_left is None else report.rows_left,
         rows_done=len(done),
         only_rows=only,
         opened=opened,
+        profile=profile,
     )
 
 
-def _validate(opts: RunOptions, opened: Manifest, left: Callable[[int], bool]) -> ValidationReport:
+def _validate(
+    opts: RunOptions, opened: Manifest, left: Callable[[int], bool], profile: ModelProfile
+) -> ValidationReport:
     if not opts.strict:
         return opened.validate(row_range=opts.row_range, left=left)
     # Strict: what the run would fail on (a missing, unusable or refused source or mask)
@@ -146,6 +166,7 @@ def _validate(opts: RunOptions, opened: Manifest, left: Callable[[int], bool]) -
         source_timeout=opts.source_timeout,
         policy=source_policy(opts.allow_private_sources),
         left=left,
+        profile=profile,
     )
     if report.invalid:
         raise ManifestError(
@@ -158,10 +179,18 @@ def _validate(opts: RunOptions, opened: Manifest, left: Callable[[int], bool]) -
 def describe_plan(plan: RunPlan) -> str:
     """The plan in one line for the run's log: what is left, and what it should cost."""
     done = f"; {plan.rows_done} done in earlier runs" if plan.rows_done else ""
+    profile = plan.profile
+    model = ""
+    if profile.model != spec.DEFAULT_MODEL or profile.is_guess:
+        note = f": {profile.note}" if profile.note else ""
+        model = f"; model {profile.model} ({profile.origin} profile{note})"
+    if plan.report.dropped:
+        tally = ", ".join(f"{n} in {k} rows" for n, k in plan.report.dropped.most_common())
+        model += f"; not sent (the model does not take them): {tally}"
     return (
         f"run {plan.run_id}: {plan.rows} rows ({plan.invalid} invalid{done}); "
         f"{plan.rows_left} rows left to edit, about {plan.images} images, estimated cost "
-        f"{spec.CURRENCY} {plan.estimated_cost_usd:.2f}"
+        f"{spec.CURRENCY} {plan.estimated_cost_usd:.2f}{model}"
     )
 
 

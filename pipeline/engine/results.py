@@ -69,6 +69,10 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("cost_raw", pa.string()),
         # What in the API's answer was distrusted or cut, `; `-separated.
         pa.field("warnings", pa.string()),
+        # Fields the row set that the run's model does not take: not sent.
+        pa.field("dropped_params", pa.list_(pa.string())),
+        # Where `cost` came from: "metadata" (metadata.cost) or "usage" (tokens x prices).
+        pa.field("cost_source", pa.string()),
     ]
 )
 
@@ -119,6 +123,8 @@ class ResultRow:
     claim_wait_s: float | None = None
     cost_raw: str | None = None
     warnings: str | None = None
+    dropped_params: list[str] = field(default_factory=list)
+    cost_source: str | None = None
 
 
 def rows_to_table(rows: Sequence[ResultRow]) -> pa.Table:

@@ -23,8 +23,16 @@ from pipeline.engine.client import EditClient
 from pipeline.engine.context import RunConfig, RunContext, io_thread_pool
 from pipeline.engine.edit import request_for
 from pipeline.engine.interrupts import stop_on_signals
-from pipeline.engine.options import RunOptions
-from pipeline.engine.plan import RunPlan, describe_plan, new_run_id, plan_run, selected_rows
+from pipeline.engine.options import ResponseFormat, RunOptions
+from pipeline.engine.plan import (
+    RunPlan,
+    check_run_inputs,
+    describe_plan,
+    new_run_id,
+    plan_run,
+    selected_rows,
+)
+from pipeline.engine.profiles import aload_profile, load_profile
 from pipeline.engine.results import (
     utcnow,
 )
@@ -42,18 +50,37 @@ from pipeline.manifest.open import (
     open_manifest,
 )
 from pipeline.manifest.types import ManifestRow, ParsedRow
+from pipeline.models.profile import ModelProfile
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def run_config(opts: RunOptions) -> RunConfig:
+def run_config(opts: RunOptions, profile: ModelProfile | None = None) -> RunConfig:
+    """The run's settings; with `profile`, its list price and a response format it answers."""
+    response_format = opts.response_format
+    price = RunConfig.price_per_image_usd
+    if profile is not None:
+        price = profile.cost.price_per_image_usd
+        if response_format not in profile.response_formats:
+            fallback: ResponseFormat = (
+                "b64_json" if "b64_json" in profile.response_formats else "url"
+            )
+            log.warning(
+                "model %s answers only %s: results travel as %s, not %s",
+                profile.model,
+                ", ".join(profile.response_formats),
+                fallback,
+                response_format,
+            )
+            response_format = fallback
     return RunConfig(
         concurrency=opts.concurrency,
         retry=RetryPolicy(max_attempts=opts.max_attempts, max_seconds=opts.max_retry_seconds),
-        response_format=opts.response_format,
+        response_format=response_format,
         overwrite=opts.overwrite,
+        price_per_image_usd=price,
         max_cost_usd=opts.max_cost_usd,
     )
 
@@ -80,7 +107,12 @@ def open_context(
     """Storage, API client and source loader for a run, and the set of jobs already done."""
     parts = parts or RunParts()
     storage = parts.storage or open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
-    config = run_config(opts)
+    profile = (
+        plan.profile
+        if plan is not None
+        else load_profile(opts.model, base_url=opts.api_base, transport=parts.api_transport)
+    )
+    config = run_config(opts, profile)
     if parts.retry is not None:
         config = replace(config, retry=parts.retry)
     client = EditClient(
@@ -92,6 +124,7 @@ def open_context(
         # idle connections beyond that only cost CPU (see client.CONNECTIONS_PER_POOL).
         max_connections=opts.concurrency,
         price_per_image_usd=config.price_per_image_usd,
+        profile=profile,
     )
     io_executor = io_thread_pool(config.concurrency)
     claims = Claims(
@@ -135,6 +168,7 @@ def open_context(
         io_executor=io_executor,
         only_rows=plan.only_rows if plan is not None else selected_rows(opts, storage),
         claims=claims,
+        profile=profile,
     )
 
 
@@ -310,7 +344,13 @@ async def run_manifest(opts: RunOptions, parts: RunParts | None = None) -> RunSu
     storage = (parts.storage if parts else None) or open_storage(
         opts.output, endpoint_url=opts.s3_endpoint_url
     )
-    plan = plan_run(opts, run_id, storage)
+    # The model's profile, once for the run (through the run's own API transport, if any),
+    # after the inputs are checked: no request goes out for a run that cannot start.
+    check_run_inputs(opts)
+    profile = await aload_profile(
+        opts.model, base_url=opts.api_base, transport=parts.api_transport if parts else None
+    )
+    plan = plan_run(opts, run_id, storage, profile)
     with run_log(storage, run_id):
         log.info(describe_plan(plan))
         return await execute(

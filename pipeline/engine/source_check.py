@@ -63,6 +63,7 @@ from pipeline.manifest.open import (
     open_manifest,
 )
 from pipeline.manifest.types import ManifestRow, ParsedRow
+from pipeline.models.profile import ModelProfile
 
 __all__ = [
     "DEFAULT_CACHE_ENTRIES",
@@ -150,6 +151,7 @@ class SyncCheckOptions(TypedDict, total=False):
     source_timeout: float
     keep_bytes: bool
     cache_entries: int
+    profile: ModelProfile | None
 
 
 class CheckOptions(SyncCheckOptions, total=False):
@@ -173,6 +175,7 @@ class _Options:
     source_timeout: float = DEFAULT_HTTP_TIMEOUT
     keep_bytes: bool = False
     cache_entries: int = DEFAULT_CACHE_ENTRIES
+    profile: ModelProfile | None = None  # the run's model (None: p-image-edit)
     loader: SourceLoader | None = None
 
 
@@ -238,12 +241,7 @@ class _Window:
 
 
 def _cells_report(manifest: Manifest, left: Callable[[int], bool] | None) -> ValidationReport:
-    cells = ValidationReport(
-        uri=manifest.uri,
-        format=manifest.format,
-        columns=list(manifest.columns),
-        unknown_columns=list(manifest.unknown_columns),
-    )
+    cells = manifest.new_report()
     if left is not None:
         cells.rows_left = cells.images_left = 0
     return cells
@@ -292,7 +290,11 @@ async def _check(
     endpoint_url = options.endpoint_url
     try:
         manifest = await asyncio.to_thread(
-            open_manifest, manifest_uri, endpoint_url=endpoint_url, etag=options.etag
+            open_manifest,
+            manifest_uri,
+            endpoint_url=endpoint_url,
+            etag=options.etag,
+            profile=options.profile,
         )
         with manifest:
             if validation:

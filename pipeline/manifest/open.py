@@ -65,6 +65,8 @@ from pipeline.manifest.read import (
 )
 from pipeline.manifest.rows import KNOWN_COLUMNS, PARAM_PREFIX, RowValidator, SourceBase
 from pipeline.manifest.types import ROW_COLUMN, InvalidRow, ManifestRow, ParsedRow
+from pipeline.models.profile import ModelProfile
+from pipeline.models.registry import DEFAULT_PROFILE
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -102,9 +104,16 @@ class Manifest(ManifestHandle):
     delimiter: str | None
 
     def __init__(
-        self, uri: str, *, endpoint_url: str | None = None, etag: str | None = None
+        self,
+        uri: str,
+        *,
+        endpoint_url: str | None = None,
+        etag: str | None = None,
+        profile: ModelProfile | None = None,
     ) -> None:
         super().__init__(uri, map_columns, endpoint_url=endpoint_url, etag=etag)
+        # The rules rows are checked by: the run's model (default p-image-edit).
+        self.profile = profile or DEFAULT_PROFILE
         self.format = "csv" if self.fmt == "csv" else "parquet"
         self.delimiter = self.csv.delimiter if self.csv is not None else None
         if self.parquet is not None:
@@ -135,7 +144,7 @@ class Manifest(ManifestHandle):
         Rows before the range are still validated, so duplicate ids are found across the
         whole manifest, not just within a shard of it.
         """
-        validator = RowValidator(self._cmap.known, self._base)
+        validator = RowValidator(self._cmap.known, self._base, self.profile)
         start, end = row_range or (1, None)
         for item in self._raw_rows():
             if end is not None and item.row >= end:
@@ -180,12 +189,7 @@ class Manifest(ManifestHandle):
         With `left` (a row number -> whether the run still has to edit it), the report also
         counts the valid rows and images left to pay for (`rows_left`, `images_left`).
         """
-        report = ValidationReport(
-            uri=self.uri,
-            format=self.format,
-            columns=list(self.columns),
-            unknown_columns=list(self.unknown_columns),
-        )
+        report = self.new_report()
         rows_left = images_left = 0
         for parsed in self.rows(row_range):
             report.add(parsed, max_errors=max_errors)
@@ -196,20 +200,39 @@ class Manifest(ManifestHandle):
             report.rows_left, report.images_left = rows_left, images_left
         return report
 
+    def new_report(self) -> ValidationReport:
+        """An empty report of this manifest, by the rules of its model's profile."""
+        profile = self.profile
+        return ValidationReport(
+            uri=self.uri,
+            format=self.format,
+            columns=list(self.columns),
+            unknown_columns=list(self.unknown_columns),
+            model=profile.model,
+            profile_origin=profile.origin,
+            profile_note=profile.note,
+            price_per_image_usd=profile.cost.price_per_image_usd,
+        )
+
     def __repr__(self) -> str:
         return f"Manifest({self.uri!r}, format={self.format!r}, columns={self.columns!r})"
 
 
 def open_manifest(
-    uri: str, *, endpoint_url: str | None = None, etag: str | None = None
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    etag: str | None = None,
+    profile: ModelProfile | None = None,
 ) -> Manifest:
     """Open a manifest and check it as a whole (file, format, header, column types).
 
     Raises ManifestError naming the problem. `endpoint_url` selects the S3 service
     (see pipeline.io.s3.resolve_endpoint_url); `etag` the version of an S3 manifest to read
-    (one that has changed since is a ManifestError; None: the version this first read sees).
+    (one that has changed since is a ManifestError; None: the version this first read sees);
+    `profile` the model whose rules rows are checked by (None: p-image-edit).
     """
-    return Manifest(uri, endpoint_url=endpoint_url, etag=etag)
+    return Manifest(uri, endpoint_url=endpoint_url, etag=etag, profile=profile)
 
 
 @dataclass
@@ -233,6 +256,13 @@ class ValidationReport:
     # None: not checked.
     sources_checked: int | None = None
     source_invalid: int = 0  # of those, rows with a missing or unusable source or mask
+    # The model the rows were checked for, where its profile came from, and why it is a guess.
+    model: str = spec.DEFAULT_MODEL
+    profile_origin: str = "built-in"
+    profile_note: str | None = None
+    price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD
+    # Valid rows per field they set that the model does not take (not sent).
+    dropped: Counter[str] = field(default_factory=Counter)
 
     def add(self, parsed: ParsedRow, *, max_errors: int = MAX_REPORTED_ERRORS) -> None:
         """Count one row (valid or not) into the report, keeping the first `max_errors`."""
@@ -240,6 +270,7 @@ class ValidationReport:
         if isinstance(parsed, ManifestRow):
             self.valid += 1
             self.images += parsed.params.image_count()
+            self.dropped.update(parsed.dropped)
             return
         self.invalid += 1
         if len(self.errors) < max_errors:
@@ -258,7 +289,7 @@ class ValidationReport:
     @property
     def estimated_cost_usd(self) -> float:
         """What the valid rows would cost at the known price per output image."""
-        return round(self.images * spec.PRICE_PER_IMAGE_USD, 6)
+        return round(self.images * self.price_per_image_usd, 6)
 
 
 def validate_manifest(
@@ -268,9 +299,10 @@ def validate_manifest(
     max_errors: int = MAX_REPORTED_ERRORS,
     row_range: RowRange | None = None,
     left: Callable[[int], bool] | None = None,
+    profile: ModelProfile | None = None,
 ) -> ValidationReport:
     """Open the manifest and validate every row; ManifestError for manifest-level problems."""
-    with open_manifest(uri, endpoint_url=endpoint_url) as manifest:
+    with open_manifest(uri, endpoint_url=endpoint_url, profile=profile) as manifest:
         return manifest.validate(max_errors=max_errors, row_range=row_range, left=left)
 
 
@@ -292,6 +324,12 @@ def format_report(report: ValidationReport, *, max_listed: int = DEFAULT_LISTED_
         f"{report.invalid} invalid; {report.images} output images "
         f"(about {spec.CURRENCY} {report.estimated_cost_usd:.2f})"
     ]
+    if report.model != spec.DEFAULT_MODEL or report.profile_origin != "built-in":
+        note = f": {report.profile_note}" if report.profile_note else ""
+        lines.append(f"checked for model {report.model} ({report.profile_origin} profile{note})")
+    if report.dropped:
+        tally = ", ".join(f"{name} in {k} rows" for name, k in report.dropped.most_common())
+        lines.append(f"not sent to {report.model} (it does not take them): {tally}")
     if report.unknown_columns:
         shown = []
         for column in report.unknown_columns:
@@ -308,7 +346,7 @@ def format_report(report: ValidationReport, *, max_listed: int = DEFAULT_LISTED_
         lines.append(
             f"left to edit: {report.rows_left} of {report.valid} valid rows, "
             f"{report.images_left} images (about {spec.CURRENCY} "
-            f"{report.images_left * spec.PRICE_PER_IMAGE_USD:.2f}); the others are done"
+            f"{report.images_left * report.price_per_image_usd:.2f}); the others are done"
         )
     if report.sources_checked is not None:
         lines.append(

@@ -35,6 +35,15 @@ from pipeline.manifest.types import (
     ManifestRow,
     ParsedRow,
 )
+from pipeline.models import check as model_check
+from pipeline.models.profile import (
+    BACKGROUND,
+    EXTRA_PARAMS,
+    QUALITY,
+    ModelProfile,
+    canonical_param,
+)
+from pipeline.models.registry import DEFAULT_PROFILE
 
 __all__ = [
     "CLIENT_FIELDS",
@@ -148,19 +157,37 @@ def _memoized(check: Check) -> Check:
     return cached
 
 
-def _simple_checks() -> dict[str, Check]:
-    """The checks of the optional scalar columns (whose values become plain fields)."""
+def _for(profile: ModelProfile, check: Callable[[ModelProfile, str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return check(profile, text)
+
+    return convert
+
+
+def _enum_text(profile: ModelProfile, name: str) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        model_check.check_enum(profile, name, text)
+        return text
+
+    return convert
+
+
+def _simple_checks(profile: ModelProfile) -> dict[str, Check]:
+    """The checks of the optional scalar columns (whose values become plain fields), by the
+    rules of the run's model."""
     return {
         "seed": _int_check("seed", MIN_SEED, MAX_SEED),
-        "n": _memoized(_int_check("n", spec.MIN_N, spec.MAX_N)),
+        "n": _memoized(_int_check("n", profile.min_n, profile.max_n)),
         "output_compression": _memoized(
             _int_check("output_compression", spec.MIN_COMPRESSION, spec.MAX_COMPRESSION)
         ),
-        "size": _memoized(_text_check(_keep(spec.check_size))),
-        "aspect_ratio": _memoized(_text_check(_keep(spec.check_aspect_ratio))),
-        "resolution": _memoized(_text_check(_keep(spec.check_resolution))),
-        "output_format": _memoized(_text_check(spec.normalize_output_format)),
-        "quality": _text_check(str),
+        "size": _memoized(_text_check(_keep(_for(profile, model_check.check_size)))),
+        "aspect_ratio": _memoized(
+            _text_check(_keep(_for(profile, model_check.check_aspect_ratio)))
+        ),
+        "resolution": _memoized(_text_check(_keep(_for(profile, model_check.check_resolution)))),
+        "output_format": _memoized(_text_check(_for(profile, model_check.normalize_output_format))),
+        "quality": _memoized(_text_check(_enum_text(profile, QUALITY))),
         "user": _text_check(str),
     }
 
@@ -174,13 +201,17 @@ class RowValidator:
     since derived ids (`row-<n>`) cannot repeat.
     """
 
-    def __init__(self, columns: list[str], base: SourceBase) -> None:
+    def __init__(
+        self, columns: list[str], base: SourceBase, profile: ModelProfile | None = None
+    ) -> None:
         self._base = base
+        self._profile = profile or DEFAULT_PROFILE
         self._has_id = "id" in columns
         self._has_image = "image" in columns
         self._has_images = "images" in columns
         self._has_mask = "mask" in columns
-        self._checks = [(c, check) for c, check in _simple_checks().items() if c in columns]
+        checks = _simple_checks(self._profile).items()
+        self._checks = [(c, check) for c, check in checks if c in columns]
         self._params = [(c, c[len(PARAM_PREFIX) :]) for c in columns if c.startswith(PARAM_PREFIX)]
         self._has_params_json = "params" in columns
         self._seen: dict[int, int] = {}
@@ -193,10 +224,11 @@ class RowValidator:
         get = cells.get
         row_id = self._check_id(row, get("id"), errors)
         images = self._images(get("image"), get("images"), errors)
-        prompt = _prompt(get("prompt"), errors)
+        prompt = _prompt(get("prompt"), errors, self._profile)
         mask = self._mask(get("mask"), errors)
         fields = self._fields(cells, errors)
         extra = self._extras(cells, errors) if self._params or self._has_params_json else {}
+        self._check_extras(extra, fields.get("output_format"), errors)
         if errors:
             return InvalidRow(row=row, id=row_id, errors=tuple(errors))
         assert prompt is not None  # no errors means the prompt was checked
@@ -220,13 +252,37 @@ class RowValidator:
                 user=field("user"),
                 extra=extra,
             ),
+            dropped=model_check.dropped(self._profile, [*fields, *extra]),
         )
+
+    def _check_extras(
+        self, extra: dict[str, Any], output_format: str | None, errors: list[FieldError]
+    ) -> None:
+        """The values of the extras the profile enumerates (thinking, background...)."""
+        profile = self._profile
+        for key, value in extra.items():
+            name = canonical_param(key)
+            if name not in EXTRA_PARAMS or not profile.takes(name):
+                continue
+            try:
+                model_check.check_enum(profile, key, value)
+                if name == BACKGROUND:
+                    model_check.check_transparent(profile, value, output_format)
+            except SpecValueError as exc:
+                errors.append(FieldError(self._extra_column(key), str(exc)))
+
+    def _extra_column(self, key: str) -> str:
+        column = PARAM_PREFIX + key
+        return column if any(c == column for c, _ in self._params) else "params"
 
     def _mask(self, value: object, errors: list[FieldError]) -> str | None:
         if not self._has_mask:
             return None
         text = cell_text(value)
         if text is None:
+            return None
+        if not self._profile.mask.accepted:
+            errors.append(FieldError("mask", f"{self._profile.model} takes no mask"))
             return None
         try:
             return self._base.resolve(text)
@@ -278,6 +334,10 @@ class RowValidator:
                     FieldError("image", "image holds one source; put a list in the images column")
                 )
                 return []
+            problem = self._count_problem(1)
+            if problem is not None:
+                errors.append(FieldError("image", problem))
+                return []
             try:
                 return [self._base.resolve(text)]
             except CellProblem as exc:
@@ -298,10 +358,9 @@ class RowValidator:
         if not items:
             errors.append(FieldError("images", "images is an empty list; no image"))
             return []
-        if len(items) > spec.MAX_IMAGES:
-            errors.append(
-                FieldError("images", f"{len(items)} images; the limit is {spec.MAX_IMAGES}")
-            )
+        problem = self._count_problem(len(items))
+        if problem is not None:
+            errors.append(FieldError("images", problem))
             return []
         resolved: list[str] = []
         for i, item in enumerate(items, 1):
@@ -314,6 +373,13 @@ class RowValidator:
             except CellProblem as exc:
                 errors.append(FieldError("images", f"image {i}: {exc}"))
         return resolved
+
+    def _count_problem(self, count: int) -> str | None:
+        try:
+            model_check.check_image_count(self._profile, count)
+        except SpecValueError as exc:
+            return str(exc)
+        return None
 
     def _extras(self, cells: Mapping[str, object], errors: list[FieldError]) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -348,20 +414,18 @@ class RowValidator:
         return extra
 
 
-def _prompt(value: object, errors: list[FieldError]) -> str | None:
+def _prompt(value: object, errors: list[FieldError], profile: ModelProfile) -> str | None:
     """The prompt, stripped; None (and an error) when it is missing, empty or too long."""
     text = value.strip() if isinstance(value, str) else None
     if value is None:
         errors.append(FieldError("prompt", "prompt is missing"))
     elif not text:
         errors.append(FieldError("prompt", "prompt is empty"))
-    elif len(text) > spec.MAX_PROMPT_CHARS:
-        errors.append(
-            FieldError(
-                "prompt",
-                f"prompt is {len(text)} characters; the limit is {spec.MAX_PROMPT_CHARS}",
-            )
-        )
+    else:
+        try:
+            model_check.check_prompt(profile, text)
+        except SpecValueError as exc:
+            errors.append(FieldError("prompt", str(exc)))
     return text
 
 

@@ -54,6 +54,8 @@ class ManifestRow:
     params: EditParams = field(default_factory=EditParams)
     # The column the sources came from, so an error loading one names it.
     images_column: str = "image"
+    # Fields the row sets that the run's model does not take: they are not sent.
+    dropped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,8 @@ class ModelProfile:
             priced = f"USD {cost.price_per_image_usd:g} per image"
         else:
             priced = "metadata.cost"
+            if cost.price_known:
+                priced += f" (list price USD {cost.price_per_image_usd:g} per image)"
         if not cost.price_known:
             priced += f" (price unknown; estimates use USD {cost.price_per_image_usd:g}/image)"
         return {
