@@ -24,6 +24,7 @@ DEFAULT_REVISED_PROMPT_RATE = 0.5
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MALFORMED_KINDS: tuple[str, ...] = ("not_json", "no_data", "bad_base64", "not_image")
 LATENCY_DISTRIBUTIONS: tuple[str, ...] = ("fixed", "uniform", "lognormal")
+DEFAULT_WEATHER_CAPACITY = 8
 # Fault-rate fields, in the order a draw walks them (the order is part of replay).
 FAULT_RATE_FIELDS: tuple[str, ...] = (
     "rate_limited_rate",
@@ -99,6 +100,23 @@ class EmulatorConfig(BaseModel):
         description="Comma-separated: " + ", ".join(MALFORMED_KINDS) + ".",
     )
     truncate_rate: float = _rate("Share of url answers whose first download is cut short.")
+    # API weather (pipeline.emulator.weather): how the gateway behaves over a run.
+    weather: Literal["steady", "gateway", "overloaded"] = Field(
+        default="steady",
+        description="API weather: steady (as configured), gateway (its real latency, faults "
+        "in bursts) or overloaded (429 past --weather-capacity requests in flight).",
+    )
+    weather_capacity: int = Field(
+        default=DEFAULT_WEATHER_CAPACITY,
+        ge=1,
+        description="Requests in flight the overloaded weather admits; more are answered 429.",
+    )
+    weather_time_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Speed of the weather's clock: its latencies and Retry-After are divided "
+        "by it (100: a hundred times faster, same shape).",
+    )
     revised_prompt_rate: float = Field(
         default=DEFAULT_REVISED_PROMPT_RATE,
         ge=0.0,

@@ -1,9 +1,10 @@
 """POST /v1/images/edits: one edit request from its arrival to its answer.
 
-The request is logged, read and validated; a dry run answers the estimate; otherwise its cost
-is reserved, its fault and latency drawn, the edit rendered and charged, and the answer (or
-the drawn fault's broken one) sent once its time has come. Cheap work stays on the event loop;
-decoding, rendering and big bodies run in the state's thread pool; waits are asyncio sleeps.
+The request is admitted (unless the overloaded weather refuses it at the door), logged, read
+and validated; a dry run answers the estimate; otherwise its cost is reserved, its fault and
+latency drawn, the edit rendered and charged, and the answer (or the drawn fault's broken one)
+sent once its time has come. Cheap work stays on the event loop; decoding, rendering and big
+bodies run in the state's thread pool; waits are asyncio sleeps.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pipeline.emulator.faults import (
 from pipeline.emulator.render import Base, render_variant
 from pipeline.emulator.state import EmulatorState
 from pipeline.emulator.validate import Edit, Form, check_auth, is_true, read_form, validate
+from pipeline.emulator.weather import retry_after
 from pipeline.errors import InvalidImageError
 
 log = logging.getLogger(__name__)
@@ -70,19 +72,25 @@ async def handle_edit(state: EmulatorState, request: Request) -> Response:
         "charged": False,
         "cost_usd": 0.0,
         "dry_run": False,
+        "service_s": None,
     }
     headers = {
         "X-Lumenfall-Request-Id": request_id,
         "X-Lumenfall-Provider": PROVIDER,
     }
+    if not state.admits():
+        # Refused at the door, before the body is read: not in flight, not served, not charged.
+        state.refused(record)
+        return _rate_limited(retry_after(state.config)).response(headers)
     state.request_started(record)
+    started = time.monotonic()
     status: int | None = None
     try:
         response = await _answer_or_error(state, request, record, headers)
         status = response.status_code
         return response
     finally:
-        state.request_ended(record, status)
+        state.request_ended(record, status, time.monotonic() - started)
 
 
 async def _answer_or_error(
@@ -162,6 +170,8 @@ async def _edit(
         record.update(
             fingerprint=fp, attempt=decision.attempt, latency_s=round(decision.latency, 4)
         )
+        if decision.step is not None:
+            record["weather_step"] = decision.step
         if decision.fault is not None:
             record["fault"] = decision.fault
             state.faults[decision.fault] += 1
@@ -186,16 +196,7 @@ async def _uncharged_fault(
 ) -> None:
     """Raises the error answer of a fault that comes instead of the edit (nothing charged)."""
     if decision.fault == RATE_LIMITED:
-        wait = config.retry_after
-        raise ErrorAnswer(
-            429,
-            "RATE_LIMITED",
-            f"Rate limit exceeded; retry after {wait:g} s",
-            headers={
-                "Retry-After": str(math.ceil(wait)),
-                "retry-after-ms": str(round(wait * 1000)),
-            },
-        )
+        raise _rate_limited(retry_after(config))
     if decision.fault == INTERNAL_ERROR:
         await _sleep_until(deadline)
         raise ErrorAnswer(500, "INTERNAL_ERROR", "Internal error while processing the request")
@@ -206,6 +207,19 @@ async def _uncharged_fault(
             "ALL_PROVIDERS_EXHAUSTED",
             f"All providers for {edit.model} failed or timed out",
         )
+
+
+def _rate_limited(wait: float) -> ErrorAnswer:
+    """The gateway's 429, asking the client to wait `wait` seconds."""
+    return ErrorAnswer(
+        429,
+        "RATE_LIMITED",
+        f"Rate limit exceeded; retry after {wait:g} s",
+        headers={
+            "Retry-After": str(math.ceil(wait)),
+            "retry-after-ms": str(round(wait * 1000)),
+        },
+    )
 
 
 async def _render(state: EmulatorState, edit: Edit, deadline: float) -> list[bytes]:

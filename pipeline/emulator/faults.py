@@ -45,6 +45,7 @@ class Draw:
     latency: float
     cut: float  # fraction of a body a drop or truncation lets through
     attempt: int = 0
+    step: int | None = None  # the gateway weather's step (pipeline.emulator.weather), if any
 
 
 def fingerprint(

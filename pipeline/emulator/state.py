@@ -1,6 +1,6 @@
 """What one emulator instance remembers: its config, the ledger (balance, reservations,
-charges), the request log and counters, the fault draws' attempt counts, the cache of
-decoded sources and the stored result files."""
+charges, service time), the request log and counters, the fault draws' attempt counts, the
+weather's chain, the cache of decoded sources and the stored result files."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pipeline.emulator.faults import Draw, draw
 from pipeline.emulator.render import Base, BaseCache, build_base
 from pipeline.emulator.store import FileStore
 from pipeline.emulator.validate import Edit
+from pipeline.emulator.weather import OVERLOAD, GatewayChain, admits, weathered
 
 # Attempt counts kept per request fingerprint, for replayable fault draws.
 FINGERPRINT_MEMORY = 1_000_000
@@ -52,6 +53,9 @@ class EmulatorState:
         self.downloads_truncated = 0
         self.downloads_missing = 0
         self.images_rendered = 0
+        self.service_seconds = 0.0
+        self.rate_limited_overload = 0
+        self.gateway = GatewayChain(self.config.fault_seed)
         self.by_status: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.seen: dict[str, int] = {}
@@ -69,6 +73,9 @@ class EmulatorState:
             self.log = deque(self.log, maxlen=self.config.request_log_size)
         if "balance_usd" in changes:
             self.balance_micros = _micros(self.config.balance_usd)
+        if "weather" in changes or "fault_seed" in changes:
+            # A new weather or seed starts its storms afresh, so a run replays from here.
+            self.gateway = GatewayChain(self.config.fault_seed)
 
     # --- the request log ---------------------------------------------------------------------
 
@@ -79,9 +86,24 @@ class EmulatorState:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
-    def request_ended(self, record: dict[str, Any], status: int | None) -> None:
-        """The request is no longer in flight; `status` is its answer's (None: it had none)."""
+    def admits(self) -> bool:
+        """Whether an edit request arriving now may start (the overloaded weather's gate)."""
+        return admits(self.config, self.in_flight)
+
+    def refused(self, record: dict[str, Any]) -> None:
+        """Logs an edit request the overloaded weather refused: a 429, never in flight."""
+        record.update(status=429, code="RATE_LIMITED", fault=OVERLOAD, service_s=0.0)
+        self.log.append(record)
+        self.requests += 1
+        self.rate_limited_overload += 1
+        self.by_status["429"] += 1
+
+    def request_ended(self, record: dict[str, Any], status: int | None, service_s: float) -> None:
+        """The request is no longer in flight; `status` is its answer's (None: it had none),
+        `service_s` the time it was in flight."""
         self.in_flight -= 1
+        self.service_seconds += service_s
+        record["service_s"] = round(service_s, 6)
         if status is not None:
             record["status"] = status
             self.by_status[str(status)] += 1
@@ -122,13 +144,15 @@ class EmulatorState:
     # --- faults and sources ------------------------------------------------------------------
 
     def draw(self, fp: str, response_format: str) -> Draw:
-        """This request's fault and latency; counts it as one more attempt of `fp`."""
+        """This request's fault and latency, as the weather has them; counts it as one more
+        attempt of `fp`."""
         attempt = self.seen.get(fp, 0)
         self.seen[fp] = attempt + 1
         if len(self.seen) > FINGERPRINT_MEMORY:
             # Forget the fingerprint first seen longest ago (dicts keep insertion order).
             del self.seen[next(iter(self.seen))]
-        return draw(self.config, fp, attempt, response_format=response_format)
+        base = draw(self.config, fp, attempt, response_format=response_format)
+        return weathered(self.config, self.gateway, fp, base)
 
     async def base(self, edit: Edit) -> Base:
         """The cached base for this edit, built once even when many requests want it at once."""
@@ -165,6 +189,9 @@ class EmulatorState:
             "downloads_truncated": self.downloads_truncated,
             "downloads_missing": self.downloads_missing,
             "images_rendered": self.images_rendered,
+            # Ideal wall time of a run at concurrency C: service_seconds_total / C.
+            "service_seconds_total": round(self.service_seconds, 6),
+            "rate_limited_overload": self.rate_limited_overload,
             "by_status": dict(sorted(self.by_status.items())),
             "faults": dict(sorted(self.faults.items())),
             "balance_usd": (
