@@ -47,7 +47,12 @@ from pipeline.engine.results import utcnow
 from pipeline.engine.run import RunHooks, execute, finalize_run
 from pipeline.engine.run_control import INTERRUPTED
 from pipeline.engine.run_log import run_log
-from pipeline.engine.summary import RunSummary, merge_results, write_summary
+from pipeline.engine.summary import (
+    RunSummary,
+    describe_concurrency,
+    merge_results,
+    write_summary,
+)
 from pipeline.errors import ConfigError, ImgEditError
 from pipeline.io.storage import open_storage
 from pipeline.manifest.types import ParsedRow
@@ -98,6 +103,7 @@ async def edit_manifest(
     api_base: str | None = None,
     model: str | None = None,
     concurrency: Annotated[int, Field(ge=1, le=1024)] = DEFAULT_CONCURRENCY,
+    fixed_concurrency: bool = False,
     max_attempts: Annotated[int, Field(ge=1, le=50)] = DEFAULT_MAX_ATTEMPTS,
     max_retry_seconds: Annotated[float, Field(gt=0)] = DEFAULT_MAX_RETRY_SECONDS,
     request_timeout: Annotated[float, Field(gt=0)] = DEFAULT_TIMEOUT_S,
@@ -132,7 +138,9 @@ async def edit_manifest(
         run_id: Name of this run's folder under runs/ (default: a new id)
         api_base: API base URL; empty: IMGEDIT_API_BASE, else the Lumenfall gateway
         model: Model name sent to the API; empty: IMGEDIT_MODEL, else p-image-edit
-        concurrency: Edit requests in flight at once
+        concurrency: Most edit requests in flight at once (the adaptive limit's ceiling)
+        fixed_concurrency: Keep `concurrency` requests in flight instead of adapting: by default the
+            limit starts low, backs off on 429s and climbs while the API keeps up
         max_attempts: Attempts per row, the first one included
         max_retry_seconds: Seconds one row may spend retrying
         request_timeout: Seconds before an attempt counts as lost
@@ -200,11 +208,14 @@ async def edit_manifest(
             ),
         )
         logger.info(
-            "run %s done: %s; cost %s %.4f; results %s",
+            "run %s done: %s; cost %s %.4f;%s results %s",
             summary.run_id,
             ", ".join(f"{k} {v}" for k, v in summary.by_status.items() if v),
             summary.currency,
             summary.cost_usd,
+            f" concurrency {describe_concurrency(summary.concurrency)};"
+            if summary.concurrency
+            else "",
             summary.results_uri,
         )
     if summary.stop_kind == INTERRUPTED:

@@ -2,10 +2,10 @@
 
 An acquire plus release costs 55-100 ms on a local Prefect server, so a slot per request would
 cost more than the request. A run (or a shard of one) instead leases k slots once
-(`concurrency(name, occupy=k)`), runs up to k requests under its own local semaphore, and
-gives the slots back when it ends. Prefect renews the lease while the holder lives and frees
-the slots when a crashed holder's lease expires, so the sum of held slots never passes the
-limit and nothing stays stuck.
+(`concurrency(name, occupy=k)`), runs up to k requests under its own local limit (an adaptive
+one stays at or below k, see pipeline.engine.adaptive), and gives the slots back when it ends.
+Prefect renews the lease while the holder lives and frees the slots when a crashed holder's
+lease expires, so the sum of held slots never passes the limit and nothing stays stuck.
 """
 
 from __future__ import annotations

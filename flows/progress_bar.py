@@ -1,4 +1,5 @@
-"""A terminal progress bar for runs: rows done and failed, spend, rate and ETA (rich)."""
+"""A terminal progress bar for runs: rows done and failed, spend, rate, the limit of requests in
+flight and ETA (rich)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class RunProgressBar:
             TextColumn("[red]failed {task.fields[failed]}"),
             TextColumn("${task.fields[spend]:.2f}"),
             TextColumn("{task.fields[rate]:.1f} rows/s"),
+            TextColumn("{task.fields[concurrency]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -43,6 +45,7 @@ class RunProgressBar:
         self._lock = threading.Lock()
         self._counts = {"ok": 0, "skipped": 0, "failed": 0}
         self._spend = 0.0
+        self._concurrency = ""
         self._unsubscribe: object = None
 
     def __enter__(self) -> RunProgressBar:
@@ -71,6 +74,7 @@ class RunProgressBar:
                     ok=0,
                     skipped=0,
                     failed=0,
+                    concurrency=self._concurrency,
                 )
 
     def on_row(self, run_id: str, result: ResultRow) -> None:
@@ -96,3 +100,12 @@ class RunProgressBar:
                 skipped=self._counts["skipped"],
                 failed=self._counts["failed"],
             )
+
+    def on_concurrency(self, run_id: str, limit: int, ceiling: int, mode: str) -> None:
+        with self._lock:
+            # The adaptive limit of requests in flight now, of its ceiling.
+            self._concurrency = (
+                f"limit {limit}/{ceiling}" if mode == "adaptive" else f"limit {ceiling} fixed"
+            )
+            if self._task is not None:
+                self._progress.update(self._task, concurrency=self._concurrency)

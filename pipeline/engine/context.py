@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline import spec
 from pipeline.constants import DEFAULT_CONCURRENCY
-from pipeline.engine import layout
+from pipeline.engine import layout, progress
 from pipeline.engine.claims import Claims
 from pipeline.engine.client import EditClient, ResponseFormat
 from pipeline.engine.results import (
@@ -24,6 +24,7 @@ from pipeline.engine.run_control import (
     BatchedPermits,
     Budget,
     RateGate,
+    RequestSlots,
     RunStop,
     StorageHealth,
 )
@@ -44,7 +45,10 @@ WORKERS_PER_SLOT = 2
 
 @dataclass(frozen=True)
 class RunConfig:
+    # The most requests in flight; unless `fixed_concurrency`, the ceiling of an adaptive
+    # limit that starts low, backs off on 429s and climbs while the API keeps up.
     concurrency: int = DEFAULT_CONCURRENCY
+    fixed_concurrency: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     response_format: ResponseFormat = "b64_json"
     overwrite: bool = False
@@ -92,7 +96,9 @@ class RunContext:
         self.api_health = ApiHealth(self.stop)
         self.budget = Budget(config.max_cost_usd)
         self.gate = RateGate()
-        self.limiter = asyncio.Semaphore(config.concurrency)
+        # The edit requests in flight (see run_control.RequestSlots, pipeline.engine.adaptive).
+        self.slots = RequestSlots(config.concurrency, adaptive=not config.fixed_concurrency)
+        self.slots.on_change = self._publish_concurrency
         self._inflight: dict[str, asyncio.Future[ResultRow]] = {}
         self.io_executor = io_executor or io_thread_pool(config.concurrency)
         # When set, rows not in it end `skipped` (not selected) without any I/O.
@@ -106,13 +112,18 @@ class RunContext:
 
     def start(self) -> None:
         """Start what runs beside the rows: the renewal of claims and open markers."""
+        self.slots.begin()
         if self.claims is not None:
             self.claims.start()
 
+    def _publish_concurrency(self, limit: int) -> None:
+        progress.publish_concurrency(self.run_id, limit, self.slots.ceiling, self.slots.mode)
+
     def set_concurrency(self, limit: int) -> None:
-        """Change the request limit; only before the first request of the run."""
+        """Change the most requests in flight (e.g. to the global slots leased): an adaptive
+        limit keeps adapting below it."""
         self.config = replace(self.config, concurrency=limit)
-        self.limiter = asyncio.Semaphore(limit)
+        self.slots.set_ceiling(limit)
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(

@@ -103,7 +103,7 @@ async def _edit(
             await ctx.gate.wait(ctx.stop, deadline)
         except GateTimeout:
             raise _GateClosed from None
-        async with ctx.limiter:
+        async with ctx.slots.slot() as ticket:
             # Checked after the wait for a slot: the run may have stopped meanwhile.
             if ctx.stop.stopped:
                 raise RunStopped
@@ -119,6 +119,7 @@ async def _edit(
                 # Not reported, or not trusted (see client): the worst case, for the budget.
                 charged = response.cost if response.cost is not None else None
                 ctx.api_health.answered = True
+                ctx.slots.answered(ticket)
                 return response
             except Abandoned:
                 lost += 1
@@ -131,6 +132,8 @@ async def _edit(
                 if exc.run_fatal:
                     ctx.stop.trip(exc)
                 ctx.api_health.failed(exc)
+                # A 429 or a burst of 503s: an adaptive limit backs off.
+                ctx.slots.failed(ticket, exc)
                 if isinstance(exc, RateLimitError) and exc.retry_after:
                     ctx.gate.pause(exc.retry_after)
                 log.debug("row %s attempt %s: %s", row.row, result.attempts, exc)

@@ -68,8 +68,20 @@ class RunOptions(BaseModel):
         Field(description="Model name sent to the API; empty: IMGEDIT_MODEL, else p-image-edit"),
     ] = None
     concurrency: Annotated[
-        int, Field(ge=1, le=1024, description="Edit requests in flight at once")
+        int,
+        Field(
+            ge=1,
+            le=1024,
+            description="Most edit requests in flight at once (the adaptive limit's ceiling)",
+        ),
     ] = DEFAULT_CONCURRENCY
+    fixed_concurrency: Annotated[
+        bool,
+        Field(
+            description="Keep `concurrency` requests in flight instead of adapting: by default "
+            "the limit starts low, backs off on 429s and climbs while the API keeps up"
+        ),
+    ] = False
     max_attempts: Annotated[
         int, Field(ge=1, le=50, description="Attempts per row, the first one included")
     ] = DEFAULT_MAX_ATTEMPTS

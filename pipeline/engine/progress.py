@@ -17,6 +17,10 @@ class ProgressListener(Protocol):
 
     def on_row(self, run_id: str, result: ResultRow) -> None: ...
 
+    def on_concurrency(self, run_id: str, limit: int, ceiling: int, mode: str) -> None:
+        """The most requests the run may have in flight now, of its ceiling: at the start, and
+        each time an adaptive limit moves (mode "adaptive" or "fixed")."""
+
 
 _lock = threading.Lock()
 _listeners: list[ProgressListener] = []
@@ -52,3 +56,8 @@ def publish_plan(run_id: str, total_rows: int, estimated_cost_usd: float) -> Non
 def publish_row(run_id: str, result: ResultRow) -> None:
     if _listeners:
         _each(lambda listener: listener.on_row(run_id, result))
+
+
+def publish_concurrency(run_id: str, limit: int, ceiling: int, mode: str) -> None:
+    if _listeners:
+        _each(lambda listener: listener.on_concurrency(run_id, limit, ceiling, mode))

@@ -77,6 +77,7 @@ def run_config(opts: RunOptions, profile: ModelProfile | None = None) -> RunConf
             response_format = fallback
     return RunConfig(
         concurrency=opts.concurrency,
+        fixed_concurrency=opts.fixed_concurrency,
         retry=RetryPolicy(max_attempts=opts.max_attempts, max_seconds=opts.max_retry_seconds),
         response_format=response_format,
         overwrite=opts.overwrite,
@@ -120,7 +121,7 @@ def open_context(
         base_url=opts.api_base,
         model=opts.model,
         timeout=opts.request_timeout,
-        # The limiter keeps at most `concurrency` requests (and their downloads) in flight;
+        # The slots keep at most `concurrency` requests (and their downloads) in flight;
         # idle connections beyond that only cost CPU (see client.CONNECTIONS_PER_POOL).
         max_connections=opts.concurrency,
         price_per_image_usd=config.price_per_image_usd,
@@ -260,6 +261,7 @@ def finalize_run(
         started=started,
         stop=ctx.stop,
         price_per_image_usd=ctx.config.price_per_image_usd,
+        concurrency=ctx.slots.report(),
     )
 
 

@@ -8,6 +8,8 @@
 - `RateGate`: after a 429 with Retry-After no worker starts a request before it expires,
   capped, and never past a row's own time limit.
 - `BatchedPermits`: a shared requests-per-minute limit, fetched a batch at a time.
+- `RequestSlots`: the requests in flight, at most `concurrency` (fixed), or at most what the
+  AIMD limit of `pipeline.engine.adaptive` allows now (adaptive), through a `ResizableGate`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,20 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Literal
 
 from pipeline import constants
-from pipeline.errors import APIConnectionError, APIError, StorageError
+from pipeline.engine.adaptive import AimdLimit, Ticket
+from pipeline.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    ProvidersExhaustedError,
+    RateLimitError,
+    StorageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +273,169 @@ class BatchedPermits:
             self._left -= 1
 
 
+class ResizableGate:
+    """A semaphore whose capacity can change: waiters are let in (first come, first served)
+    when it rises; when it drops, those inside stay and no one enters until below it."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = max(1, capacity)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def resize(self, capacity: int) -> None:
+        self._capacity = max(1, capacity)
+        self._wake()
+
+    async def acquire(self) -> None:
+        if not self._waiters and self.in_flight < self._capacity:
+            self._enter()
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # let in just as it was cancelled: hand the place on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self._capacity:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._enter()
+                waiter.set_result(None)
+
+
+ConcurrencyMode = Literal["adaptive", "fixed"]
+
+
+def is_overload(exc: BaseException) -> bool | None:
+    """True for a 429, False for a 5xx overload (503, 502 ALL_PROVIDERS_EXHAUSTED), None for
+    anything else (no sign the run asks too much)."""
+    if isinstance(exc, RateLimitError):
+        return True
+    if isinstance(exc, ProvidersExhaustedError) or (
+        isinstance(exc, APIStatusError) and exc.status == 503
+    ):
+        return False
+    return None
+
+
+class RequestSlots:
+    """The run's edit requests in flight: at most `ceiling` (fixed), or at most the AIMD
+    limit's current value (adaptive), which never passes the ceiling."""
+
+    def __init__(
+        self,
+        ceiling: int,
+        *,
+        adaptive: bool = True,
+        start: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.aimd = AimdLimit(ceiling, start=start, clock=clock) if adaptive else None
+        self._ceiling = ceiling
+        self.gate = ResizableGate(self.limit)
+        # Told the limit each time it changes (and at `begin`): progress events.
+        self.on_change: Callable[[int], None] | None = None
+
+    @property
+    def mode(self) -> ConcurrencyMode:
+        return "fixed" if self.aimd is None else "adaptive"
+
+    @property
+    def ceiling(self) -> int:
+        return self._ceiling
+
+    @property
+    def limit(self) -> int:
+        """How many requests may be in flight now."""
+        return self._ceiling if self.aimd is None else self.aimd.limit
+
+    @property
+    def in_flight(self) -> int:
+        return self.gate.in_flight
+
+    def begin(self) -> None:
+        """The run's requests start now (the adaptive curve's time zero)."""
+        if self.aimd is not None:
+            self.aimd.begin()
+        self._changed()
+
+    def _changed(self) -> None:
+        self.gate.resize(self.limit)
+        if self.on_change is not None:
+            self.on_change(self.limit)
+
+    def set_ceiling(self, ceiling: int) -> None:
+        """The most requests in flight from now on (the global slots the run leased)."""
+        self._ceiling = ceiling
+        if self.aimd is not None:
+            self.aimd.set_ceiling(ceiling)
+        self._changed()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[Ticket]:
+        """One request's place in flight; `answered` or `failed` with its ticket after it."""
+        await self.gate.acquire()
+        try:
+            others = self.gate.in_flight - 1
+            if self.aimd is None:
+                yield Ticket(0, True)
+            else:
+                yield self.aimd.started(others)
+        finally:
+            self.gate.release()
+
+    def answered(self, ticket: Ticket) -> None:
+        if self.aimd is not None:
+            before = self.aimd.limit
+            self.aimd.succeeded(ticket)
+            if self.aimd.limit != before:
+                self._changed()
+
+    def failed(self, ticket: Ticket, exc: BaseException) -> None:
+        overload = is_overload(exc)
+        if self.aimd is None or overload is None:
+            return
+        before = self.aimd.limit
+        if self.aimd.overloaded(ticket, rate_limited=overload):
+            log.info(
+                "API overloaded (%s): at most %d requests in flight now (was %d)",
+                exc,
+                self.aimd.limit,
+                before,
+            )
+            if self.aimd.limit != before:
+                self._changed()
+
+    def report(self) -> dict[str, Any]:
+        """What the summary says of the run's concurrency."""
+        return {
+            "mode": self.mode,
+            "ceiling": self._ceiling,
+            "final": self.limit,
+            "curve": [] if self.aimd is None else [[t, n] for t, n in self.aimd.curve],
+        }
+
+
 __all__ = [
     "DRAIN_GRACE_S",
     "INTERRUPTED",
@@ -270,8 +445,11 @@ __all__ = [
     "BatchedPermits",
     "Budget",
     "BudgetExhausted",
+    "ConcurrencyMode",
     "GateTimeout",
     "RateGate",
+    "RequestSlots",
+    "ResizableGate",
     "RunStop",
     "RunStopped",
     "StorageHealth",

@@ -61,6 +61,10 @@ class RunSummary:
     claims_waited: int = 0
     abandoned: int = 0
     storage_failures: int = 0
+    # How many requests the run kept in flight: {mode: "adaptive" or "fixed", ceiling, final
+    # (the limit it ended at: what it learned of the API), curve: [[seconds, limit], ...]};
+    # None for a scaled-out run (each shard's summary has its own).
+    concurrency: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,11 +96,22 @@ class RunSummary:
             {"metric": "latency p50 (s)", "value": _round(self.latency_p50_s)},
             {"metric": "latency p95 (s)", "value": _round(self.latency_p95_s)},
             {"metric": "elapsed (s)", "value": round(self.elapsed_s, 2)},
-            {"metric": "results", "value": self.results_uri},
         ]
+        if self.concurrency:
+            rows.append({"metric": "concurrency", "value": describe_concurrency(self.concurrency)})
+        rows.append({"metric": "results", "value": self.results_uri})
         if self.stopped_by:
             rows.append({"metric": "stopped by", "value": self.stopped_by})
         return rows
+
+
+def describe_concurrency(concurrency: Mapping[str, Any] | None) -> str:
+    """E.g. "adaptive: ended at 7 of 16" or "fixed: 16"; "" for none."""
+    if not concurrency:
+        return ""
+    if concurrency.get("mode") == "fixed":
+        return f"fixed: {concurrency.get('ceiling')}"
+    return f"adaptive: ended at {concurrency.get('final')} of {concurrency.get('ceiling')}"
 
 
 def _round(x: float | None) -> float | None:
@@ -155,6 +170,7 @@ def write_summary(
     stop: RunStop | None = None,
     stopped_by: str | None = None,
     price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD,
+    concurrency: Mapping[str, Any] | None = None,
 ) -> RunSummary:
     summary = RunSummary(
         **summarize(table, price_per_image_usd),
@@ -169,6 +185,7 @@ def write_summary(
         stopped_by=stop.reason if stop is not None and stop.stopped else stopped_by,
         stop_kind=stop.kind if stop is not None else ("stopped" if stopped_by else None),
         estimated_cost_usd=plan.estimated_cost_usd,
+        concurrency=dict(concurrency) if concurrency is not None else None,
     )
     storage.put_bytes(
         layout.summary_key(run_id),

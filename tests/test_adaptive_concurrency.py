@@ -1,0 +1,411 @@
+"""Adaptive concurrency: the AIMD limit alone, the resizable gate, and a run against an API that
+admits K requests at once and answers 429 to any above K."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import io
+import re
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from flows.progress_bar import RunProgressBar
+from pipeline.engine import progress
+from pipeline.engine.adaptive import AimdLimit, Ticket, downsample
+from pipeline.engine.options import RunOptions, cli_name
+from pipeline.engine.results import ResultRow
+from pipeline.engine.run import RunParts, run_config, run_manifest
+from pipeline.engine.run_control import RequestSlots, ResizableGate, is_overload
+from pipeline.engine.summary import RunSummary
+from pipeline.errors import error_for_status
+from tests.conftest import image_bytes
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def burst(aimd: AimdLimit, n: int) -> list[Ticket]:
+    """`n` requests started at once, every slot taken."""
+    return [aimd.started(in_flight=aimd.limit) for _ in range(n)]
+
+
+def rate_limited() -> Exception:
+    return error_for_status(429, {"error": {"code": "RATE_LIMITED"}}, {"Retry-After": "0"})
+
+
+# --- the AIMD limit ------------------------------------------------------------------------
+
+
+def test_it_starts_low_or_at_a_given_start_within_the_ceiling() -> None:
+    assert AimdLimit(16).limit == 4
+    assert AimdLimit(2).limit == 2
+    assert AimdLimit(16, start=12).limit == 12
+    assert AimdLimit(16, start=40).limit == 16
+    assert AimdLimit(16, start=0).limit == 1
+
+
+def test_a_429_cuts_the_limit_multiplicatively() -> None:
+    aimd = AimdLimit(32, start=20)
+    (ticket,) = burst(aimd, 1)
+    assert aimd.overloaded(ticket)
+    assert aimd.limit == 14
+    assert aimd.cuts == 1
+
+
+def test_one_burst_of_429s_counts_once() -> None:
+    aimd = AimdLimit(32, start=20)
+    wave = burst(aimd, 20)
+    cuts = [aimd.overloaded(t) for t in wave]
+    assert cuts.count(True) == 1
+    assert aimd.limit == 14
+    # A request sent after the cut that is refused too: the limit was still too high.
+    (later,) = burst(aimd, 1)
+    assert aimd.overloaded(later)
+    assert aimd.limit == 9
+
+
+def test_a_lone_5xx_is_a_hiccup_two_in_a_window_are_overload() -> None:
+    aimd = AimdLimit(32, start=20)
+    first, second, third = burst(aimd, 3)
+    assert not aimd.overloaded(first, rate_limited=False)
+    assert aimd.limit == 20
+    assert aimd.overloaded(second, rate_limited=False)
+    assert aimd.limit == 14
+    assert not aimd.overloaded(third, rate_limited=False)  # same wave
+
+
+def test_which_errors_are_overload() -> None:
+    assert is_overload(rate_limited()) is True
+    assert is_overload(error_for_status(503, "busy", {})) is False
+    exhausted = {"error": {"code": "ALL_PROVIDERS_EXHAUSTED"}}
+    assert is_overload(error_for_status(502, exhausted, {})) is False
+    assert is_overload(error_for_status(500, "oops", {})) is None
+    assert is_overload(error_for_status(400, "bad", {})) is None
+
+
+def test_it_climbs_by_one_per_limit_answers_while_clear() -> None:
+    aimd = AimdLimit(32, start=5)
+    for ticket in burst(aimd, 4):
+        aimd.succeeded(ticket)
+    assert aimd.limit == 5
+    aimd.succeeded(burst(aimd, 1)[0])
+    assert aimd.limit == 6
+    for ticket in burst(aimd, 6):
+        aimd.succeeded(ticket)
+    assert aimd.limit == 7
+
+
+def test_answers_while_slots_stand_idle_prove_nothing() -> None:
+    aimd = AimdLimit(32, start=5)
+    for _ in range(100):
+        aimd.succeeded(aimd.started(in_flight=0))
+    assert aimd.limit == 5
+
+
+def test_never_above_the_ceiling_nor_the_slots_leased_nor_below_one() -> None:
+    aimd = AimdLimit(8)
+    for _ in range(1000):
+        aimd.succeeded(burst(aimd, 1)[0])
+    assert aimd.limit == 8
+    aimd.set_ceiling(3)  # the global slots this run could lease
+    assert aimd.limit == 3
+    for _ in range(100):
+        aimd.succeeded(burst(aimd, 1)[0])
+    assert aimd.limit == 3
+    for _ in range(20):
+        aimd.overloaded(burst(aimd, 1)[0])
+    assert aimd.limit == 1
+    assert max(limit for _, limit in aimd.curve) <= 8
+
+
+def test_the_curve_records_changes_in_seconds_and_stays_capped() -> None:
+    clock = FakeClock()
+    aimd = AimdLimit(64, start=10, clock=clock, max_points=50)
+    aimd.begin()
+    clock.now += 2.5
+    aimd.overloaded(burst(aimd, 1)[0])
+    assert aimd.curve == [(0.0, 10), (2.5, 7)]
+    # A long run: 200,000 answers, a cut every few hundred.
+    for i in range(200_000):
+        clock.now += 0.001
+        ticket = burst(aimd, 1)[0]
+        if i % 300 == 299:
+            aimd.overloaded(ticket)
+        else:
+            aimd.succeeded(ticket)
+    assert len(aimd.curve) <= 50
+    assert aimd.curve[0] == (0.0, 10)
+    assert aimd.curve[-1][1] == aimd.limit
+    times = [t for t, _ in aimd.curve]
+    assert times == sorted(times)
+
+
+def test_downsample_keeps_the_ends() -> None:
+    points = [(float(i), i) for i in range(101)]
+    kept = downsample(points, 11)
+    assert len(kept) == 11
+    assert kept[0] == points[0] and kept[-1] == points[-1]
+
+
+# --- the gate --------------------------------------------------------------------------------
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_the_gate_lets_waiters_in_when_it_grows_and_cancels_no_one_when_it_shrinks() -> None:
+    gate = ResizableGate(2)
+    await gate.acquire()
+    await gate.acquire()
+    waiters = [asyncio.ensure_future(gate.acquire()) for _ in range(3)]
+    await settle()
+    assert gate.in_flight == 2 and not any(w.done() for w in waiters)
+    gate.resize(4)
+    await settle()
+    assert gate.in_flight == 4
+    assert [w.done() for w in waiters] == [True, True, False]
+    gate.resize(1)  # those inside stay inside
+    assert gate.in_flight == 4
+    for _ in range(3):
+        gate.release()
+    await settle()
+    assert gate.in_flight == 1 and not waiters[2].done()
+    gate.release()
+    await settle()
+    assert waiters[2].done() and gate.in_flight == 1
+    # A waiter cancelled while it waits leaves no place taken.
+    late = asyncio.ensure_future(gate.acquire())
+    await settle()
+    late.cancel()
+    await asyncio.gather(late, return_exceptions=True)
+    gate.release()
+    assert gate.in_flight == 0
+    assert gate.max_in_flight == 4
+
+
+async def test_fixed_slots_do_not_adapt() -> None:
+    slots = RequestSlots(16, adaptive=False)
+    async with slots.slot() as ticket:
+        slots.failed(ticket, rate_limited())
+    assert slots.limit == 16
+    assert slots.report() == {"mode": "fixed", "ceiling": 16, "final": 16, "curve": []}
+
+
+async def test_adaptive_slots_back_off_and_report() -> None:
+    slots = RequestSlots(16)
+    seen: list[int] = []
+    slots.on_change = seen.append
+    slots.begin()
+    async with slots.slot() as ticket:
+        slots.failed(ticket, rate_limited())
+    assert slots.limit == 2
+    assert seen == [4, 2]
+    report = slots.report()
+    assert (report["mode"], report["ceiling"], report["final"]) == ("adaptive", 16, 2)
+    assert [n for _, n in report["curve"]] == [4, 2]
+    slots.set_ceiling(1)
+    assert slots.limit == 1 and slots.gate.capacity == 1
+
+
+def test_fixed_concurrency_is_a_run_option_off_by_default(tmp_path: Path) -> None:
+    opts = RunOptions(manifest="m.csv", output=str(tmp_path))
+    assert opts.fixed_concurrency is False
+    assert cli_name("fixed_concurrency") == "--fixed-concurrency"
+    assert run_config(opts).fixed_concurrency is False
+    assert run_config(opts.replace(fixed_concurrency=True)).fixed_concurrency is True
+
+
+def test_the_progress_bar_shows_the_limit() -> None:
+    out = io.StringIO()
+    bar = RunProgressBar(Console(file=out, width=200))
+    with bar:
+        bar.on_concurrency("r1", 4, 16, "adaptive")  # before the plan: kept for it
+        bar.on_plan("r1", 10, 0.1)
+        bar.on_concurrency("r1", 7, 16, "adaptive")
+    assert "limit 7/16" in out.getvalue()
+    out = io.StringIO()
+    bar = RunProgressBar(Console(file=out, width=200))
+    with bar:
+        bar.on_concurrency("r2", 16, 16, "fixed")
+        bar.on_plan("r2", 10, 0.1)
+    assert "limit 16 fixed" in out.getvalue()
+
+
+# --- a run against an overloaded API ---------------------------------------------------------
+
+K = 10
+ROWS = 300
+PRICE = 0.01
+LATENCY_S = 0.02
+API = "http://127.0.0.1:9/v1"  # loopback: no key needed; never dialled (the transport answers)
+
+
+def png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+PNG_B64 = png()
+PROMPT = re.compile(rb'name="prompt"\r\n\r\n([^\r]*)\r\n')
+
+
+class OverloadedAPI:
+    """Admits K requests at once; any request above K is answered 429 at once (Retry-After 0).
+    Counts what it charged, by prompt."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.arriving = 0
+        self.max_arriving = 0
+        self.rejected = 0
+        self.charged: Counter[str] = Counter()
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.path.endswith("/images/edits"), request.url
+        self.arriving += 1
+        self.max_arriving = max(self.max_arriving, self.arriving)
+        try:
+            if self.in_flight >= self.k:
+                self.rejected += 1
+                return httpx.Response(
+                    429,
+                    headers={"Retry-After": "0"},
+                    json={"error": {"code": "RATE_LIMITED", "message": "slow down"}},
+                )
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(LATENCY_S)
+            finally:
+                self.in_flight -= 1
+            found = PROMPT.search(request.content)
+            assert found is not None
+            self.charged[found.group(1).decode()] += 1
+            return httpx.Response(200, json=answer())
+        finally:
+            self.arriving -= 1
+
+
+def answer() -> dict[str, Any]:
+    return {
+        "id": "req-1",
+        "created": 1,
+        "size": "32x32",
+        "output_format": "png",
+        "data": [{"b64_json": PNG_B64}],
+        "metadata": {"cost": PRICE, "cost_currency": "USD", "provider": "overloaded"},
+    }
+
+
+def write_manifest(tmp_path: Path, rows: int) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    src = tmp_path / "src.png"
+    src.write_bytes(image_bytes((40, 40), (1, 2, 3)))
+    path = tmp_path / "m.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "image", "prompt"])
+        for i in range(rows):
+            w.writerow([f"r{i}", src, f"edit {i}"])
+    return path
+
+
+class Limits:
+    """Progress events of the limit of requests in flight."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, str]] = []
+
+    def on_plan(self, run_id: str, total_rows: int, estimated_cost_usd: float) -> None:
+        pass
+
+    def on_row(self, run_id: str, result: ResultRow) -> None:
+        pass
+
+    def on_concurrency(self, run_id: str, limit: int, ceiling: int, mode: str) -> None:
+        self.seen.append((limit, ceiling, mode))
+
+
+async def overloaded_run(tmp_path: Path, *, fixed: bool) -> tuple[OverloadedAPI, RunSummary]:
+    api = OverloadedAPI(K)
+    opts = RunOptions(
+        manifest=str(write_manifest(tmp_path, ROWS)),
+        output=str(tmp_path / "out"),
+        api_base=API,
+        concurrency=2 * K,
+        fixed_concurrency=fixed,
+        # Every row gets through however often it is refused: the counts compare 429s only.
+        max_attempts=50,
+        max_retry_seconds=240,
+    )
+    summary = await run_manifest(opts, RunParts(api_transport=httpx.MockTransport(api.handler)))
+    return api, summary
+
+
+def assert_each_row_once_and_paid_once(api: OverloadedAPI, summary: RunSummary) -> None:
+    table = pd.read_parquet(summary.results_uri)
+    assert len(table) == ROWS and table["id"].is_unique
+    assert summary.by_status["succeeded"] == ROWS
+    assert sorted(api.charged) == sorted(f"edit {i}" for i in range(ROWS))
+    assert set(api.charged.values()) == {1}
+    assert summary.possible_double_charges == 0
+    assert summary.cost_usd == pytest.approx(ROWS * PRICE)
+
+
+@pytest.mark.integration
+async def test_adaptive_concurrency_finds_what_an_overloaded_api_admits(tmp_path: Path) -> None:
+    limits = Limits()
+    unsubscribe = progress.subscribe(limits)
+    try:
+        adaptive_api, adaptive = await overloaded_run(tmp_path / "adaptive", fixed=False)
+    finally:
+        unsubscribe()
+    fixed_api, fixed = await overloaded_run(tmp_path / "fixed", fixed=True)
+
+    assert_each_row_once_and_paid_once(adaptive_api, adaptive)
+    assert_each_row_once_and_paid_once(fixed_api, fixed)
+
+    conc = adaptive.concurrency
+    assert conc is not None
+    assert (conc["mode"], conc["ceiling"]) == ("adaptive", 2 * K)
+    curve = conc["curve"]
+    limits_seen = [limit for _, limit in curve]
+    assert curve[0] == [0.0, 4]
+    assert conc["final"] == limits_seen[-1]
+    # It found K: the limits of the second half of its curve centre within 20% of it.
+    second_half = limits_seen[len(limits_seen) // 2 :]
+    assert abs(statistics.median(second_half) - K) <= 0.2 * K, curve
+    # Never past its ceiling, at the API or in the curve.
+    assert max(limits_seen) <= 2 * K
+    assert adaptive_api.max_arriving <= 2 * K
+    # Far fewer refusals than a fixed 2K in flight.
+    assert adaptive_api.rejected < fixed_api.rejected, (adaptive_api.rejected, fixed_api.rejected)
+
+    # The progress events said each limit the run moved to, of its ceiling.
+    assert limits.seen[0] == (4, 2 * K, "adaptive")
+    assert limits.seen[-1][0] == conc["final"]
+    assert {ceiling for _, ceiling, _ in limits.seen} == {2 * K}
+    assert fixed.concurrency == {"mode": "fixed", "ceiling": 2 * K, "final": 2 * K, "curve": []}
+    # The summary's table and JSON say so too.
+    assert any(r["metric"] == "concurrency" for r in adaptive.table())
+    assert adaptive.to_dict()["concurrency"] == conc
