@@ -98,8 +98,22 @@ def test_which_errors_are_overload() -> None:
     assert is_overload(error_for_status(400, "bad", {})) is None
 
 
+def test_it_climbs_fast_until_the_first_cut() -> None:
+    aimd = AimdLimit(64)
+    assert aimd.slow_start and aimd.limit == 4
+    for ticket in burst(aimd, 4):
+        aimd.succeeded(ticket)
+    assert aimd.limit == 8  # one round trip at the limit: doubled
+    for ticket in burst(aimd, 8):
+        aimd.succeeded(ticket)
+    assert aimd.limit == 16
+    assert aimd.overloaded(burst(aimd, 1)[0])
+    assert not aimd.slow_start and aimd.limit == 11
+
+
 def test_it_climbs_by_one_per_limit_answers_while_clear() -> None:
     aimd = AimdLimit(32, start=5)
+    aimd.slow_start = False  # as after a first cut
     for ticket in burst(aimd, 4):
         aimd.succeeded(ticket)
     assert aimd.limit == 5

@@ -9,8 +9,11 @@ request started and ended.
   window) cuts the limit to `limit * BACKOFF`, at most once per window: only a request that
   started after the last cut can cut again, so one burst of answers to the same wave of
   requests counts once.
-- While clear, it climbs by one for every `limit` requests answered that started with every
-  slot taken (an idle run proves nothing about the API, so it does not climb).
+- Until the first cut it climbs fast ("slow start", as TCP): one more slot for every request
+  answered that started with every slot taken, so the limit doubles each round trip and a
+  healthy API reaches the ceiling within a few dozen answers instead of thousands.
+- After that, while clear, it climbs by one for every `limit` such answers (an idle run
+  proves nothing about the API, so it does not climb).
 - Never below 1, never above the ceiling (`concurrency`, or fewer leased global slots).
 
 It keeps a curve of (seconds since it began, limit) points, one a change, downsampled to at
@@ -68,6 +71,7 @@ class AimdLimit:
         self._window_start = 0  # first seq that may cut again
         self._successes = 0  # saturated successes since the last step up or cut
         self._server_overloads = 0  # 5xx overloads in the current window
+        self.slow_start = True  # until the first cut
         self.cuts = 0
         self.curve: list[tuple[float, int]] = [(0.0, self.limit)]
 
@@ -97,7 +101,7 @@ class AimdLimit:
         if not ticket.saturated:
             return
         self._successes += 1
-        if self._successes >= self.limit:
+        if self.slow_start or self._successes >= self.limit:
             self._successes = 0
             self._server_overloads = 0
             self._set(self._clamp(self.limit + 1))
@@ -113,6 +117,7 @@ class AimdLimit:
         self._window_start = self._started
         self._successes = 0
         self._server_overloads = 0
+        self.slow_start = False
         self.cuts += 1
         self._set(self._clamp(math.floor(self.limit * self.backoff)))
         return True
