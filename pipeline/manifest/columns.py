@@ -11,6 +11,8 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from pipeline.errors import ManifestError
 from pipeline.manifest.rows import KNOWN_COLUMNS, PARAM_PREFIX, fixed_param_column_reason
 from pipeline.manifest.types import FieldError, InvalidRow
@@ -20,6 +22,7 @@ __all__ = [
     "GZIP_EXTENSIONS",
     "PARQUET_EXTENSIONS",
     "ColumnMap",
+    "RawBatch",
     "RawItem",
     "RawRow",
     "canonical_name",
@@ -43,6 +46,27 @@ class RawRow:
 
 
 RawItem = RawRow | InvalidRow
+
+
+@dataclass(frozen=True)
+class RawBatch:
+    """`length` consecutive data rows from `row` on, as Arrow arrays by canonical column name
+    (the known columns only), plus the problems found while reading some of them, by index
+    in the batch (as RawRow.problems)."""
+
+    row: int
+    columns: dict[str, pa.Array]
+    length: int
+    problems: dict[int, tuple[FieldError, ...]] = field(default_factory=dict)
+
+    def head(self, count: int) -> RawBatch:
+        """The first `count` rows."""
+        return RawBatch(
+            self.row,
+            {name: array.slice(0, count) for name, array in self.columns.items()},
+            count,
+            {i: p for i, p in self.problems.items() if i < count},
+        )
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ManifestError
-from pipeline.manifest.columns import ColumnMap, RawItem, RawRow
+from pipeline.manifest.columns import ColumnMap, RawBatch, RawItem, RawRow
 from pipeline.manifest.rows import PARAM_PREFIX
 
 __all__ = ["PARQUET_READ_ROWS", "ParquetReader", "parquet_type_problem"]
@@ -106,6 +106,26 @@ class ParquetReader:
             for values in zip(*columns, strict=True):
                 yield RawRow(next_row, dict(zip(names, values, strict=True)))
                 next_row += 1
+
+    def segments(self, cmap: ColumnMap) -> Iterator[RawBatch]:
+        """The rows of `rows`, a record batch at a time, as Arrow arrays."""
+        raws = list(cmap.canonical)
+        names = [cmap.canonical[r] for r in raws]
+        next_row = 1
+        batches = self._file.iter_batches(batch_size=PARQUET_READ_ROWS, columns=raws)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:
+                raise ManifestError(
+                    f"cannot read manifest {self._uri} after row {next_row - 1}: {exc}"
+                ) from exc
+            if batch.num_rows:
+                columns = {name: batch.column(i) for i, name in enumerate(names)}
+                yield RawBatch(next_row, columns, batch.num_rows)
+            next_row += batch.num_rows
 
     def close(self) -> None:
         self._file.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.errors import ManifestError
@@ -27,6 +28,7 @@ from pipeline.manifest.columns import (
     GZIP_EXTENSIONS,
     PARQUET_EXTENSIONS,
     ColumnMap,
+    RawBatch,
     RawItem,
     RawRow,
     canonical_name,
@@ -37,7 +39,7 @@ from pipeline.manifest.columns import (
 from pipeline.manifest.location import ManifestFile
 from pipeline.manifest.parquet_read import PARQUET_READ_ROWS, ParquetReader, parquet_type_problem
 from pipeline.manifest.rows import ragged_row
-from pipeline.manifest.types import FieldError
+from pipeline.manifest.types import FieldError, InvalidRow
 
 __all__ = [
     "CSV_BLOCK_BYTES",
@@ -302,6 +304,98 @@ class CsvReader:
                 next_row += 1
         finally:
             stream.close()
+
+    def segments(self, cmap: ColumnMap) -> Iterator[RawBatch | InvalidRow]:
+        """What `rows` yields, with runs of consecutive rows kept as Arrow columns (RawBatch).
+
+        Rows are numbered, and ragged rows (InvalidRow) placed, exactly as `rows` does; a row
+        whose value may have swallowed rows (or the file's last row, whose quote may be left
+        open) carries the same problems as there, in `RawBatch.problems`.
+        """
+        ragged: deque[tuple[int, int, int, str]] = deque()
+
+        def on_invalid(bad: Any) -> str:
+            number = bad.number if bad.number is not None else -1
+            text = (bad.text or "")[:MAX_RAGGED_TEXT]
+            ragged.append((number - 1, bad.expected_columns, bad.actual_columns, text))
+            return "skip"
+
+        stream, reader = self._open_reader(on_invalid, None)
+        if list(reader.schema.names) != self.columns:
+            stream.close()
+            raise ManifestError(
+                f"cannot parse the header of manifest {self._source.uri}: read as "
+                f"{reader.schema.names}, expected {self.columns}"
+            )
+        names = [cmap.canonical.get(raw) for raw in reader.schema.names]
+        known = [(i, name) for i, name in enumerate(names) if name is not None]
+        value_at = dict(known)
+        next_row = 1
+        held: RawBatch | None = None
+        last_values: tuple[Any, ...] = ()
+        try:
+            for batch in self._batches(reader, lambda: next_row - 1):  # noqa: B023
+                start, count = 0, batch.num_rows
+                while start < count:
+                    while ragged and ragged[0][0] <= next_row:
+                        _, expected, found, text = ragged.popleft()
+                        if held is not None:
+                            yield held
+                            held = None
+                        yield ragged_row(next_row, expected, found, text)
+                        next_row += 1
+                    take = count - start
+                    if ragged:
+                        take = min(take, ragged[0][0] - next_row)
+                    part = batch.slice(start, take)
+                    columns = {name: part.column(i) for i, name in known}
+                    if held is not None:
+                        yield held
+                    held = RawBatch(
+                        next_row, columns, take, self._batch_problems(value_at, part, known)
+                    )
+                    next_row += take
+                    start += take
+                if batch.num_rows:
+                    last_values = tuple(
+                        batch.column(i)[batch.num_rows - 1].as_py()
+                        for i in range(batch.num_columns)
+                    )
+            if held is not None and not ragged:
+                problems = self._unclosed_quote(list(reader.schema.names), last_values)
+                if problems:
+                    held.problems[held.length - 1] = problems
+            if held is not None:
+                yield held
+            while ragged:
+                _, expected, found, text = ragged.popleft()
+                yield ragged_row(next_row, expected, found, text)
+                next_row += 1
+        finally:
+            stream.close()
+
+    def _batch_problems(
+        self, value_at: dict[int, str], part: pa.RecordBatch, known: list[tuple[int, str]]
+    ) -> dict[int, tuple[FieldError, ...]]:
+        """`_swallowed_rows` of the rows of `part` that may have any (a value with a quote
+        and a line break), by index in `part`."""
+        maybe: Any = None
+        for i, _ in known:
+            column = part.column(i)
+            quoted = pc.and_(
+                pc.match_substring(column, '"'),
+                pc.or_(pc.match_substring(column, "\n"), pc.match_substring(column, "\r")),
+            )
+            maybe = quoted if maybe is None else pc.or_(maybe, quoted)
+        if maybe is None or not pc.any(maybe).as_py():
+            return {}
+        problems: dict[int, tuple[FieldError, ...]] = {}
+        for index in pc.indices_nonzero(maybe).to_pylist():
+            row = {i: part.column(i)[index].as_py() for i, _ in known}
+            found = self._swallowed_rows(value_at, row)
+            if found:
+                problems[index] = found
+        return problems
 
     def _swallowed_rows(
         self, value_at: dict[int, str], row: dict[int, object]

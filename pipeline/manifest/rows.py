@@ -54,6 +54,7 @@ __all__ = [
     "MAX_SEED",
     "MIN_SEED",
     "PARAM_PREFIX",
+    "Check",
     "RowValidator",
     "SourceBase",
     "fixed_param_column_reason",
@@ -216,13 +217,39 @@ class RowValidator:
         self._has_params_json = "params" in columns
         self._seen: dict[int, int] = {}
 
+    @property
+    def profile(self) -> ModelProfile:
+        return self._profile
+
+    @property
+    def base(self) -> SourceBase:
+        return self._base
+
+    @property
+    def checks(self) -> list[tuple[str, Check]]:
+        """The optional scalar columns present and their checks, in the order rows use."""
+        return list(self._checks)
+
+    def count_problem(self, count: int) -> str | None:
+        """Why `count` sources are not what the model takes, or None when they are."""
+        return self._count_problem(count)
+
     def validate(
-        self, row: int, cells: Mapping[str, object], problems: tuple[FieldError, ...] = ()
+        self,
+        row: int,
+        cells: Mapping[str, object],
+        problems: tuple[FieldError, ...] = (),
+        *,
+        id_first: int | None = None,
     ) -> ParsedRow:
-        """The row's ManifestRow, or an InvalidRow with `problems` and every problem found."""
+        """The row's ManifestRow, or an InvalidRow with `problems` and every problem found.
+
+        `id_first`: the first row with this row's id, when the caller keeps the ids seen
+        (see `pipeline.manifest.batch`); this validator's own memory is then left alone.
+        """
         errors: list[FieldError] = list(problems)
         get = cells.get
-        row_id = self._check_id(row, get("id"), errors)
+        row_id = self._check_id(row, get("id"), errors, id_first)
         images = self._images(get("image"), get("images"), errors)
         prompt = _prompt(get("prompt"), errors, self._profile)
         mask = self._mask(get("mask"), errors)
@@ -304,7 +331,9 @@ class RowValidator:
                 fields[column] = result
         return fields
 
-    def _check_id(self, row: int, value: object, errors: list[FieldError]) -> str | None:
+    def _check_id(
+        self, row: int, value: object, errors: list[FieldError], first: int | None = None
+    ) -> str | None:
         if not self._has_id:
             return f"row-{row}"
         text = cell_text(value)
@@ -316,8 +345,8 @@ class RowValidator:
             except CellProblem as exc:
                 errors.append(FieldError("id", str(exc)))
                 return None
-        key = _id_key(text)
-        first = self._seen.setdefault(key, row)
+        if first is None:
+            first = self._seen.setdefault(_id_key(text), row)
         if first != row:
             errors.append(FieldError("id", f"duplicate id {show(text)} (first at row {first})"))
         return text
