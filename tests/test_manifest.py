@@ -201,6 +201,7 @@ ROW_ERRORS = [
     ("images,prompt", "a.png|gs://b/c,p", "images", "image 2: unsupported scheme 'gs'"),
     ("image,prompt", "s3://bucket-only,p", "image", "needs a bucket and a key"),
     ("image,prompt", "https:///a.png,p", "image", "has no host"),
+    ("image,prompt", "http://h[/x,p", "image", "is not a valid URL"),
     ("image,prompt", "file://other/a.png,p", "image", "names another host"),
     ("image,prompt,mask", "a.png,p,data://x", "mask", "unsupported scheme 'data'"),
     ("image,prompt,seed", "a.png,p,abc", "seed", "seed 'abc' is not an integer"),

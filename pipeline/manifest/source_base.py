@@ -39,28 +39,39 @@ class SourceBase:
             raise CellProblem(f"{show(source)} contains a NUL character")
         m = _SCHEME_RE.match(source)
         if m:
-            scheme = m.group(1).lower()
-            if scheme in ("http", "https"):
-                if not urlsplit(source).netloc:
-                    raise CellProblem(f"{show(source)} has no host")
-                return source
-            if scheme == "s3":
-                bucket, _, key = source[len("s3://") :].partition("/")
-                if not bucket or not key:
-                    raise CellProblem(f"{show(source)} needs a bucket and a key (s3://bucket/key)")
-                return source
-            if scheme == "file":
-                parts = urlsplit(source)
-                if parts.netloc not in ("", "localhost"):
-                    raise CellProblem(f"{show(source)} names another host; file:// must be local")
-                path = unquote(parts.path)
-                if not path or path == "/":
-                    raise CellProblem(f"{show(source)} has no path")
-                return os.path.normpath(path)
-            raise CellProblem(
-                f"unsupported scheme {scheme!r} in {show(source)}; expected a local path, "
-                "file://, s3:// or http(s)://"
-            )
+            try:
+                return self._resolve_url(source, m.group(1).lower())
+            except ValueError as exc:  # urlsplit: an unbalanced "[" of an IPv6 host, say
+                if isinstance(exc, CellProblem):
+                    raise
+                raise CellProblem(f"{show(source)} is not a valid URL: {exc}") from None
+        return self._resolve_path(source)
+
+    @staticmethod
+    def _resolve_url(source: str, scheme: str) -> str:
+        if scheme in ("http", "https"):
+            if not urlsplit(source).netloc:
+                raise CellProblem(f"{show(source)} has no host")
+            return source
+        if scheme == "s3":
+            bucket, _, key = source[len("s3://") :].partition("/")
+            if not bucket or not key:
+                raise CellProblem(f"{show(source)} needs a bucket and a key (s3://bucket/key)")
+            return source
+        if scheme == "file":
+            parts = urlsplit(source)
+            if parts.netloc not in ("", "localhost"):
+                raise CellProblem(f"{show(source)} names another host; file:// must be local")
+            path = unquote(parts.path)
+            if not path or path == "/":
+                raise CellProblem(f"{show(source)} has no path")
+            return os.path.normpath(path)
+        raise CellProblem(
+            f"unsupported scheme {scheme!r} in {show(source)}; expected a local path, "
+            "file://, s3:// or http(s)://"
+        )
+
+    def _resolve_path(self, source: str) -> str:
         # Most paths are already normal; normpath is only needed for `.`, `..` and `//`.
         plain = not source.startswith(".") and "/." not in source and "//" not in source
         plain = plain and not source.endswith("/")
