@@ -536,14 +536,29 @@ def setup(
     requests_per_minute: Annotated[
         float | None, typer.Option(min=0, help="Also limit requests per minute (rate limit)")
     ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            min=30,
+            help="Seconds between flow run heartbeats, as the workers' "
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY: a run silent for 3 of them is marked Crashed",
+        ),
+    ] = 180,
 ) -> None:
-    """Create or update the Prefect limits that every run and worker shares."""
+    """Create or update what every run and worker shares: the API limits, and the automation
+    that marks the flow runs of a dead worker host Crashed (so a sharded run restarts them)."""
     from flows.limits import rate_limit_name, setup_limit
+    from flows.zombies import ZOMBIE_HEARTBEATS, setup_zombie_automation
 
     asyncio.run(setup_limit(name, limit, requests_per_minute))
     out.print(f"global concurrency limit {name!r}: {limit} requests in flight")
     if requests_per_minute:
         out.print(f"rate limit {rate_limit_name(name)!r}: {requests_per_minute:g} requests/minute")
+    done = asyncio.run(setup_zombie_automation(heartbeat))
+    out.print(
+        f"zombie automation {done}: a flow run silent for {ZOMBIE_HEARTBEATS * heartbeat} s "
+        f"is marked Crashed (workers: PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat})"
+    )
 
 
 app.command("emulator", help="Serve the bundled edit-API emulator (for tests, demos, benchmarks).")(

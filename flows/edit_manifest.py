@@ -18,7 +18,6 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
-from prefect.deployments import arun_deployment
 from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run as flow_run_runtime
 from prefect.states import Cancelled
@@ -27,6 +26,7 @@ from pydantic import Field
 
 from flows.artifacts import publish_contact_sheet
 from flows.limits import api_slots, rate_permits
+from flows.shards import ShardOutcome, finished_earlier, run_shard
 from pipeline.constants import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_CHUNKS_IN_FLIGHT,
@@ -62,7 +62,6 @@ PROGRESS_ARTIFACT_KEY = "imgedit-run-progress"
 EDIT_MANIFEST_FLOW = "edit-manifest"
 # The deployment prefect.yaml creates; shards run there unless told otherwise.
 DEFAULT_SHARD_DEPLOYMENT = "edit-manifest/edit-manifest"
-SHARD_POLL_SECONDS = 2.0
 SHARD_OWN_OPTIONS = frozenset(
     {"run_id", "row_start", "row_end", "max_cost_usd", "strict", "dry_run_estimate", "limit"}
 )
@@ -354,35 +353,45 @@ async def fan_out(
         base["max_cost_usd"] = opts.max_cost_usd / len(ranges)
     shard_ids = [layout.shard_run_id(rid, i) for i in range(len(ranges))]
     logger.info("run %s: %d shards on %r", rid, len(ranges), deployment)
-    children = await asyncio.gather(
+    storage = open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
+    # Stable across retries of this flow run (they find their children again); a new run
+    # with the same run id starts new children for the shards that did not finish.
+    parent_key = str(flow_run_runtime.id or rid)
+
+    async def shard(i: int, shard_id: str, start: int, end: int) -> ShardOutcome:
+        if await asyncio.to_thread(finished_earlier, storage, shard_id):
+            logger.info("shard %s of run %s went through earlier: not started again", i, rid)
+            return ShardOutcome(shard_id, None, "Completed earlier", 0, completed=True)
+        return await run_shard(
+            deployment,
+            {
+                **base,
+                "api_limit": api_limit,
+                "run_id": shard_id,
+                "row_start": start,
+                "row_end": end,
+            },
+            shard_id=shard_id,
+            name=f"{rid}-shard-{i}",
+            parent_key=parent_key,
+            logger=logger,
+        )
+
+    outcomes = await asyncio.gather(
         *(
-            arun_deployment(
-                deployment,
-                parameters={
-                    **base,
-                    "api_limit": api_limit,
-                    "run_id": shard_id,
-                    "row_start": start,
-                    "row_end": end,
-                },
-                flow_run_name=f"{rid}-shard-{i}",
-                idempotency_key=f"imgedit-{shard_id}",
-                timeout=None,
-                poll_interval=SHARD_POLL_SECONDS,
-            )
+            shard(i, shard_id, start, end)
             for i, (shard_id, (start, end)) in enumerate(zip(shard_ids, ranges, strict=True))
         )
     )
-    failed = [
-        f"{child.name} ({child.state.name if child.state else 'no state'})"
-        for child in children
-        if not (child.state and child.state.is_completed())
-    ]
-    storage = open_storage(opts.output, endpoint_url=opts.s3_endpoint_url)
+    failed = [f"{o.flow_run} ({o.state or 'no state'})" for o in outcomes if not o.completed]
     present = [sid for sid in shard_ids if storage.exists(layout.results_key(sid))]
     results_uri, table = merge_results(storage, [layout.results_key(sid) for sid in present], rid)
     stopped = "; ".join(failed) if failed else None
-    summary = write_summary(
+    shard_report = [
+        {"run_id": o.run_id, "flow_run": o.flow_run, "state": o.state, "attempts": o.attempts}
+        for o in outcomes
+    ]
+    return write_summary(
         storage,
         rid,
         plan,
@@ -391,12 +400,8 @@ async def fan_out(
         started_at=started_at,
         started=started,
         stopped_by=f"shards did not complete: {stopped}" if stopped else None,
+        extra={"shards": shard_report},
     )
-    summary.extra["shards"] = [
-        {"run_id": sid, "flow_run": child.name, "state": child.state.name if child.state else None}
-        for sid, child in zip(shard_ids, children, strict=True)
-    ]
-    return summary
 
 
 def _this_deployment() -> str:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,12 +97,21 @@ class PrefectStack:
             raise RuntimeError(f"infra/setup.sh failed:\n{proc.stdout}\n{proc.stderr}")
         return proc.stdout
 
-    def start_worker(self, name: str, pool: str, limit: int | None = None) -> None:
+    def start_worker(
+        self,
+        name: str,
+        pool: str,
+        limit: int | None = None,
+        prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """A process worker; `prefix` runs it elsewhere (`ip netns exec HOST`)."""
         log = self.tmp / f"worker-{name}.log"
         self.logs[name] = log
         self.procs.append(
             subprocess.Popen(
                 [
+                    *prefix,
                     sys.executable,
                     "-m",
                     "prefect",
@@ -116,7 +125,7 @@ class PrefectStack:
                     name,
                     *(["--limit", str(limit)] if limit else []),
                 ],
-                env=self.env,
+                env={**self.env, **(env or {})},
                 cwd=ROOT,
                 stdout=log.open("wb"),
                 stderr=subprocess.STDOUT,
@@ -129,10 +138,13 @@ class PrefectStack:
 
 
 @contextlib.contextmanager
-def prefect_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[PrefectStack]:
-    """`prefect server start` on a free loopback port; yields once its API answers."""
+def prefect_stack(
+    tmp: Path, extra_env: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> Iterator[PrefectStack]:
+    """`prefect server start` on a free port of `host` (loopback unless another host's
+    workers must reach it); yields once its API answers."""
     port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
+    api_url = f"http://{host}:{port}/api"
     with database_url(tmp) as db_url:
         env = {
             **os.environ,
@@ -159,7 +171,7 @@ def prefect_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterato
                 "server",
                 "start",
                 "--host",
-                "127.0.0.1",
+                host,
                 "--port",
                 str(port),
             ],

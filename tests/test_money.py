@@ -257,6 +257,35 @@ async def test_a_dead_claim_is_taken_over_and_a_live_one_is_waited_for(tmp_path:
     assert not storage.exists(claims.claim_key(job))
 
 
+async def test_a_job_a_killed_run_had_claimed_counts_as_a_possible_double_charge(
+    tmp_path: Path,
+) -> None:
+    # The first run fails row r1 (nothing stored); then a killed run is found to have held
+    # r1's claim: it may have paid for r1 before it died, so editing r1 may pay twice.
+    api = ScriptedAPI(
+        lambda i, r: (
+            httpx.Response(400, json={"error": {"code": "BAD_REQUEST", "message": "no"}})
+            if b"edit 1" in r.content
+            else httpx.Response(200, json=answer())
+        )
+    )
+    m = manifest(tmp_path, 3)
+    first = results(await run(m, tmp_path / "out", api))
+    assert first.loc["r1", "status"] == "failed"
+    job = str(first.loc["r1", "job_key"])
+    dead = claims.LeaseBody(
+        run_id="killed", token="t", renewed_at="2026-01-01T00:00:00+00:00", lease_s=1.0, host="x"
+    )
+    LocalStorage(tmp_path / "out").put_bytes(claims.claim_key(job), dead.encode())
+    fine = ScriptedAPI(lambda i, r: httpx.Response(200, json=answer()))
+    second = await run(m, tmp_path / "out", fine)
+    table = results(second)
+    assert fine.requests == 1 and table.loc["r1", "status"] == "succeeded"
+    assert table.loc["r1", "possible_double_charges"] == 1
+    assert second.possible_double_charges == 1
+    assert table.loc[["r0", "r2"], "possible_double_charges"].eq(0).all()
+
+
 async def test_a_store_that_ignores_conditional_writes_is_refused_unless_exclusive(
     tmp_path: Path, aws_credentials: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +145,31 @@ async def test_a_sharded_run_spreads_over_two_workers_under_one_limit(
     table = pd.read_parquet(io.BytesIO(s3.get_object(Bucket="cat", Key=results_key)["Body"].read()))
     assert sorted(table["row"]) == list(range(1, ROWS + 1))
     assert (table["status"] == "succeeded").all()
+
+    # Started again with the same run id (as after a crash of the parent): the shards that
+    # went through are not started again, nothing is requested, the merged table stays.
+    run_id = results_key.split("/")[2]
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        again = await arun_deployment(
+            "edit-manifest/edit-manifest",
+            parameters={
+                "manifest": "s3://cat/manifest.csv",
+                "output": "s3://cat/out",
+                "s3_endpoint_url": moto,
+                "api_base": emulator.base_url,
+                "shards": SHARDS,
+                "run_id": run_id,
+            },
+            timeout=300,
+            poll_interval=2,
+        )
+    assert again.state is not None and again.state.is_completed(), again.state
+    summary = json.loads(
+        s3.get_object(Bucket="cat", Key=f"out/runs/{run_id}/summary.json")["Body"].read()
+    )
+    assert [s["attempts"] for s in summary["extra"]["shards"]] == [0] * SHARDS
+    assert emulator.stats()["requests"] == ROWS
+    again_table = pd.read_parquet(
+        io.BytesIO(s3.get_object(Bucket="cat", Key=results_key)["Body"].read())
+    )
+    assert (again_table["status"] == "succeeded").all() and len(again_table) == ROWS

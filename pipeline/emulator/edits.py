@@ -66,6 +66,8 @@ async def handle_edit(state: EmulatorState, request: Request) -> Response:
         "time": time.time(),
         "query": dict(request.query_params),
         "user_agent": request.headers.get("user-agent"),
+        # Which host sent it: tests of several hosts tell their workers apart by it.
+        "client": request.client.host if request.client else None,
         "status": None,
         "code": None,
         "fault": None,

@@ -79,6 +79,7 @@ class RunContext:
         only_rows: set[int] | None = None,
         claims: Claims | None = None,
         profile: ModelProfile | None = None,
+        orphaned: set[str] | None = None,
     ) -> None:
         self.run_id = layout.check_run_id(run_id)
         # The run's model profile: what each request may send (see edit.fit_request).
@@ -91,6 +92,8 @@ class RunContext:
         # The done index may miss jobs that a chunk without claims committed: check a job's
         # sidecar before editing it (see pipeline.engine.done_index).
         self.check_unindexed = check_unindexed
+        # Jobs a dead holder had claimed and may have paid for (see done_index.DoneJobs).
+        self.orphaned: set[str] = orphaned or set()
         self.stop = RunStop()
         self.storage_health = StorageHealth(self.stop)
         self.api_health = ApiHealth(self.stop)

@@ -33,7 +33,7 @@ import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,6 +77,9 @@ class DoneJobs:
     open_chunks: int = 0
     # Jobs that dead chunks had committed without indexing, found and indexed now.
     recovered: int = 0
+    # Jobs whose dead claims were cleared without a stored result: their holder (a killed run
+    # or host) may have paid for them, so editing them now may pay twice.
+    orphaned: set[str] = field(default_factory=set)
 
 
 def segment_key(name: str) -> str:
@@ -198,14 +201,22 @@ def _classify(storage: Storage, markers: Sequence[str]) -> _Markers:
     return out
 
 
-def _recover_dead(storage: Storage, dead_markers: Sequence[tuple[str, str]]) -> set[str]:
+def _recover_dead(
+    storage: Storage, dead_markers: Sequence[tuple[str, str]]
+) -> tuple[set[str], set[str]]:
     """Index the jobs dead holders committed (found through their dead claims), then clear
-    the dead claims and markers. A live marker or claim is never touched."""
+    the dead claims and markers; the jobs recovered, and those left without a result. A live
+    marker or claim is never touched."""
     recovered: set[str] = set()
+    orphaned: set[str] = set()
     claims = dead_claims(storage)
     for _key, job, _etag in claims:
-        if job is not None and storage.exists(layout.sidecar_key(job)):
+        if job is None:
+            continue
+        if storage.exists(layout.sidecar_key(job)):
             recovered.add(job)
+        else:
+            orphaned.add(job)
     if recovered:
         write_segment(storage, segment_key(_new_segment_name("recovered")), recovered)
     for key, _job, etag in claims:
@@ -221,7 +232,7 @@ def _recover_dead(storage: Storage, dead_markers: Sequence[tuple[str, str]]) -> 
             storage.root_uri,
             len(recovered),
         )
-    return recovered
+    return recovered, orphaned
 
 
 def _write_root(storage: Storage, how: str) -> None:
@@ -268,7 +279,7 @@ def load_done(storage: Storage, *, claims: bool = True) -> DoneJobs:
                 raise
             log.info("an index segment went away while read (merged by another run); again")
     found = _classify(storage, markers)
-    recovered = _recover_dead(storage, found.dead) if claims else set()
+    recovered, orphaned = _recover_dead(storage, found.dead) if claims else (set(), set())
     check = bool(found.legacy) or (not claims and bool(found.dead or found.live))
     others = len(found.live) + len(found.legacy) + (0 if claims else len(found.dead))
     if not rooted:
@@ -278,10 +289,12 @@ def load_done(storage: Storage, *, claims: bool = True) -> DoneJobs:
         if new:
             write_segment(storage, segment_key(_new_segment_name("listing")), new)
         _write_root(storage, "listing")
-        return DoneJobs(indexed | listed | recovered, check, "listing", others, len(recovered))
+        done = indexed | listed | recovered
+        return DoneJobs(done, check, "listing", others, len(recovered), orphaned - done)
     if len(segments) > COMPACT_AT:
         _compact(storage, segments, indexed)
-    return DoneJobs(indexed | recovered, check, "index", others, len(recovered))
+    done = indexed | recovered
+    return DoneJobs(done, check, "index", others, len(recovered), orphaned - done)
 
 
 def rebuild_index(storage: Storage) -> DoneJobs:

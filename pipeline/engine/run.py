@@ -144,6 +144,12 @@ def open_context(
         log.info("%d jobs already done under %s", len(done.keys), storage.root_uri)
     if done.recovered:
         log.info("%d jobs of killed runs were found done and indexed", done.recovered)
+    if done.orphaned:
+        log.warning(
+            "%d jobs were claimed by killed runs and have no result: editing them counts as a "
+            "possible double charge (the killed run may have paid for them)",
+            len(done.orphaned),
+        )
     if done.check_unindexed:
         log.warning(
             "%d chunks of other runs under %s are open without a lease (an older version, or "
@@ -170,6 +176,7 @@ def open_context(
         only_rows=plan.only_rows if plan is not None else selected_rows(opts, storage),
         claims=claims,
         profile=profile,
+        orphaned=done.orphaned,
     )
 
 

@@ -117,7 +117,19 @@ async def _process_valid(
                     journal.found(key)
                 return mark_done(result)
             claimed = True
+            taken_over = got.taken_over
+        else:
+            taken_over = False
         await edit_and_store(ctx, row, sources, mask, result, journal)
+        if (taken_over or key in ctx.orphaned) and result.status != "skipped":
+            # The dead holder (a killed run or host) may have been charged for its request
+            # before it died: this edit may pay for the job a second time.
+            result.possible_double_charges += 1
+            result.possible_double_charge_usd = round(
+                result.possible_double_charge_usd
+                + row.params.image_count() * ctx.config.price_per_image_usd,
+                6,
+            )
         return result
     except StorageError as exc:
         ctx.storage_health.failed(exc)

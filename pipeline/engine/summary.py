@@ -171,6 +171,7 @@ def write_summary(
     stopped_by: str | None = None,
     price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD,
     concurrency: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> RunSummary:
     summary = RunSummary(
         **summarize(table, price_per_image_usd),
@@ -186,6 +187,7 @@ def write_summary(
         stop_kind=stop.kind if stop is not None else ("stopped" if stopped_by else None),
         estimated_cost_usd=plan.estimated_cost_usd,
         concurrency=dict(concurrency) if concurrency is not None else None,
+        extra=dict(extra or {}),
     )
     storage.put_bytes(
         layout.summary_key(run_id),
