@@ -19,6 +19,7 @@ RUN_GROUP_OPTIONS = (
     "api_base",
     "model",
     "concurrency",
+    "fixed_concurrency",
     "max_cost_usd",
     "s3_endpoint_url",
     "allow_private_sources",
