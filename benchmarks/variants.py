@@ -66,6 +66,8 @@ async def runner(args: dict[str, Any]) -> dict[str, Any]:
         api_base=args["api_base"],
         concurrency=args["concurrency"],
         s3_endpoint_url=args["s3_endpoint_url"],
+        # The edit benchmark compares fixed concurrency; the weather one sets it.
+        fixed_concurrency=args.get("fixed_concurrency", True),
     )
     summary, timing = await _timed(lambda: run_manifest(opts))
     return {**timing, **_summary_fields(summary.to_dict())}
@@ -110,6 +112,7 @@ async def flow(args: dict[str, Any]) -> dict[str, Any]:
             api_base=args["api_base"],
             concurrency=args["concurrency"],
             s3_endpoint_url=args["s3_endpoint_url"],
+            fixed_concurrency=args.get("fixed_concurrency", True),
         )
     )
     return {
@@ -155,6 +158,8 @@ def _summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
         "elapsed_s": summary["elapsed_s"],
         "latency_p50_s": summary["latency_p50_s"],
         "latency_p95_s": summary["latency_p95_s"],
+        "possible_double_charges": summary.get("possible_double_charges", 0),
+        "concurrency": summary.get("concurrency"),
     }
 
 

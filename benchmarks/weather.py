@@ -1,0 +1,165 @@
+"""Runs under API weather: `python -m benchmarks.weather [--rows N --time-scale S ...]`.
+
+Two parts, each variant in its own process against the emulator and moto's S3 on loopback:
+
+a. `gateway` weather (lognormal latency, p50 ~2.5 s and p95 ~6 s at time scale 1, failures
+   and 429s in bursts) at concurrency C, fixed: the runner and the flow. Efficiency is the
+   ideal wall time from the emulator's ledger (the sum of every request's service time / C)
+   over the run's own wall time (start-up excluded).
+b. `overloaded` weather (K requests admitted at once, a 429 with Retry-After above K):
+   adaptive concurrency with a ceiling of 2K against fixed concurrency 2K, by the runner:
+   wall time, 429s, possible double charges and the limit it ended at.
+
+`--time-scale` divides every latency and wait of the weather, so the shape of a real gateway
+fits in minutes. Figures vary with the machine's load: compare variants of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.emulator.config import EmulatorConfig
+from pipeline.emulator.process import EmulatorProcess
+
+from . import data
+from .proc import run_measured
+from .servers import PROJECT_ROOT, S3Server, child_env
+from .variants import RESULT_PREFIX
+
+BUCKET = "imgedit-weather"
+TIMEOUT_S = 1200.0
+TARGET_EFFICIENCY = 0.97
+
+
+def _variant(name: str, args: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.variants", name, json.dumps(args)]
+    m = run_measured(cmd, env=env, cwd=PROJECT_ROOT, timeout=TIMEOUT_S)
+    lines = [ln for ln in m.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if m.returncode != 0 or not lines:
+        tail = "\n".join(m.stderr.strip().splitlines()[-20:])
+        raise SystemExit(f"variant {name} failed ({m.returncode}):\n{tail}")
+    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return result
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="imgedit-weather-"))
+    env = child_env(work / "prefect-home")
+    sources = data.write_sources(work / "sources")
+    manifest = data.write_manifest(work / "manifest.csv", sources, args.rows)
+    out: dict[str, Any] = {"gateway": [], "overloaded": []}
+    with EmulatorProcess(EmulatorConfig()) as emu, S3Server(env) as s3:
+
+        def run(name: str, prefix: str, concurrency: int, fixed: bool) -> dict[str, Any]:
+            s3.reset([BUCKET])
+            emu.reset()
+            result = _variant(
+                name,
+                {
+                    "manifest": str(manifest),
+                    "api_base": emu.base_url,
+                    "concurrency": concurrency,
+                    "fixed_concurrency": fixed,
+                    "s3_endpoint_url": s3.endpoint_url,
+                    "output": f"s3://{BUCKET}/{prefix}",
+                },
+                env,
+            )
+            stats = emu.stats()
+            return {**result, "emulator": stats}
+
+        emu.configure(weather="gateway", weather_time_scale=args.time_scale, fault_seed=7)
+        for name in ("runner", "flow"):
+            r = run(name, f"gateway-{name}", args.concurrency, True)
+            ideal = r["emulator"]["service_seconds_total"] / args.concurrency
+            out["gateway"].append(
+                {
+                    "variant": name,
+                    "run_s": round(r["run_s"], 2),
+                    "ideal_s": round(ideal, 2),
+                    "efficiency": round(ideal / r["run_s"], 3),
+                    "requests": r["emulator"]["requests"],
+                    "by_status": r["by_status"],
+                }
+            )
+        k = args.capacity
+        emu.configure(
+            weather="overloaded",
+            weather_capacity=k,
+            weather_time_scale=args.time_scale,
+            latency=args.overloaded_latency,
+            retry_after=1.0,
+        )
+        for label, fixed in (("adaptive", False), ("fixed", True)):
+            r = run("runner", f"overloaded-{label}", 2 * k, fixed)
+            concurrency = r.get("concurrency") or {}
+            out["overloaded"].append(
+                {
+                    "variant": f"{label} (ceiling {2 * k})" if not fixed else f"fixed {2 * k}",
+                    "run_s": round(r["run_s"], 2),
+                    "429s": r["emulator"]["rate_limited_overload"],
+                    "requests": r["emulator"]["requests"],
+                    "possible_double_charges": r["possible_double_charges"],
+                    "final_limit": concurrency.get("final"),
+                    "succeeded": r["succeeded"],
+                }
+            )
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+        "settings": vars(args),
+        **out,
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [
+        f"{s['rows']} rows, time scale {s['time_scale']:g}, {result['cpus']} CPUs, "
+        f"load {result['loadavg'][0]:.1f}, {result['date']}",
+        f"a. gateway weather, concurrency {s['concurrency']} fixed "
+        f"(target efficiency >= {TARGET_EFFICIENCY})",
+        "   variant   run s   ideal s   efficiency   requests",
+    ]
+    for r in result["gateway"]:
+        lines.append(
+            f"   {r['variant']:8s} {r['run_s']:7.1f} {r['ideal_s']:9.1f} "
+            f"{r['efficiency']:12.3f} {r['requests']:10d}"
+        )
+    lines += [
+        f"b. overloaded weather, K = {s['capacity']} admitted at once",
+        "   variant              run s    429s   requests   double charges   final limit",
+    ]
+    for r in result["overloaded"]:
+        lines.append(
+            f"   {r['variant']:20s} {r['run_s']:6.1f} {r['429s']:7d} {r['requests']:10d} "
+            f"{r['possible_double_charges']:16d} {str(r['final_limit']):>13s}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rows", type=int, default=1500)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--time-scale", type=float, default=10.0)
+    p.add_argument("--capacity", type=int, default=16, help="K of the overloaded weather")
+    p.add_argument("--overloaded-latency", type=float, default=0.2)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = p.parse_args(argv)
+    result = measure(args)
+    print(json.dumps(result) if args.json else report(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
