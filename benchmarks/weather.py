@@ -142,7 +142,7 @@ def report(result: dict[str, Any]) -> str:
     for r in result["overloaded"]:
         lines.append(
             f"   {r['variant']:20s} {r['run_s']:6.1f} {r['429s']:7d} {r['requests']:10d} "
-            f"{r['possible_double_charges']:16d} {str(r['final_limit']):>13s}"
+            f"{r['possible_double_charges']:16d} {r['final_limit']!s:>13s}"
         )
     return "\n".join(lines)
 
