@@ -29,6 +29,7 @@ from pipeline.emulator.process import EmulatorProcess, emulator_command
 from pipeline.emulator.store import FileStore
 from pipeline.errors import ConfigError, InvalidImageError, parse_retry_after
 from pipeline.imageinfo import probe
+from tests.inprocess_emulator import InProcessEmulator
 
 integration = pytest.mark.integration
 
@@ -839,3 +840,26 @@ def test_cli_rejects_bad_config_without_traceback() -> None:
     assert result.exit_code == 2
     assert "more than 1" in result.output
     assert "Traceback" not in result.output
+
+
+async def test_output_scale_sends_smaller_images_billed_as_asked() -> None:
+    # For runs of many rows on a small disk: 1024x1024 asked, 64x64 sent and reported.
+    emulator = InProcessEmulator(output_scale=1 / 16)
+    try:
+        async with httpx.AsyncClient(
+            transport=emulator.transport, base_url=emulator.base_url, timeout=30
+        ) as client:
+            r = await client.post(
+                "/images/edits",
+                data=fields(size="1024x1024", output_format="jpeg"),
+                files=edit_files(IMG),
+            )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        (item,) = body["data"]
+        info = probe(base64.b64decode(item["b64_json"], validate=True))
+        assert info.size == body["size"] == "64x64"
+        assert body["metadata"]["cost"] == 0.01
+        assert emulator.stats()["charged_images"] == 1
+    finally:
+        emulator.close()

@@ -143,6 +143,13 @@ class EmulatorConfig(BaseModel):
         ge=1,
         description="Decoded source compositions kept in memory.",
     )
+    output_scale: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Answer images this fraction of the asked size on each side (runs of "
+        "100k rows fit on a disk at 0.0625); `size` in the answer says what was sent.",
+    )
     render_threads: int = Field(default=0, ge=0, description="Render threads (0: one per CPU).")
     request_log_size: int = Field(
         default=DEFAULT_REQUEST_LOG_SIZE, ge=0, description="Edit requests kept in the request log."

@@ -142,6 +142,10 @@ def check_auth(api_key: str | None, request: Request) -> None:
         )
 
 
+# The smallest side of a scaled-down answer (config.output_scale): room for its caption band.
+MIN_SCALED_SIDE = 32
+
+
 def validate(form: Form, config: EmulatorConfig) -> Edit:
     """The edit `form` asks for, or the ErrorAnswer the gateway would give it."""
     model = _model(form, config)
@@ -159,6 +163,10 @@ def validate(form: Form, config: EmulatorConfig) -> Edit:
     width, height = _output_size(form, dims[0], profile)
     quality = _text_field(form, QUALITY)
     usage = usage_tokens(prompt, dims, (width, height), n, quality) if served.usage else None
+    if config.output_scale < 1:
+        # Billed as asked, sent smaller: what the answer's `size` then reports.
+        width = max(MIN_SCALED_SIDE, round(width * config.output_scale))
+        height = max(MIN_SCALED_SIDE, round(height * config.output_scale))
     return Edit(
         model=model,
         prompt=prompt,
