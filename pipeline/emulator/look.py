@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.emulator.filters import U8
-from pipeline.emulator.overlays import I32, Overlays, draw, touched_groups
+from pipeline.emulator.overlays import I32, Overlays, Stamps, draw, touched_groups
 from pipeline.emulator.splice import MCU_ROWS, JpegParts, PngSegment, jpeg_parts, png_segment
 
 
@@ -49,13 +49,18 @@ class Look:
         if self.overlays is None:
             return none, None
         stamps = self.overlays.stamps(key)
+        live = stamps.alpha > 0
+        if not live.all():  # off the allowed area (a mask, reference thumbnails)
+            stamps = Stamps(stamps.ys[live], stamps.xs[live], stamps.rgb[live], stamps.alpha[live])
         groups = touched_groups(stamps, MCU_ROWS)
         if groups.shape[0] == 0:
             return none, None
         rows = (groups[:, None] * MCU_ROWS + np.arange(MCU_ROWS)[None, :]).ravel()
         stacked = self.image[rows]
-        group_of = np.searchsorted(groups, stamps.ys // MCU_ROWS)
-        local = np.minimum(group_of, groups.shape[0] - 1) * MCU_ROWS + stamps.ys % MCU_ROWS
+        # Each stamp's place among the touched groups (every stamp is in one by now).
+        place = np.zeros(self.image.shape[0] // MCU_ROWS + 1, np.int32)
+        place[groups] = np.arange(groups.shape[0], dtype=np.int32)
+        local = place[stamps.ys // MCU_ROWS] * MCU_ROWS + stamps.ys % MCU_ROWS
         draw(stacked, local.astype(np.int32), stamps.xs, stamps)
         return groups, stacked
 

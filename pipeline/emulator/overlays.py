@@ -26,8 +26,9 @@ STAR_RADII = (1.2, 2.0, 3.0)
 STAR_SHARES = (0.70, 0.93)  # cumulative: small below the first, medium below the second
 FLAKE_RADII = (2.0, 3.0, 4.2, 6.0)
 FLAKE_SHARES = (0.4, 0.7, 0.9)
+FLAKE_FIELD_SEED = 20261130  # the field is the same for every look; variants shift it
 SUN_RADIUS = 0.05  # of the short side
-SUN_GLOW = 3.2  # the glow's radius, in sun radii
+SUN_GLOW = 2.4  # the glow's radius, in sun radii (its area is most of a sunset variant's CPU)
 REFERENCE_SIDE = 1024
 
 
@@ -224,25 +225,41 @@ def stars(overlays: Overlays, rng: np.random.Generator) -> Stamps:
 
 
 def flakes(overlays: Overlays, rng: np.random.Generator) -> Stamps:
-    """Snowflakes everywhere they may be, four sizes, nearly white."""
+    """Snowflakes everywhere they may be, four sizes, nearly white: the look's field of
+    flakes shifted by a seeded offset (building a field per variant cost most of its CPU)."""
     top, bottom = overlays.rows
-    count = int((bottom - top) * overlays.allowed.shape[1] * FLAKE_DENSITY)
-    ys, xs = overlays.positions(rng, count)
-    colours = np.broadcast_to(np.array([250, 252, 255], np.float32), (count, 3))
+    height, width = bottom - top, overlays.allowed.shape[1]
+    field = _flake_field(height, width, round(overlays.scale, 4))
+    dy, dx = int(rng.integers(0, height)), int(rng.integers(0, width))
+    ys = ((field.ys + dy) % height + top).astype(np.int32)
+    xs = ((field.xs + dx) % width).astype(np.int32)
+    return Stamps(ys, xs, field.rgb, field.alpha * at(overlays.allowed, ys, xs))
+
+
+@lru_cache(maxsize=8)
+def _flake_field(height: int, width: int, scale: float) -> Stamps:
+    """Flakes over a `height` x `width` area that tiles (sprites wrap around its edges), rows
+    from 0: drawn once per picture size, shifted per variant."""
+    rng = np.random.default_rng(FLAKE_FIELD_SEED)
+    count = int(height * width * FLAKE_DENSITY)
+    ys = rng.integers(0, height, count)
+    xs = rng.integers(0, width, count)
     # Mostly opaque: a flake must read as white over any ground, not as a grey smudge.
-    alphas = np.asarray(rng.uniform(0.8, 1.0, count), dtype=np.float32)
-    return _sized(
-        overlays,
-        rng,
-        ys,
-        xs,
-        FLAKE_RADII,
-        FLAKE_SHARES,
-        colours,
-        alphas,
-        None,
-        glint_last=False,
-    )
+    alphas = rng.uniform(0.8, 1.0, count).astype(np.float32)
+    size_class = np.searchsorted(np.asarray(FLAKE_SHARES), rng.random(count))
+    parts = []
+    for i, radius in enumerate(FLAKE_RADII):
+        pick = size_class == i
+        sprite = disc(round(radius * scale, 1))
+        py = ((ys[pick][:, None] + sprite.dy[None, :]) % height).ravel()
+        px = ((xs[pick][:, None] + sprite.dx[None, :]) % width).ravel()
+        a = (alphas[pick][:, None] * sprite.alpha[None, :]).ravel()
+        parts.append((py, px, a))
+    py = np.concatenate([p[0] for p in parts]).astype(np.int32)
+    px = np.concatenate([p[1] for p in parts]).astype(np.int32)
+    alpha = np.concatenate([p[2] for p in parts]).astype(np.float32)
+    rgb = np.broadcast_to(np.array([250, 252, 255], np.float32), (py.shape[0], 3))
+    return Stamps(py, px, rgb, alpha)
 
 
 def sun(overlays: Overlays, rng: np.random.Generator) -> Stamps:
@@ -272,7 +289,9 @@ _DRAWERS: dict[str, Callable[[Overlays, np.random.Generator], Stamps]] = {
 
 def touched_groups(stamps: Stamps, group_rows: int) -> I32:
     """The sorted row groups (of `group_rows` rows) that the stamps paint on."""
-    return np.unique(stamps.ys[stamps.alpha > 0] // group_rows).astype(np.int32)
+    # A count per group rather than np.unique: no sort of every stamp pixel.
+    painted = stamps.ys[stamps.alpha > 0] // group_rows
+    return np.flatnonzero(np.bincount(painted)).astype(np.int32)
 
 
 def draw(rows: U8, ys: I32, xs: I32, stamps: Stamps) -> None:
