@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -87,10 +88,38 @@ class Hosts:
         return len(pids)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale() -> None:
+    """Namespaces and bridges left by a test process that died before its clean-up (they
+    would hold SUBNET's addresses); those of a live process are left alone."""
+    spaces = _ip("netns", "list", check=False).stdout.split("\n")
+    for name in (line.split()[0] for line in spaces if line.strip()):
+        m = re.fullmatch(r"ie(\d+)-\w+", name)
+        if m and not _alive(int(m.group(1))):
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _ip("netns", "del", name, check=False)
+    links = _ip("-o", "link", "show", "type", "bridge", check=False).stdout
+    for bridge, pid in re.findall(r"^\d+: (ie(\d+)-br)[:@]", links, flags=re.M):
+        if not _alive(int(pid)):
+            _ip("link", "del", bridge, check=False)
+
+
 @contextlib.contextmanager
 def hosts(names: Sequence[str]) -> Iterator[Hosts]:
     """Namespaces `names` on one bridge, addresses SUBNET.11, .12...; removed on exit."""
-    tag = f"ie{os.getpid() % 100000}"
+    _remove_stale()
+    tag = f"ie{os.getpid()}"
     net = Hosts(tag=tag, bridge=f"{tag}-br", gateway=f"{SUBNET}.1")
     made: list[str] = []
     try:

@@ -98,10 +98,12 @@ def _stats(api: str) -> dict[str, Any]:
 
 async def _runs_by_worker(stack: PrefectStack) -> tuple[dict[str, set[str]], set[str], set[str]]:
     """Flow run ids each worker submitted; the parent's; the shards' still running."""
-    ran_by = {
-        w: set(re.findall(r"submitting flow run '([0-9a-f-]+)'", stack.log_text(w)))
-        for w in WORKERS
-    }
+    ran_by = {}
+    for w in WORKERS:
+        text = stack.log_text(w)
+        # Two workers may both try a run: the one the server refused logs "Aborted".
+        tried = set(re.findall(r"submitting flow run '([0-9a-f-]+)'", text))
+        ran_by[w] = tried - set(re.findall(r"Aborted submission of flow run '([0-9a-f-]+)'", text))
     async with get_client() as client:
         runs = await client.read_flow_runs()
     parents = {str(r.id) for r in runs if "-shard-" not in r.name}
@@ -149,7 +151,13 @@ async def test_a_worker_host_killed_mid_shard_loses_no_row_and_pays_none_twice_u
     wait_for(f"{s3_url}/")
     wait_for(f"{api_root}/_emulator/stats")
 
-    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", **_boto_creds())
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_url,
+        region_name="us-east-1",
+        aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"],
+    )
     s3.create_bucket(Bucket="cat")
     s3.put_object(Bucket="cat", Key="src/a.png", Body=sources["square.png"].read_bytes())
     s3.put_object(Bucket="cat", Key="src/b.jpg", Body=sources["wide.jpg"].read_bytes())
@@ -214,8 +222,9 @@ async def test_a_worker_host_killed_mid_shard_loses_no_row_and_pays_none_twice_u
     summary = json.loads(s3.get_object(Bucket="cat", Key=summary_key)["Body"].read())
     assert summary["stopped_by"] is None
     attempts = [s["attempts"] for s in summary["extra"]["shards"]]
-    if had_parent:  # shards that went through were left alone, the others started again
-        assert 0 in attempts and any(a >= 1 for a in attempts), attempts
+    if had_parent:  # shards that went through were left alone, the dead host's started again
+        assert 0 in attempts, attempts
+        assert any(a >= 1 for a in attempts) or not killed_runs, (killed_runs, attempts)
     else:  # the parent started the dead host's shard again
         assert any(a > 1 for a in attempts), (victim, killed_runs, attempts)
 
@@ -271,10 +280,3 @@ async def _kill_a_shard_host(
                 assert net.kill(worker) > 0
                 return worker, ran_by[worker] & running, bool(ran_by[worker] & parents)
         await asyncio.sleep(0.2)
-
-
-def _boto_creds() -> dict[str, str]:
-    return {
-        "aws_access_key_id": CREDS["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": CREDS["AWS_SECRET_ACCESS_KEY"],
-    }
