@@ -89,23 +89,11 @@ class ParquetReader:
             raise ManifestError(f"manifest {self._uri} has no rows")
 
     def rows(self, cmap: ColumnMap) -> Iterator[RawItem]:
-        raws = list(cmap.canonical)
-        names = [cmap.canonical[r] for r in raws]
-        next_row = 1
-        batches = self._file.iter_batches(batch_size=PARQUET_READ_ROWS, columns=raws)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except (pa.ArrowException, OSError) as exc:
-                raise ManifestError(
-                    f"cannot read manifest {self._uri} after row {next_row - 1}: {exc}"
-                ) from exc
-            columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-            for values in zip(*columns, strict=True):
-                yield RawRow(next_row, dict(zip(names, values, strict=True)))
-                next_row += 1
+        for segment in self.segments(cmap):
+            columns = [column.to_pylist() for column in segment.columns.values()]
+            names = list(segment.columns)
+            for offset, values in enumerate(zip(*columns, strict=True)):
+                yield RawRow(segment.row + offset, dict(zip(names, values, strict=True)))
 
     def segments(self, cmap: ColumnMap) -> Iterator[RawBatch]:
         """The rows of `rows`, a record batch at a time, as Arrow arrays."""

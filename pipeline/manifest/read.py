@@ -238,8 +238,16 @@ class CsvReader:
                 raise self._translate(exc, last_row()) from exc
             yield batch
 
-    def rows(self, cmap: ColumnMap) -> Iterator[RawItem]:
-        """Every data row in order: RawRow, or InvalidRow for a ragged row, numbered from 1."""
+    def _open_for_rows(
+        self, cmap: ColumnMap
+    ) -> tuple[
+        pa.NativeFile,
+        pacsv.CSVStreamingReader,
+        deque[tuple[int, int, int, str]],
+        list[tuple[int, str]],
+    ]:
+        """The open stream and reader, the queue pyarrow fills with ragged rows as it reads
+        (row, expected and found columns, text), and the known columns (index, name)."""
         ragged: deque[tuple[int, int, int, str]] = deque()
 
         def on_invalid(bad: Any) -> str:
@@ -258,6 +266,11 @@ class CsvReader:
             )
         names = [cmap.canonical.get(raw) for raw in reader.schema.names]
         known = [(i, name) for i, name in enumerate(names) if name is not None]
+        return stream, reader, ragged, known
+
+    def rows(self, cmap: ColumnMap) -> Iterator[RawItem]:
+        """Every data row in order: RawRow, or InvalidRow for a ragged row, numbered from 1."""
+        stream, reader, ragged, known = self._open_for_rows(cmap)
         known_names = [name for _, name in known]
         value_at = dict(known)
         next_row = 1
@@ -312,23 +325,7 @@ class CsvReader:
         whose value may have swallowed rows (or the file's last row, whose quote may be left
         open) carries the same problems as there, in `RawBatch.problems`.
         """
-        ragged: deque[tuple[int, int, int, str]] = deque()
-
-        def on_invalid(bad: Any) -> str:
-            number = bad.number if bad.number is not None else -1
-            text = (bad.text or "")[:MAX_RAGGED_TEXT]
-            ragged.append((number - 1, bad.expected_columns, bad.actual_columns, text))
-            return "skip"
-
-        stream, reader = self._open_reader(on_invalid, None)
-        if list(reader.schema.names) != self.columns:
-            stream.close()
-            raise ManifestError(
-                f"cannot parse the header of manifest {self._source.uri}: read as "
-                f"{reader.schema.names}, expected {self.columns}"
-            )
-        names = [cmap.canonical.get(raw) for raw in reader.schema.names]
-        known = [(i, name) for i, name in enumerate(names) if name is not None]
+        stream, reader, ragged, known = self._open_for_rows(cmap)
         value_at = dict(known)
         next_row = 1
         held: RawBatch | None = None
