@@ -269,54 +269,20 @@ class CsvReader:
         return stream, reader, ragged, known
 
     def rows(self, cmap: ColumnMap) -> Iterator[RawItem]:
-        """Every data row in order: RawRow, or InvalidRow for a ragged row, numbered from 1."""
-        stream, reader, ragged, known = self._open_for_rows(cmap)
-        known_names = [name for _, name in known]
-        value_at = dict(known)
-        next_row = 1
-        held: RawRow | None = None
-        last_values: tuple[Any, ...] = ()
-        try:
-            # Read late on purpose: an error names the row reached when it came.
-            for batch in self._batches(reader, lambda: next_row - 1):  # noqa: B023
-                columns = [batch.column(i).to_pylist() for i, _ in known]
-                for values in zip(*columns, strict=True):
-                    # A ragged row takes the number pyarrow gave it; `<=` keeps the numbering
-                    # gapless even if pyarrow ever numbered differently.
-                    while ragged and ragged[0][0] <= next_row:
-                        _, expected, found, text = ragged.popleft()
-                        if held is not None:
-                            yield held
-                            held = None
-                        yield ragged_row(next_row, expected, found, text)
-                        next_row += 1
-                    if held is not None:
-                        yield held
-                    held = RawRow(
-                        next_row,
-                        dict(zip(known_names, values, strict=True)),
-                        self._swallowed_rows(
-                            value_at, {i: v for (i, _), v in zip(known, values, strict=True)}
-                        ),
-                    )
-                    next_row += 1
-                if batch.num_rows:
-                    last_values = tuple(
-                        batch.column(i)[batch.num_rows - 1].as_py()
-                        for i in range(batch.num_columns)
-                    )
-            if held is not None and not ragged:
-                problems = self._unclosed_quote(list(reader.schema.names), last_values)
-                if problems:
-                    held = RawRow(held.row, held.cells, problems)
-            if held is not None:
-                yield held
-            while ragged:
-                _, expected, found, text = ragged.popleft()
-                yield ragged_row(next_row, expected, found, text)
-                next_row += 1
-        finally:
-            stream.close()
+        """Every data row in order: RawRow, or InvalidRow for a ragged row, numbered from 1
+        (the segments, a row at a time)."""
+        for segment in self.segments(cmap):
+            if isinstance(segment, InvalidRow):
+                yield segment
+                continue
+            names = list(segment.columns)
+            columns = [column.to_pylist() for column in segment.columns.values()]
+            for offset, values in enumerate(zip(*columns, strict=True)):
+                yield RawRow(
+                    segment.row + offset,
+                    dict(zip(names, values, strict=True)),
+                    segment.problems.get(offset, ()),
+                )
 
     def segments(self, cmap: ColumnMap) -> Iterator[RawBatch | InvalidRow]:
         """What `rows` yields, with runs of consecutive rows kept as Arrow columns (RawBatch).
