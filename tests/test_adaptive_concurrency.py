@@ -423,3 +423,67 @@ async def test_adaptive_concurrency_finds_what_an_overloaded_api_admits(tmp_path
     # The summary's table and JSON say so too.
     assert any(r["metric"] == "concurrency" for r in adaptive.table())
     assert adaptive.to_dict()["concurrency"] == conc
+
+
+# --- a 429 with Retry-After -------------------------------------------------------------------
+
+RETRY_AFTER_S = 3
+
+
+class OneRefusal:
+    """Answers every request at once, but the first one of "edit 0" with a 429 and a
+    Retry-After of RETRY_AFTER_S; keeps the order prompts arrived in."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[float, str]] = []
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        found = PROMPT.search(request.content)
+        assert found is not None
+        prompt = found.group(1).decode()
+        refused = prompt == "edit 0" and all(p != prompt for _, p in self.arrivals)
+        self.arrivals.append((asyncio.get_running_loop().time(), prompt))
+        if refused:
+            return httpx.Response(
+                429,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+                json={"error": {"code": "RATE_LIMITED", "message": "slow down"}},
+            )
+        await asyncio.sleep(0.005)
+        return httpx.Response(200, json=answer())
+
+
+async def run_with_one_refusal(tmp_path: Path, *, fixed: bool) -> OneRefusal:
+    api = OneRefusal()
+    opts = RunOptions(
+        manifest=str(write_manifest(tmp_path, 20)),
+        output=str(tmp_path / "out"),
+        api_base=API,
+        concurrency=2,
+        fixed_concurrency=fixed,
+    )
+    summary = await run_manifest(opts, RunParts(api_transport=httpx.MockTransport(api.handler)))
+    assert summary.by_status["succeeded"] == 20
+    return api
+
+
+@pytest.mark.integration
+async def test_a_429_holds_every_worker_when_fixed_and_only_its_row_when_adaptive(
+    tmp_path: Path,
+) -> None:
+    def during_the_wait(api: OneRefusal) -> list[str]:
+        refused_at = next(t for t, p in api.arrivals if p == "edit 0")
+        return [p for t, p in api.arrivals if refused_at < t < refused_at + RETRY_AFTER_S]
+
+    adaptive = await run_with_one_refusal(tmp_path / "adaptive", fixed=False)
+    prompts = [p for _, p in adaptive.arrivals]
+    assert prompts.count("edit 0") == 2 and prompts[-1] == "edit 0" and len(prompts) == 21
+    # The refused row waited; the others went on meanwhile (the limit was cut instead): more
+    # of them than the run's 4 workers could have had past a closed gate.
+    assert len(during_the_wait(adaptive)) > 4, adaptive.arrivals
+
+    fixed = await run_with_one_refusal(tmp_path / "fixed", fixed=True)
+    assert len(fixed.arrivals) == 21
+    # Only rows already past the rate gate (one per worker at most) started during the pause;
+    # the rest waited for the Retry-After with the refused row.
+    assert len(during_the_wait(fixed)) <= 4, fixed.arrivals

@@ -134,7 +134,10 @@ async def _edit(
                 ctx.api_health.failed(exc)
                 # A 429 or a burst of 503s: an adaptive limit backs off.
                 ctx.slots.failed(ticket, exc)
-                if isinstance(exc, RateLimitError) and exc.retry_after:
+                if isinstance(exc, RateLimitError) and exc.retry_after and ctx.slots.fixed:
+                    # A fixed limit has no other run-wide answer to a 429: hold every worker.
+                    # An adaptive one has cut itself; the row alone waits its Retry-After, as
+                    # a pause of the whole run would leave the slots the cut kept empty.
                     ctx.gate.pause(exc.retry_after)
                 log.debug("row %s attempt %s: %s", row.row, result.attempts, exc)
                 raise

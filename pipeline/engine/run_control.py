@@ -6,7 +6,8 @@
   abandons them (each counted as a possible charge).
 - `Budget`: no request starts once spent plus in flight could pass `--max-cost`.
 - `RateGate`: after a 429 with Retry-After no worker starts a request before it expires,
-  capped, and never past a row's own time limit.
+  capped, and never past a row's own time limit (fixed concurrency only: an adaptive limit
+  answers a 429 by cutting itself, and the refused row alone waits).
 - `BatchedPermits`: a shared requests-per-minute limit, fetched a batch at a time.
 - `RequestSlots`: the requests in flight, at most `concurrency` (fixed), or at most what the
   AIMD limit of `pipeline.engine.adaptive` allows now (adaptive), through a `ResizableGate`.
@@ -359,6 +360,10 @@ class RequestSlots:
     @property
     def mode(self) -> ConcurrencyMode:
         return "fixed" if self.aimd is None else "adaptive"
+
+    @property
+    def fixed(self) -> bool:
+        return self.aimd is None
 
     @property
     def ceiling(self) -> int:
