@@ -380,6 +380,8 @@ def _retry_command(
         parts += ["--response-format", str(params["response_format"])]
     if params.get("allow_private_sources"):
         parts.append("--allow-private-sources")
+    if params.get("fixed_concurrency"):
+        parts.append("--fixed-concurrency")
     return shlex.join(parts)
 
 

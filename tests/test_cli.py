@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -64,3 +65,17 @@ def test_the_readme_run_command_edits_the_example_manifest(tmp_path: Path) -> No
     assert len(list(out.glob("jobs/*/*.json"))) == 6
     # room-window asks for n=2: seven images in all.
     assert len(list(out.glob("images/*/*"))) == 7
+
+
+def test_the_command_to_run_again_keeps_the_concurrency_options() -> None:
+    from flows.cli import _retry_command
+
+    params = {"concurrency": 8, "fixed_concurrency": True, "response_format": "b64_json"}
+    command = _retry_command("m.csv", "out", params, api_base=None, emulator=True)
+    assert shlex.split(command) == [
+        "imgedit", "run", "m.csv", "--output", "out", "--emulator",
+        "--concurrency", "8", "--fixed-concurrency",
+    ]  # fmt: skip
+    params["fixed_concurrency"] = False
+    command = _retry_command("m.csv", "out", params, api_base=None, emulator=True)
+    assert "--fixed-concurrency" not in shlex.split(command)
