@@ -126,6 +126,7 @@ class ChunkJournal:
         for attempt in range(PART_WRITE_ATTEMPTS):
             try:
                 await self.ctx.io(self.ctx.storage.put_bytes, key, data)
+                self.ctx.kept_parts.keep(key, data)
                 return
             except StorageError as exc:
                 if attempt == PART_WRITE_ATTEMPTS - 1:

@@ -15,9 +15,8 @@ from pipeline.constants import DEFAULT_CONCURRENCY
 from pipeline.engine import layout, progress
 from pipeline.engine.claims import Claims
 from pipeline.engine.client import EditClient, ResponseFormat
-from pipeline.engine.results import (
-    ResultRow,
-)
+from pipeline.engine.done_keys import DoneKeys
+from pipeline.engine.results import KeptParts, ResultRow
 from pipeline.engine.retry import RetryPolicy
 from pipeline.engine.run_control import (
     ApiHealth,
@@ -73,7 +72,7 @@ class RunContext:
         client: EditClient,
         loader: SourceLoader,
         config: RunConfig,
-        done_keys: set[str] | None = None,
+        done_keys: DoneKeys | None = None,
         check_unindexed: bool = False,
         io_executor: ThreadPoolExecutor | None = None,
         only_rows: set[int] | None = None,
@@ -88,7 +87,7 @@ class RunContext:
         self.client = client
         self.loader = loader
         self.config = config
-        self.done_keys: set[str] = done_keys if done_keys is not None else set()
+        self.done_keys = done_keys if done_keys is not None else DoneKeys()
         # The done index may miss jobs that a chunk without claims committed: check a job's
         # sidecar before editing it (see pipeline.engine.done_index).
         self.check_unindexed = check_unindexed
@@ -112,6 +111,8 @@ class RunContext:
         self.claims = claims
         # Results parts that could not be written: kept here, written with the final table.
         self.unwritten_parts: dict[str, bytes] = {}
+        # Results parts written, kept to merge the run's table from memory (see KeptParts).
+        self.kept_parts = KeptParts()
 
     def start(self) -> None:
         """Start what runs beside the rows: the renewal of claims and open markers."""

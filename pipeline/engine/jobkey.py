@@ -12,6 +12,9 @@ from pipeline.manifest.types import EditParams
 # Bump when the key's inputs change meaning, so old results are not taken for new ones.
 KEY_VERSION = 1
 KEY_HEX_CHARS = 32  # 128 bits: collisions are not a practical concern at any catalogue size
+# One encoder for every key: `json.dumps` with these options builds a new JSONEncoder per
+# call, a third of a key's cost when a resume computes a million of them. Same output.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def job_key(
@@ -47,5 +50,5 @@ def job_key(
         "params": {k: v for k, v in fields.items() if v is not None},
         "extra": params.extra,
     }
-    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = _CANONICAL.encode(doc)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]

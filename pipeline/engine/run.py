@@ -21,6 +21,7 @@ from pipeline.engine.claims import Claims
 from pipeline.engine.claims import probe as claims_probe
 from pipeline.engine.client import EditClient
 from pipeline.engine.context import RunConfig, RunContext, io_thread_pool
+from pipeline.engine.done_keys import DoneKeys
 from pipeline.engine.edit import request_for
 from pipeline.engine.interrupts import stop_on_signals
 from pipeline.engine.options import ResponseFormat, RunOptions
@@ -136,7 +137,7 @@ def open_context(
         enabled=claims_supported(storage, opts),
     )
     done = (
-        done_index.DoneJobs(set())
+        done_index.DoneJobs(DoneKeys())
         if opts.overwrite
         else done_index.load_done(storage, claims=claims.enabled)
     )
@@ -257,7 +258,10 @@ def finalize_run(
 ) -> RunSummary:
     """Merge the chunk parts into the run's results table and write its summary."""
     keys = [key for s in stats for key in s.part_keys]
-    results_uri, table = merge_results(ctx.storage, keys, ctx.run_id, ctx.unwritten_parts)
+    # Parts this process wrote are merged from memory, not read back (see KeptParts).
+    held = {**ctx.kept_parts.parts, **ctx.unwritten_parts}
+    results_uri, table = merge_results(ctx.storage, keys, ctx.run_id, held)
+    ctx.kept_parts.parts.clear()
     return write_summary(
         ctx.storage,
         ctx.run_id,

@@ -203,23 +203,25 @@ def summarize(
     """Counts, cost and latency percentiles from a results table (or its SUMMARY_COLUMNS)."""
     status = table.column("status")
     by_status = {s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in STATUSES}
-    skipped = table.filter(pc.equal(status, "skipped"))
-    reasons = pc.value_counts(skipped.column("reason").fill_null("unknown")).to_pylist()
-    succeeded = table.filter(pc.equal(status, "succeeded"))
-    latency = succeeded.column("latency_s").drop_null()
+    # Columns filtered one at a time, never the whole table: a copy of a million rows' summary
+    # columns is about 70 MB.
+    is_skipped = pc.equal(status, "skipped")
+    reasons = pc.value_counts(table.column("reason").filter(is_skipped).fill_null("unknown"))
+    is_succeeded = pc.equal(status, "succeeded")
+    latency = table.column("latency_s").filter(is_succeeded).drop_null()
     p50 = p95 = None
     if len(latency):
         q = pc.quantile(latency, q=[0.5, 0.95]).to_pylist()
         p50, p95 = q[0], q[1]
     currencies = [c for c in pc.unique(table.column("currency").drop_null()).to_pylist() if c]
-    answered = table.filter(pc.is_valid(table.column("n_outputs")))
-    unpriced = answered.filter(pc.is_null(answered.column("cost")))
+    n_outputs = table.column("n_outputs")
+    unpriced = pc.and_(pc.is_valid(n_outputs), pc.is_null(table.column("cost")))
     codes = table.column("error_code")
     return {
         "rows": table.num_rows,
         "by_status": by_status,
-        "skipped_by_reason": {r["values"]: int(r["counts"]) for r in reasons},
-        "images": _sum(succeeded.column("n_outputs")),
+        "skipped_by_reason": {r["values"]: int(r["counts"]) for r in reasons.to_pylist()},
+        "images": _sum(n_outputs.filter(is_succeeded)),
         "cost_usd": round(float(pc.sum(table.column("cost")).as_py() or 0.0), 6),
         "currency": currencies[0]
         if len(currencies) == 1
@@ -230,7 +232,7 @@ def summarize(
         ),
         "latency_p50_s": p50,
         "latency_p95_s": p95,
-        "cost_assumed_usd": round(_sum(unpriced.column("n_outputs")) * price_per_image_usd, 6),
+        "cost_assumed_usd": round(_sum(n_outputs.filter(unpriced)) * price_per_image_usd, 6),
         "distrusted_costs": int(pc.sum(pc.is_valid(table.column("cost_raw"))).as_py() or 0),
         "claims_waited": int(pc.sum(pc.is_valid(table.column("claim_wait_s"))).as_py() or 0),
         "abandoned": int(pc.sum(pc.equal(codes, "abandoned")).as_py() or 0),

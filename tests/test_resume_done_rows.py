@@ -1,0 +1,146 @@
+"""A resume of rows already done: the done set held compactly (`done_keys`), every row's
+result written once, and the run's table merged from the parts it kept in memory."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.engine import done_index, results
+from pipeline.engine.done_keys import DoneKeys
+from pipeline.engine.jobkey import job_key
+from pipeline.engine.options import RunOptions
+from pipeline.engine.run import RunParts, run_manifest
+from pipeline.io.storage import LocalStorage
+from pipeline.manifest.open import open_manifest
+from pipeline.manifest.types import ManifestRow
+from pipeline.models.registry import DEFAULT_PROFILE
+
+ROWS = 40
+
+
+def hex_keys(rng: random.Random, n: int) -> list[str]:
+    return [f"{rng.getrandbits(128):032x}" for _ in range(n)]
+
+
+def test_done_keys_answer_as_a_set_of_the_same_keys_would() -> None:
+    rng = random.Random(7)
+    keys = hex_keys(rng, 3000)
+    # Neighbours sharing their high 64 bits, and keys of other forms (shorter, longer).
+    keys += [keys[0][:16] + f"{rng.getrandbits(64):016x}" for _ in range(5)]
+    keys += ["abcdef12", "a" * 64, f"{0:032x}", "f" * 32]
+    segments = [
+        pa.array(keys[i : i + 500] + keys[i : i + 3] + [None]) for i in range(0, len(keys), 500)
+    ]
+    done = DoneKeys.from_arrays(segments)
+    expected = set(keys)
+    assert len(done) == len(expected) and done == expected and set(done) == expected
+    assert all(k in done for k in keys)
+    assert not any(k in done for k in hex_keys(random.Random(8), 3000))
+    near = keys[10]
+    for other in (near.upper(), near + "\n", "0_" + near[2:], near[:-1], 42):
+        assert other not in done
+    assert done.to_arrow().to_pylist() == sorted(expected)
+    new = hex_keys(rng, 1)[0]
+    done.add(new)
+    done.add(keys[1])  # already there: counted once
+    assert new in done and len(done) == len(expected) + 1
+    assert DoneKeys() == set() and not DoneKeys() and DoneKeys(["ab" * 16]) != DoneKeys()
+
+
+def test_a_compacted_index_keeps_every_key_sorted_in_one_segment(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "out")
+    rng = random.Random(3)
+    jobs: set[str] = set()
+    for chunk in range(done_index.COMPACT_AT + 1):
+        keys = hex_keys(rng, 20) + (["0123abcd"] if chunk == 5 else [])
+        jobs.update(keys)
+        done_index.write_chunk_segment(storage, "r1", chunk, 0, keys)
+    storage.put_bytes(done_index.ROOT_KEY, b'{"version": 1}')
+    assert done_index.load_done(storage).keys == jobs
+    (merged,) = storage.list_keys(done_index.SEGMENTS_PREFIX)
+    assert done_index.read_segment(storage.get_bytes(merged)) == sorted(jobs)
+    assert done_index.load_done(storage).keys == jobs
+
+
+class CountingStorage(LocalStorage):
+    """Counts the results parts read back."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.part_reads = 0
+
+    def get_bytes(self, key: str) -> bytes:
+        if "/parts/" in key:
+            self.part_reads += 1
+        return super().get_bytes(key)
+
+
+def write_manifest(path: Path, sources: dict[str, Path]) -> Path:
+    names = sorted(sources)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "image", "prompt", "seed", "output_format"])
+        for i in range(ROWS):
+            prompt = "" if i == 7 else f"edit {i % 30}"  # row 8 invalid; rows 31.. repeat jobs
+            writer.writerow([f"r{i}", sources[names[i % len(names)]], prompt, i % 30, "jpeg"])
+    return path
+
+
+def index_every_job(manifest: Path, storage: LocalStorage) -> dict[int, str]:
+    """The done index of every valid row's job, as the runner computes its key."""
+    keys = {}
+    with open_manifest(str(manifest)) as opened:
+        for row in opened.rows():
+            if isinstance(row, ManifestRow):
+                shas = [hashlib.sha256(Path(u).read_bytes()).hexdigest() for u in row.images]
+                keys[row.row] = job_key(
+                    model=DEFAULT_PROFILE.model,
+                    image_sha256=shas,
+                    mask_sha256=None,
+                    prompt=row.prompt,
+                    seed=row.seed,
+                    params=row.params,
+                )
+    done_index.write_segment(storage, done_index.segment_key("populate"), keys.values())
+    storage.put_bytes(done_index.ROOT_KEY, b'{"version": 1}')
+    return keys
+
+
+@pytest.mark.parametrize("kept_budget", [None, 0], ids=["parts-kept", "parts-read-back"])
+async def test_a_resumed_run_has_every_row_once_with_its_status(
+    tmp_path: Path,
+    sources: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    kept_budget: int | None,
+) -> None:
+    if kept_budget is not None:
+        monkeypatch.setattr(results, "KEEP_PARTS_BYTES", kept_budget)
+    manifest = write_manifest(tmp_path / "m.csv", sources)
+    storage = CountingStorage(tmp_path / "out")
+    keys = index_every_job(manifest, storage)
+    opts = RunOptions(
+        manifest=str(manifest),
+        output=str(tmp_path / "out"),
+        api_base="http://127.0.0.1:9/v1",  # never called: every valid row is done
+        chunk_size=6,
+    )
+    summary = await run_manifest(opts, RunParts(storage=storage))
+    table: Any = pq.read_table(summary.results_uri).to_pandas()
+    assert sorted(table["row"]) == list(range(1, ROWS + 1))
+    by_row = table.set_index("row")
+    assert by_row.loc[8, "status"] == "invalid"
+    done = by_row.drop(index=8)
+    assert (done["status"] == "skipped").all() and (done["reason"] == "done").all()
+    assert done["job_key"].to_dict() == keys
+    assert summary.by_status == {"succeeded": 0, "failed": 0, "invalid": 1, "skipped": ROWS - 1}
+    assert summary.skipped_by_reason == {"done": ROWS - 1}
+    # Seven chunks' parts: merged from memory, unless none could be kept.
+    assert storage.part_reads == (0 if kept_budget is None else 7)
