@@ -13,11 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.engine import done_index, results
+from pipeline.engine import chunk as chunk_module
+from pipeline.engine import done_index, progress, results
 from pipeline.engine.done_keys import DoneKeys
 from pipeline.engine.jobkey import job_key
 from pipeline.engine.options import RunOptions
 from pipeline.engine.run import RunParts, run_manifest
+from pipeline.engine.runner import done_row
 from pipeline.io.storage import LocalStorage
 from pipeline.manifest.open import open_manifest
 from pipeline.manifest.types import ManifestRow
@@ -68,6 +70,20 @@ def test_a_compacted_index_keeps_every_key_sorted_in_one_segment(tmp_path: Path)
     (merged,) = storage.list_keys(done_index.SEGMENTS_PREFIX)
     assert done_index.read_segment(storage.get_bytes(merged)) == sorted(jobs)
     assert done_index.load_done(storage).keys == jobs
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def on_plan(self, run_id: str, total_rows: int, estimated_cost_usd: float) -> None:
+        pass
+
+    def on_row(self, run_id: str, result: results.ResultRow) -> None:
+        self.rows.append(result.row)
+
+    def on_concurrency(self, run_id: str, limit: int, ceiling: int, mode: str) -> None:
+        pass
 
 
 class CountingStorage(LocalStorage):
@@ -132,7 +148,21 @@ async def test_a_resumed_run_has_every_row_once_with_its_status(
         api_base="http://127.0.0.1:9/v1",  # never called: every valid row is done
         chunk_size=6,
     )
-    summary = await run_manifest(opts, RunParts(storage=storage))
+    fast: list[int] = []
+
+    def counted(ctx: Any, row: Any) -> Any:
+        found = done_row(ctx, row)
+        if found is not None:
+            fast.append(found.row)
+        return found
+
+    monkeypatch.setattr(chunk_module, "done_row", counted)
+    heard = Listener()
+    unsubscribe = progress.subscribe(heard)
+    try:
+        summary = await run_manifest(opts, RunParts(storage=storage))
+    finally:
+        unsubscribe()
     table: Any = pq.read_table(summary.results_uri).to_pandas()
     assert sorted(table["row"]) == list(range(1, ROWS + 1))
     by_row = table.set_index("row")
@@ -142,5 +172,36 @@ async def test_a_resumed_run_has_every_row_once_with_its_status(
     assert done["job_key"].to_dict() == keys
     assert summary.by_status == {"succeeded": 0, "failed": 0, "invalid": 1, "skipped": ROWS - 1}
     assert summary.skipped_by_reason == {"done": ROWS - 1}
+    # Done rows whose sources were cached took the path without a ResultRow; the others (the
+    # first chunks', while their sources load; the invalid row) the full one. Listeners heard
+    # every row once.
+    assert len(fast) >= ROWS // 2 and 8 not in fast
+    assert sorted(heard.rows) == list(range(1, ROWS + 1))
     # Seven chunks' parts: merged from memory, unless none could be kept.
     assert storage.part_reads == (0 if kept_budget is None else 7)
+
+
+def test_done_rows_make_the_table_their_result_rows_make() -> None:
+    now = results.utcnow()
+    done = [
+        results.DoneRow(
+            row=r,
+            id=f"r{r}" if r % 2 else None,
+            job_key=f"{r:032x}",
+            prompt=f"edit {r}",
+            seed=r if r % 3 else None,
+            source_uris=["/a.png", "s3://b/c.jpg"][: 1 + r % 2],
+            sidecar_uri=f"s3://out/jobs/{r:032x}.json",
+            n_requested=1 + r % 2,
+            requested_size="1024x1024" if r % 2 else None,
+            started_at=now,
+            finished_at=now,
+            elapsed_s=0.001 * r,
+        )
+        for r in (5, 1, 4, 2)
+    ]
+    assert results.done_rows_table(done).equals(results.rows_to_table([d.result() for d in done]))
+    assert results.done_rows_table([]).equals(results.rows_to_table([]))
+    failed = results.ResultRow(row=3, id="r3", status="failed", error_code="x")
+    mixed = results.part_table([failed], done)
+    assert mixed.equals(results.rows_to_table([failed, *(d.result() for d in done)]))

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pipeline.engine import done_index, layout, progress
 from pipeline.engine.context import WORKERS_PER_SLOT, RunContext
 from pipeline.engine.outcomes import stopped_result
-from pipeline.engine.results import ResultRow, rows_to_table, table_to_parquet_bytes
-from pipeline.engine.runner import process_row
+from pipeline.engine.results import DoneRow, ResultRow, part_table, table_to_parquet_bytes
+from pipeline.engine.runner import done_row, process_row
 from pipeline.errors import StorageError
 from pipeline.manifest.types import ParsedRow
 
@@ -61,6 +61,7 @@ class ChunkJournal:
         self.part_keys: list[str] = []
         self._jobs: set[str] = set()  # committed (or found done) since the last flush
         self._rows: list[ResultRow] = []  # finished since the last flush
+        self._done: list[DoneRow] = []  # found done (without a ResultRow) since then
         self._seq = 0
         self._open_lock = asyncio.Lock()
         self._flush_lock = asyncio.Lock()
@@ -94,7 +95,12 @@ class ChunkJournal:
 
     def finished(self, result: ResultRow) -> None:
         self._rows.append(result)
-        if len(self._rows) >= FLUSH_ROWS:
+        if len(self._rows) + len(self._done) >= FLUSH_ROWS:
+            self.nudge.set()
+
+    def finished_done(self, done: DoneRow) -> None:
+        self._done.append(done)
+        if len(self._rows) + len(self._done) >= FLUSH_ROWS:
             self.nudge.set()
 
     async def flush(self) -> None:
@@ -102,6 +108,7 @@ class ChunkJournal:
         async with self._flush_lock:
             jobs, self._jobs = self._jobs, set()
             rows, self._rows = self._rows, []
+            done, self._done = self._done, []
             seq, self._seq = self._seq, self._seq + 1
             if jobs:
                 indexed: bool = await self.ctx.io(
@@ -117,11 +124,12 @@ class ChunkJournal:
                 elif self.ctx.claims is not None:
                     # Only once indexed: a claim is how a killed chunk's jobs are found.
                     await self.ctx.claims.release(jobs)
-            if rows:
-                await self._write_part(layout.part_key(self.ctx.run_id, self.chunk, seq), rows)
+            if rows or done:
+                key = layout.part_key(self.ctx.run_id, self.chunk, seq)
+                await self._write_part(key, rows, done)
 
-    async def _write_part(self, key: str, rows: list[ResultRow]) -> None:
-        data = table_to_parquet_bytes(rows_to_table(rows))
+    async def _write_part(self, key: str, rows: list[ResultRow], done: list[DoneRow]) -> None:
+        data = table_to_parquet_bytes(part_table(rows, done))
         self.part_keys.append(key)
         for attempt in range(PART_WRITE_ATTEMPTS):
             try:
@@ -172,6 +180,13 @@ async def process_chunk(ctx: RunContext, chunk: int, rows: Sequence[ParsedRow]) 
         while next_index < len(rows):
             i = next_index
             next_index += 1
+            done = done_row(ctx, rows[i])
+            if done is not None:
+                counts["skipped"] += 1
+                journal.finished_done(done)
+                if progress.listening():
+                    progress.publish_row(ctx.run_id, done.result())
+                continue
             r = await process_row(ctx, rows[i], journal)
             counts[r.status] += 1
             journal.finished(r)

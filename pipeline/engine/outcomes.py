@@ -30,7 +30,7 @@ T = TypeVar("T")
 WORKERS_PER_SLOT = 2
 
 
-def _requested_size(row: ManifestRow) -> str | None:
+def requested_size(row: ManifestRow) -> str | None:
     p = row.params
     if p.size:
         return p.size
@@ -49,7 +49,7 @@ def base_result(row: ManifestRow) -> ResultRow:
         # Pre-signed URLs carry keys in their query string: none of that is stored.
         source_uris=[redact_uri(u) for u in row.images],
         n_requested=row.params.image_count(),
-        requested_size=_requested_size(row),
+        requested_size=requested_size(row),
         started_at=utcnow(),
     )
 

@@ -53,6 +53,11 @@ def publish_plan(run_id: str, total_rows: int, estimated_cost_usd: float) -> Non
     _each(lambda listener: listener.on_plan(run_id, total_rows, estimated_cost_usd))
 
 
+def listening() -> bool:
+    """Whether any listener wants rows (a row's result can then be skipped when not)."""
+    return bool(_listeners)
+
+
 def publish_row(run_id: str, result: ResultRow) -> None:
     if _listeners:
         _each(lambda listener: listener.on_row(run_id, result))
