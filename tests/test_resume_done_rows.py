@@ -20,6 +20,7 @@ from pipeline.engine.jobkey import job_key
 from pipeline.engine.options import RunOptions
 from pipeline.engine.run import RunParts, run_manifest
 from pipeline.engine.runner import done_row
+from pipeline.engine.summary import SUMMARY_COLUMNS, merge_results, summarize
 from pipeline.io.storage import LocalStorage
 from pipeline.manifest.open import open_manifest
 from pipeline.manifest.types import ManifestRow
@@ -205,3 +206,38 @@ def test_done_rows_make_the_table_their_result_rows_make() -> None:
     failed = results.ResultRow(row=3, id="r3", status="failed", error_code="x")
     mixed = results.part_table([failed], done)
     assert mixed.equals(results.rows_to_table([failed, *(d.result() for d in done)]))
+
+
+def test_merged_results_and_their_summary_are_those_of_the_parts(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "out")
+    now = results.utcnow()
+    parts: dict[str, bytes] = {}
+    every: list[results.ResultRow] = []
+    for part in range(5):
+        rows = [
+            results.ResultRow(
+                row=part * 3 + i + 1,
+                id=f"r{part}-{i}",
+                status=("succeeded", "failed", "skipped")[i],
+                reason="done" if i == 2 else None,
+                cost=0.01 * part if i == 0 else None,
+                currency="USD" if i == 0 else None,
+                n_outputs=1 if i == 0 else None,
+                latency_s=1.5 + part if i == 0 else None,
+                error_code="server_error" if i == 1 else None,
+                started_at=now,
+            )
+            for i in range(3)
+        ]
+        # Parts of only done rows leave most summary columns all null.
+        table = results.rows_to_table(rows if part % 2 else rows[2:])
+        every.extend(rows if part % 2 else rows[2:])
+        parts[f"runs/r1/parts/{part}.parquet"] = results.table_to_parquet_bytes(table)
+    keys = sorted(parts)
+    storage.put_bytes(keys[0], parts.pop(keys[0]))  # one read back, the others from memory
+    uri, table = merge_results(storage, keys, "r1", parts)
+    assert parts == {}  # each dropped once merged
+    merged = pq.read_table(uri)
+    assert merged.equals(results.rows_to_table(every))
+    assert table.to_pylist() == merged.select(SUMMARY_COLUMNS).to_pylist()
+    assert summarize(table) == summarize(merged)

@@ -258,10 +258,12 @@ def finalize_run(
 ) -> RunSummary:
     """Merge the chunk parts into the run's results table and write its summary."""
     keys = [key for s in stats for key in s.part_keys]
-    # Parts this process wrote are merged from memory, not read back (see KeptParts).
+    # Parts this process wrote are merged from memory, not read back (see KeptParts); `held`
+    # is left the only holder of the kept ones (stored too, so a second finalize reads them
+    # back), so each is freed once merged. Unwritten parts exist nowhere else: kept.
     held = {**ctx.kept_parts.parts, **ctx.unwritten_parts}
-    results_uri, table = merge_results(ctx.storage, keys, ctx.run_id, held)
     ctx.kept_parts.parts.clear()
+    results_uri, table = merge_results(ctx.storage, keys, ctx.run_id, held)
     return write_summary(
         ctx.storage,
         ctx.run_id,

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import spec
 from pipeline.engine import layout
 from pipeline.engine.plan import RunPlan
 from pipeline.engine.results import (
+    RESULTS_SCHEMA,
     STATUSES,
     merge_tables_to_file,
     read_parquet_bytes,
@@ -137,25 +137,60 @@ def merge_results(
     storage: Storage,
     table_keys: Sequence[str],
     run_id: str,
-    in_memory: Mapping[str, bytes] | None = None,
+    in_memory: dict[str, bytes] | None = None,
 ) -> tuple[str, pa.Table]:
     """Stream result tables (chunk parts, or shards' tables) into the run's results table.
 
-    `in_memory` holds parts that could not be written when their rows finished: they are
-    merged from memory. Returns the table's URI and the columns a summary needs.
+    `in_memory` holds parts to merge from memory (those that could not be written when
+    their rows finished, and those the run kept, see results.KeptParts); each is dropped
+    from it once merged. Returns the table's URI and the columns a summary needs.
     """
-    held = in_memory or {}
+    held = in_memory if in_memory is not None else {}
+    # The summary's columns are taken from each table as it goes by, not read back from the
+    # merged file (whose large row groups read back with full buffers even for null columns);
+    # a column a table leaves all null (most of them, for rows found done) is replaced by one
+    # null array shared by every table of its length (pa.nulls allocates its full buffers).
+    # For a million done rows that holds 30 MB instead of 70.
+    summary_parts: list[pa.Table] = []
+    nulls = _SharedNulls()
+
+    def tables() -> Iterator[pa.Table]:
+        for key in table_keys:
+            data = held.pop(key) if key in held else storage.get_bytes(key)
+            table = read_parquet_bytes(data)
+            summary_parts.append(nulls.lean(table.select(SUMMARY_COLUMNS)))
+            yield table
+
     path = temp_parquet_path()
     try:
-        tables = (
-            read_parquet_bytes(held[key] if key in held else storage.get_bytes(key))
-            for key in table_keys
-        )
-        merge_tables_to_file(tables, path)
+        merge_tables_to_file(tables(), path)
         uri = storage.put_file(layout.results_key(run_id), path)
-        return uri, pq.read_table(path, columns=SUMMARY_COLUMNS)
     finally:
         path.unlink(missing_ok=True)
+    if not summary_parts:
+        return uri, SUMMARY_SCHEMA.empty_table()
+    return uri, pa.concat_tables(summary_parts)
+
+
+SUMMARY_SCHEMA = pa.schema([RESULTS_SCHEMA.field(name) for name in SUMMARY_COLUMNS])
+
+
+class _SharedNulls:
+    """Null arrays by type and length, made once: all-null columns of many tables share one."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[str, int], pa.Array] = {}
+
+    def lean(self, table: pa.Table) -> pa.Table:
+        """`table` with each all-null column replaced by the shared null array."""
+        n = table.num_rows
+        for i, column in enumerate(table.columns):
+            if n and column.null_count == n:
+                key = (str(column.type), n)
+                if key not in self._arrays:
+                    self._arrays[key] = pa.nulls(n, column.type)
+                table = table.set_column(i, table.field(i), self._arrays[key])
+        return table
 
 
 def write_summary(
