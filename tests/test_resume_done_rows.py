@@ -241,3 +241,27 @@ def test_merged_results_and_their_summary_are_those_of_the_parts(tmp_path: Path)
     assert merged.equals(results.rows_to_table(every))
     assert table.to_pylist() == merged.select(SUMMARY_COLUMNS).to_pylist()
     assert summarize(table) == summarize(merged)
+
+
+async def test_a_resume_merges_many_index_segments_beside_its_rows(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", sources)
+    storage = LocalStorage(tmp_path / "out")
+    keys = index_every_job(manifest, storage)
+    rng = random.Random(5)
+    others = set()
+    for chunk in range(done_index.COMPACT_AT + 1):  # more segments than a reader keeps
+        more = hex_keys(rng, 3)
+        others.update(more)
+        done_index.write_chunk_segment(storage, "old", chunk, 0, more)
+    opts = RunOptions(
+        manifest=str(manifest), output=str(tmp_path / "out"), api_base="http://127.0.0.1:9/v1"
+    )
+    summary = await run_manifest(opts, RunParts(storage=storage))
+    assert summary.by_status["skipped"] == ROWS - 1 and summary.by_status["invalid"] == 1
+    (merged,) = storage.list_keys(done_index.SEGMENTS_PREFIX)
+    assert "merged" in merged
+    jobs = set(keys.values()) | others
+    assert done_index.read_segment(storage.get_bytes(merged)) == sorted(jobs)
+    assert done_index.load_done(storage).keys == jobs

@@ -111,6 +111,8 @@ class RunContext:
         self.claims = claims
         # Results parts that could not be written: kept here, written with the final table.
         self.unwritten_parts: dict[str, bytes] = {}
+        # Index upkeep to run beside the rows (see done_index.DoneJobs.merge), or None.
+        self.index_upkeep: Callable[[], None] | None = None
         # Results parts written, kept to merge the run's table from memory (see KeptParts).
         self.kept_parts = KeptParts()
 

@@ -31,9 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,6 +83,9 @@ class DoneJobs:
     # Jobs whose dead claims were cleared without a stored result: their holder (a killed run
     # or host) may have paid for them, so editing them now may pay twice.
     orphaned: set[str] = field(default_factory=set)
+    # With `load_done(compact_later=True)` and more than COMPACT_AT segments: writes their
+    # merged segment (already encoded) and deletes them, for the caller to run when it likes.
+    merge: Callable[[], None] | None = None
 
 
 def segment_key(name: str) -> str:
@@ -252,8 +256,14 @@ def _new_segment_name(what: str) -> str:
 
 
 def _compact(storage: Storage, segments: Sequence[str], jobs: DoneKeys) -> None:
+    _write_merged(storage, segments, segment_bytes(jobs))
+
+
+def _write_merged(storage: Storage, segments: Sequence[str], merged: bytes) -> None:
     try:
-        write_segment(storage, segment_key(_new_segment_name("merged")), jobs)
+        storage.put_bytes(
+            segment_key(_new_segment_name("merged")), merged, "application/vnd.apache.parquet"
+        )
         # Only now: a reader in between sees a job twice, never not at all.
         _delete_all(storage, segments)
     except StorageError as exc:  # the index stays correct, only slower to read
@@ -267,7 +277,7 @@ def _delete_all(storage: Storage, keys: Sequence[str]) -> None:
         list(pool.map(storage.delete, keys))
 
 
-def load_done(storage: Storage, *, claims: bool = True) -> DoneJobs:
+def load_done(storage: Storage, *, claims: bool = True, compact_later: bool = False) -> DoneJobs:
     """The jobs done under `storage`'s output, from its index (built first if missing).
 
     With `claims` (the run claims its jobs), dead chunks are cleaned up here: the jobs their
@@ -275,6 +285,8 @@ def load_done(storage: Storage, *, claims: bool = True) -> DoneJobs:
     nothing, as their jobs' claims make this run wait for them. Without claims (a store
     without conditional writes), any marker means each job missing from the index must be
     checked for its sidecar first (`check_unindexed`), as must a marker without a lease.
+    With `compact_later`, segments to merge are merged by `DoneJobs.merge` (a run calls it
+    beside its rows: a thousand deletes need not hold them up), not here.
     """
     for attempt in range(READ_ATTEMPTS):
         segments, markers, rooted = _list_index(storage)
@@ -300,10 +312,16 @@ def load_done(storage: Storage, *, claims: bool = True) -> DoneJobs:
         return DoneJobs(
             indexed, check, "listing", others, len(recovered), _not_in(orphaned, indexed)
         )
+    merge = None
     if len(segments) > COMPACT_AT:
-        _compact(storage, segments, indexed)
+        if compact_later:
+            # Encoded now, before the run adds keys to `indexed`.
+            merge = partial(_write_merged, storage, segments, segment_bytes(indexed))
+        else:
+            _compact(storage, segments, indexed)
     _add_all(indexed, recovered)
-    return DoneJobs(indexed, check, "index", others, len(recovered), _not_in(orphaned, indexed))
+    orphans = _not_in(orphaned, indexed)
+    return DoneJobs(indexed, check, "index", others, len(recovered), orphans, merge)
 
 
 def _add_all(done: DoneKeys, more: Iterable[str]) -> None:

@@ -139,7 +139,7 @@ def open_context(
     done = (
         done_index.DoneJobs(DoneKeys())
         if opts.overwrite
-        else done_index.load_done(storage, claims=claims.enabled)
+        else done_index.load_done(storage, claims=claims.enabled, compact_later=True)
     )
     if done.keys:
         log.info("%d jobs already done under %s", len(done.keys), storage.root_uri)
@@ -159,7 +159,7 @@ def open_context(
             done.open_chunks,
             storage.root_uri,
         )
-    return RunContext(
+    ctx = RunContext(
         run_id=run_id,
         storage=storage,
         client=client,
@@ -179,6 +179,8 @@ def open_context(
         profile=profile,
         orphaned=done.orphaned,
     )
+    ctx.index_upkeep = done.merge
+    return ctx
 
 
 async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
@@ -323,6 +325,10 @@ async def execute(
     hooks = hooks or RunHooks()
     manifest = plan.opened or open_manifest(opts.manifest, endpoint_url=opts.s3_endpoint_url)
     ctx = open_context(opts, plan.run_id, parts, plan)
+    # Merging the done index's segments (a resume after many chunks) writes one and deletes
+    # the rest: I/O that need not hold up the rows, so it runs beside them (and is awaited
+    # before the run ends).
+    upkeep = asyncio.ensure_future(ctx.io(ctx.index_upkeep)) if ctx.index_upkeep else None
     try:
         plan = await preflight(ctx, opts, plan)
         progress.publish_plan(plan.run_id, plan.rows, plan.estimated_cost_usd)
@@ -348,6 +354,10 @@ async def execute(
                 )
         return hooks.finalize(ctx, plan, stats, started_at, started)
     finally:
+        if upkeep is not None:
+            (outcome,) = await asyncio.gather(upkeep, return_exceptions=True)
+            if isinstance(outcome, BaseException):
+                log.error("merging the done index's segments failed: %r", outcome)
         manifest.close()
         await close_context(ctx)
 
