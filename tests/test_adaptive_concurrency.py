@@ -7,6 +7,7 @@ import asyncio
 import base64
 import csv
 import io
+import itertools
 import re
 import statistics
 from collections import Counter
@@ -59,24 +60,32 @@ def test_it_starts_low_or_at_a_given_start_within_the_ceiling() -> None:
     assert AimdLimit(16, start=0).limit == 1
 
 
-def test_a_429_cuts_the_limit_multiplicatively() -> None:
+def test_a_429_takes_one_slot_away() -> None:
     aimd = AimdLimit(32, start=20)
     (ticket,) = burst(aimd, 1)
     assert aimd.overloaded(ticket)
-    assert aimd.limit == 14
+    assert aimd.limit == 19
     assert aimd.cuts == 1
 
 
-def test_one_burst_of_429s_counts_once() -> None:
+def test_a_waves_429s_take_one_slot_each_down_to_half_and_count_as_one_cut() -> None:
+    aimd = AimdLimit(32, start=20)
+    over_by_six = burst(aimd, 6)
+    assert [aimd.overloaded(t) for t in over_by_six] == [True] + [False] * 5
+    assert aimd.limit == 14 and aimd.cuts == 1
     aimd = AimdLimit(32, start=20)
     wave = burst(aimd, 20)
     cuts = [aimd.overloaded(t) for t in wave]
     assert cuts.count(True) == 1
-    assert aimd.limit == 14
+    assert aimd.limit == 10  # everything refused: half, as a multiplicative cut would
     # A request sent after the cut that is refused too: the limit was still too high.
     (later,) = burst(aimd, 1)
     assert aimd.overloaded(later)
-    assert aimd.limit == 9
+    assert aimd.limit == 9 and aimd.cuts == 2
+    # A whole wave sent after that cut refused again: half once more.
+    for t in burst(aimd, 9):
+        aimd.overloaded(t)
+    assert aimd.limit == 4 and aimd.cuts == 3
 
 
 def test_a_lone_5xx_is_a_hiccup_two_in_a_window_are_overload() -> None:
@@ -85,8 +94,9 @@ def test_a_lone_5xx_is_a_hiccup_two_in_a_window_are_overload() -> None:
     assert not aimd.overloaded(first, rate_limited=False)
     assert aimd.limit == 20
     assert aimd.overloaded(second, rate_limited=False)
-    assert aimd.limit == 14
+    assert aimd.limit == 14  # multiplicative: a 5xx says nothing of by how much
     assert not aimd.overloaded(third, rate_limited=False)  # same wave
+    assert aimd.limit == 14
 
 
 def test_which_errors_are_overload() -> None:
@@ -108,7 +118,7 @@ def test_it_climbs_fast_until_the_first_cut() -> None:
         aimd.succeeded(ticket)
     assert aimd.limit == 16
     assert aimd.overloaded(burst(aimd, 1)[0])
-    assert not aimd.slow_start and aimd.limit == 11
+    assert not aimd.slow_start and aimd.limit == 15
 
 
 def test_it_climbs_by_one_per_limit_answers_while_clear() -> None:
@@ -141,10 +151,65 @@ def test_never_above_the_ceiling_nor_the_slots_leased_nor_below_one() -> None:
     for _ in range(100):
         aimd.succeeded(burst(aimd, 1)[0])
     assert aimd.limit == 3
-    for _ in range(20):
+    # Refused at levels that went through: counted once most recent answers are refusals.
+    for _ in range(60):
         aimd.overloaded(burst(aimd, 1)[0])
     assert aimd.limit == 1
     assert max(limit for _, limit in aimd.curve) <= 8
+
+
+def test_a_storm_at_levels_that_go_through_is_weather_not_load() -> None:
+    aimd = AimdLimit(64, start=64)
+    for _ in range(40):
+        aimd.succeeded(aimd.started(in_flight=63))
+    storm = [aimd.started(in_flight=63) for _ in range(7)]
+    assert not any(aimd.overloaded(t) for t in storm)
+    assert not any(aimd.overloaded(t, rate_limited=False) for t in storm)
+    assert aimd.limit == 64 and aimd.cuts == 0 and aimd.storms == 14
+    # Above every level recent answers had: the API's capacity, counted.
+    assert aimd.overloaded(aimd.started(in_flight=64))
+    assert aimd.limit == 63
+
+
+def test_after_a_cut_it_climbs_fast_to_the_refused_level_then_slowly() -> None:
+    aimd = AimdLimit(64, start=20)
+    aimd.slow_start = False
+    for _ in range(5):
+        aimd.succeeded(aimd.started(in_flight=15))
+    wave = [aimd.started(in_flight=16) for _ in range(4)]
+    for t in wave:
+        aimd.overloaded(t)
+    assert aimd.limit == 16 and aimd.cuts == 1
+    # Back to the refused level (16) at once: one slot an answer.
+    aimd.succeeded(aimd.started(in_flight=15))
+    assert aimd.limit == 17
+    # Past it: one slot per `limit` answers, and none refused yet above it.
+    for _ in range(5):
+        aimd.succeeded(aimd.started(in_flight=16))
+    assert aimd.limit == 17
+
+
+def test_an_answer_well_above_the_refused_level_shows_it_was_weather() -> None:
+    aimd = AimdLimit(64, start=20)
+    aimd.slow_start = False
+    aimd.succeeded(aimd.started(in_flight=10))
+    assert aimd.overloaded(aimd.started(in_flight=12))
+    assert not aimd.slow_start
+    aimd.succeeded(aimd.started(in_flight=13))  # one level above: not enough
+    assert not aimd.slow_start
+    aimd.succeeded(aimd.started(in_flight=14))
+    assert aimd.slow_start  # climbs fast again
+
+
+def test_refusals_that_outnumber_answers_are_counted_whatever_their_level() -> None:
+    aimd = AimdLimit(64, start=40)
+    for _ in range(10):
+        aimd.succeeded(aimd.started(in_flight=20))
+    before = aimd.limit
+    refused = [aimd.overloaded(aimd.started(in_flight=20)) for _ in range(11)]
+    # Ten answers, then refusals: the eleventh makes them most of what came back.
+    assert refused == [False] * 10 + [True]
+    assert aimd.cuts == 1 and aimd.limit == before - 1
 
 
 def test_the_curve_records_changes_in_seconds_and_stays_capped() -> None:
@@ -153,7 +218,7 @@ def test_the_curve_records_changes_in_seconds_and_stays_capped() -> None:
     aimd.begin()
     clock.now += 2.5
     aimd.overloaded(burst(aimd, 1)[0])
-    assert aimd.curve == [(0.0, 10), (2.5, 7)]
+    assert aimd.curve == [(0.0, 10), (2.5, 9)]
     # A long run: 200,000 answers, a cut every few hundred.
     for i in range(200_000):
         clock.now += 0.001
@@ -229,11 +294,11 @@ async def test_adaptive_slots_back_off_and_report() -> None:
     slots.begin()
     async with slots.slot() as ticket:
         slots.failed(ticket, rate_limited())
-    assert slots.limit == 2
-    assert seen == [4, 2]
+    assert slots.limit == 3
+    assert seen == [4, 3]
     report = slots.report()
-    assert (report["mode"], report["ceiling"], report["final"]) == ("adaptive", 16, 2)
-    assert [n for _, n in report["curve"]] == [4, 2]
+    assert (report["mode"], report["ceiling"], report["final"]) == ("adaptive", 16, 3)
+    assert [n for _, n in report["curve"]] == [4, 3]
     slots.set_ceiling(1)
     assert slots.limit == 1 and slots.gate.capacity == 1
 
@@ -423,6 +488,59 @@ async def test_adaptive_concurrency_finds_what_an_overloaded_api_admits(tmp_path
     # The summary's table and JSON say so too.
     assert any(r["metric"] == "concurrency" for r in adaptive.table())
     assert adaptive.to_dict()["concurrency"] == conc
+
+
+# --- a stormy API ------------------------------------------------------------------------------
+
+STORM_EVERY = 40
+STORM_LENGTH = 6
+
+
+class StormyAPI:
+    """Answers every request at once, but the last STORM_LENGTH of every STORM_EVERY requests
+    are refused (429, Retry-After 0) whatever the load: the gateway's weather."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.refused = 0
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        if self.requests % STORM_EVERY >= STORM_EVERY - STORM_LENGTH:
+            self.refused += 1
+            return httpx.Response(
+                429,
+                headers={"Retry-After": "0"},
+                json={"error": {"code": "RATE_LIMITED", "message": "storm"}},
+            )
+        await asyncio.sleep(LATENCY_S)
+        return httpx.Response(200, json=answer())
+
+
+@pytest.mark.integration
+async def test_adaptive_concurrency_rides_out_storms_the_load_does_not_cause(
+    tmp_path: Path,
+) -> None:
+    api = StormyAPI()
+    opts = RunOptions(
+        manifest=str(write_manifest(tmp_path, ROWS)),
+        output=str(tmp_path / "out"),
+        api_base=API,
+        concurrency=2 * K,
+        max_attempts=10,
+    )
+    summary = await run_manifest(opts, RunParts(api_transport=httpx.MockTransport(api.handler)))
+    assert summary.by_status["succeeded"] == ROWS
+    assert api.refused >= ROWS // STORM_EVERY
+    conc = summary.concurrency
+    assert conc is not None
+    limits = [limit for _, limit in conc["curve"]]
+    # A storm that hits a level no request has yet been answered at (the first, during slow
+    # start) looks like a capacity and cuts; one at levels that go through does not. Before,
+    # every refusal took a slot away.
+    cuts = sum(1 for a, b in itertools.pairwise(limits) if b < a)
+    assert cuts <= api.refused // 2, (cuts, api.refused, limits)
+    assert max(limits[len(limits) // 2 :]) >= 0.9 * 2 * K, limits
 
 
 # --- a 429 with Retry-After -------------------------------------------------------------------

@@ -5,15 +5,29 @@
 request started and ended.
 
 - It starts low (`min(START_LIMIT, ceiling)`) or at a given start (a value learned before).
-- An overload signal (a 429; or a burst of 503s / 502 ALL_PROVIDERS_EXHAUSTED: two in one
-  window) cuts the limit to `limit * BACKOFF`, at most once per window: only a request that
-  started after the last cut can cut again, so one burst of answers to the same wave of
-  requests counts once.
+- Only an overload answer the run's own load explains counts: one to a request that started
+  with more requests in flight than any of the last RECENT_ANSWERS answered ones had (the
+  API's capacity), or one while most of those answers are refusals (a limit on everything).
+  A storm that refuses requests at levels that go through meanwhile (the gateway's bursts
+  of 429s and 502s come so) is weather: those rows retry, the limit stays.
+- A counted 429 takes one slot away, and so does each further 429 answered to the same wave
+  of requests (those started before the cut), down to WAVE_FLOOR of where the wave began:
+  an API that admits K at once refuses about as many requests as the run is over K, so one
+  wave finds K without the sawtooth a multiplicative cut leaves (0.7x of K+1 averages 85%
+  of K). A limit that refuses everything halves the limit per wave, as a cut would.
+- Counted 5xx overload answers (503s / 502 ALL_PROVIDERS_EXHAUSTED: two in one window) say
+  nothing of by how much: they cut the limit to `limit * BACKOFF`.
+- Either opens a new window: only a request started after the cut can cut again, so one
+  burst of answers to the same wave counts once as a cut.
 - Until the first cut it climbs fast ("slow start", as TCP): one more slot for every request
   answered that started with every slot taken, so the limit doubles each round trip and a
   healthy API reaches the ceiling within a few dozen answers instead of thousands.
-- After that, while clear, it climbs by one for every `limit` such answers (an idle run
-  proves nothing about the API, so it does not climb).
+- After a cut it climbs as fast back to the level the cut's wave was refused at (below it
+  requests went through), then by one for every `limit` such answers (an idle run proves
+  nothing about the API, so it does not climb). A request answered WEATHER_MARGIN levels
+  above that refusal shows it was weather, not the API's capacity: slow start again. Without
+  this, one storm early in a long-latency run (p50 2.5 s) left it crawling up by one slot a
+  round trip for minutes.
 - Never below 1, never above the ceiling (`concurrency`, or fewer leased global slots).
 
 It keeps a curve of (seconds since it began, limit) points, one a change, downsampled to at
@@ -24,11 +38,22 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 START_LIMIT = 4
+# The cut on a burst of 5xx overload answers, which do not say by how much the run is over.
 BACKOFF = 0.7
+# The refusals (429s) of one wave take the limit down by one each, never below this share
+# of where the wave began: the next wave, if still refused, cuts again.
+WAVE_FLOOR = 0.5
+# Answers remembered to tell an overload the run's load explains from a passing storm.
+RECENT_ANSWERS = 64
+# Fewer answers than this say nothing of "most answers are refusals".
+MIN_RECENT = 8
+# A request answered this many levels above the last cut's refusal shows it was weather.
+WEATHER_MARGIN = 2
 # 5xx overload answers (503, 502 ALL_PROVIDERS_EXHAUSTED) in one window before a cut: a lone
 # one is a provider's hiccup, not a sign the run asks too much.
 SERVER_OVERLOADS_TO_CUT = 2
@@ -41,6 +66,7 @@ class Ticket:
 
     seq: int
     saturated: bool
+    level: int = 0  # requests in flight besides this one when it started
 
 
 class AimdLimit:
@@ -69,6 +95,13 @@ class AimdLimit:
         self.limit = self._clamp(START_LIMIT if start is None else start)
         self._started = 0  # requests started so far (each one's Ticket.seq)
         self._window_start = 0  # first seq that may cut again
+        self._wave_floor = 1  # the lowest the refusals of the wave last cut may take it
+        self._answered_levels: deque[int] = deque(maxlen=RECENT_ANSWERS)
+        self._refused: deque[bool] = deque(maxlen=RECENT_ANSWERS)  # recent answers, in order
+        self.storms = 0  # overload answers not counted: weather, not load
+        # The lowest level a request of the last cut's wave was refused at (None: none, or
+        # since shown to be weather).
+        self._refused_level: int | None = None
         self._successes = 0  # saturated successes since the last step up or cut
         self._server_overloads = 0  # 5xx overloads in the current window
         self.slow_start = True  # until the first cut
@@ -94,33 +127,67 @@ class AimdLimit:
         """A request starts with `in_flight` others already in flight."""
         seq = self._started
         self._started += 1
-        return Ticket(seq, in_flight + 1 >= self.limit)
+        return Ticket(seq, in_flight + 1 >= self.limit, in_flight)
 
     def succeeded(self, ticket: Ticket) -> None:
         """An answered request: a step up after `limit` of them that started saturated."""
+        self._refused.append(False)
+        self._answered_levels.append(ticket.level)
+        refused_at = self._refused_level
+        if refused_at is not None and ticket.level >= refused_at + WEATHER_MARGIN:
+            # Answered well above where the last cut's refusal came: that was weather, and
+            # the limit may climb fast again.
+            self._refused_level = None
+            self.slow_start = True
         if not ticket.saturated:
             return
         self._successes += 1
-        if self.slow_start or self._successes >= self.limit:
+        # Below the level the last cut was refused at, requests went through: climb back fast.
+        recovering = refused_at is not None and self.limit <= refused_at
+        if self.slow_start or recovering or self._successes >= self.limit:
             self._successes = 0
             self._server_overloads = 0
             self._set(self._clamp(self.limit + 1))
 
     def overloaded(self, ticket: Ticket, *, rate_limited: bool = True) -> bool:
-        """A 429 (`rate_limited`) or a 5xx overload answer; True when the limit was cut."""
+        """A 429 (`rate_limited`) or a 5xx overload answer; True when it opened a new cut
+        (a 429 to the wave already cut may still take one more slot away)."""
+        self._refused.append(True)
         if ticket.seq < self._window_start:
-            return False  # answered to a wave of requests sent before the last cut
+            # Answered to a wave of requests sent before the last cut: a 429 says by how
+            # many that wave was over, one each; a 5xx says nothing more.
+            if rate_limited and self.limit > self._wave_floor:
+                self._set(self.limit - 1)
+                if self._refused_level is not None:
+                    self._refused_level = min(self._refused_level, ticket.level)
+            return False
+        if not self._load_explains(ticket):
+            self.storms += 1
+            return False
         if not rate_limited:
             self._server_overloads += 1
             if self._server_overloads < SERVER_OVERLOADS_TO_CUT:
                 return False
         self._window_start = self._started
+        self._wave_floor = max(1, math.floor(self.limit * WAVE_FLOOR))
         self._successes = 0
         self._server_overloads = 0
         self.slow_start = False
+        self._refused_level = ticket.level
         self.cuts += 1
-        self._set(self._clamp(math.floor(self.limit * self.backoff)))
+        if rate_limited:
+            self._set(self._clamp(self.limit - 1))
+        else:
+            self._set(self._clamp(math.floor(self.limit * self.backoff)))
         return True
+
+    def _load_explains(self, ticket: Ticket) -> bool:
+        """Whether the run asked too much: more in flight than recent answered requests had,
+        or most recent answers refused."""
+        if not self._answered_levels or ticket.level > max(self._answered_levels):
+            return True
+        refused = sum(self._refused)
+        return len(self._refused) >= MIN_RECENT and 2 * refused > len(self._refused)
 
     def _set(self, limit: int) -> None:
         if limit == self.limit:
@@ -141,4 +208,13 @@ def downsample(points: list[tuple[float, int]], target: int) -> list[tuple[float
     return kept
 
 
-__all__ = ["BACKOFF", "MAX_CURVE_POINTS", "START_LIMIT", "AimdLimit", "Ticket", "downsample"]
+__all__ = [
+    "BACKOFF",
+    "MAX_CURVE_POINTS",
+    "RECENT_ANSWERS",
+    "START_LIMIT",
+    "WAVE_FLOOR",
+    "AimdLimit",
+    "Ticket",
+    "downsample",
+]

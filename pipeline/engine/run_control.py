@@ -428,8 +428,8 @@ class RequestSlots:
                 self.aimd.limit,
                 before,
             )
-            if self.aimd.limit != before:
-                self._changed()
+        if self.aimd.limit != before:
+            self._changed()
 
     def report(self) -> dict[str, Any]:
         """What the summary says of the run's concurrency."""
