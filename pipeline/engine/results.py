@@ -79,7 +79,7 @@ RESULTS_SCHEMA = pa.schema(
 
 # Results parts a run wrote are kept in memory up to this many bytes, so that its table is
 # merged without reading each part back (one GET per 1,000 rows: 1,000 GETs and several
-# seconds for a resume of a million rows, whose parts take about 20 MB).
+# seconds for a resume of a million done rows, whose parts take about 45 MB).
 KEEP_PARTS_BYTES = 64 * 2**20
 
 
