@@ -6,10 +6,10 @@ request started and ended.
 
 - It starts low (`min(START_LIMIT, ceiling)`) or at a given start (a value learned before).
 - Only an overload answer the run's own load explains counts: one to a request that started
-  with more requests in flight than any of the last RECENT_ANSWERS answered ones had (the
-  API's capacity), or one while most of those answers are refusals (a limit on everything).
-  A storm that refuses requests at levels that go through meanwhile (the gateway's bursts
-  of 429s and 502s come so) is weather: those rows retry, the limit stays.
+  at a level (requests in flight besides it) few of the last RECENT_ANSWERS answers reached,
+  or at which at least LOAD_SHARE of those were refused (the API's capacity; a limit on
+  everything). A storm that refuses a few requests at levels that mostly go through (the
+  gateway's bursts of 429s and 502s come so) is weather: those rows retry, the limit stays.
 - A counted 429 takes one slot away, and so does each further 429 answered to the same wave
   of requests (those started before the cut), down to WAVE_FLOOR of where the wave began:
   an API that admits K at once refuses about as many requests as the run is over K, so one
@@ -24,10 +24,10 @@ request started and ended.
   healthy API reaches the ceiling within a few dozen answers instead of thousands.
 - After a cut it climbs as fast back to the level the cut's wave was refused at (below it
   requests went through), then by one for every `limit` such answers (an idle run proves
-  nothing about the API, so it does not climb). A request answered WEATHER_MARGIN levels
-  above that refusal shows it was weather, not the API's capacity: slow start again. Without
-  this, one storm early in a long-latency run (p50 2.5 s) left it crawling up by one slot a
-  round trip for minutes.
+  nothing about the API, so it does not climb). As many answers above that level as the
+  level itself (about a round trip's worth) with no cut between show the refusal was
+  weather, not the API's capacity: slow start again. Without this, one storm early in a
+  long-latency run (p50 2.5 s) left it crawling up by one slot a round trip for minutes.
 - Never below 1, never above the ceiling (`concurrency`, or fewer leased global slots).
 
 It keeps a curve of (seconds since it began, limit) points, one a change, downsampled to at
@@ -50,10 +50,10 @@ BACKOFF = 0.7
 WAVE_FLOOR = 0.5
 # Answers remembered to tell an overload the run's load explains from a passing storm.
 RECENT_ANSWERS = 64
-# Fewer answers than this say nothing of "most answers are refusals".
+# Fewer recent answers at a level than this say too little of it: a refusal there counts.
 MIN_RECENT = 8
-# A request answered this many levels above the last cut's refusal shows it was weather.
-WEATHER_MARGIN = 2
+# The share of recent answers at or above a level refused that makes a refusal there load.
+LOAD_SHARE = 0.25
 # 5xx overload answers (503, 502 ALL_PROVIDERS_EXHAUSTED) in one window before a cut: a lone
 # one is a provider's hiccup, not a sign the run asks too much.
 SERVER_OVERLOADS_TO_CUT = 2
@@ -96,8 +96,9 @@ class AimdLimit:
         self._started = 0  # requests started so far (each one's Ticket.seq)
         self._window_start = 0  # first seq that may cut again
         self._wave_floor = 1  # the lowest the refusals of the wave last cut may take it
-        self._answered_levels: deque[int] = deque(maxlen=RECENT_ANSWERS)
-        self._refused: deque[bool] = deque(maxlen=RECENT_ANSWERS)  # recent answers, in order
+        # Recent answers: (level, refused), oldest first.
+        self._recent: deque[tuple[int, bool]] = deque(maxlen=RECENT_ANSWERS)
+        self._clear_above = 0  # answers above the last cut's refused level since that cut
         self.storms = 0  # overload answers not counted: weather, not load
         # The lowest level a request of the last cut's wave was refused at (None: none, or
         # since shown to be weather).
@@ -131,19 +132,21 @@ class AimdLimit:
 
     def succeeded(self, ticket: Ticket) -> None:
         """An answered request: a step up after `limit` of them that started saturated."""
-        self._refused.append(False)
-        self._answered_levels.append(ticket.level)
+        self._recent.append((ticket.level, False))
         refused_at = self._refused_level
-        if refused_at is not None and ticket.level >= refused_at + WEATHER_MARGIN:
-            # Answered well above where the last cut's refusal came: that was weather, and
-            # the limit may climb fast again.
-            self._refused_level = None
-            self.slow_start = True
+        if refused_at is not None and ticket.level > refused_at:
+            self._clear_above += 1
+            if self._clear_above >= max(MIN_RECENT, refused_at):
+                # A round trip's worth answered above where the last cut was refused: that
+                # was weather, and the limit may climb fast again.
+                self._refused_level = None
+                self.slow_start = True
         if not ticket.saturated:
             return
         self._successes += 1
-        # Below the level the last cut was refused at, requests went through: climb back fast.
-        recovering = refused_at is not None and self.limit <= refused_at
+        # Below the level the last cut was refused at, requests went through: climb back fast
+        # to it (a limit of L sends at levels up to L - 1), not past it.
+        recovering = refused_at is not None and self.limit < refused_at
         if self.slow_start or recovering or self._successes >= self.limit:
             self._successes = 0
             self._server_overloads = 0
@@ -152,7 +155,7 @@ class AimdLimit:
     def overloaded(self, ticket: Ticket, *, rate_limited: bool = True) -> bool:
         """A 429 (`rate_limited`) or a 5xx overload answer; True when it opened a new cut
         (a 429 to the wave already cut may still take one more slot away)."""
-        self._refused.append(True)
+        self._recent.append((ticket.level, True))
         if ticket.seq < self._window_start:
             # Answered to a wave of requests sent before the last cut: a 429 says by how
             # many that wave was over, one each; a 5xx says nothing more.
@@ -174,6 +177,7 @@ class AimdLimit:
         self._server_overloads = 0
         self.slow_start = False
         self._refused_level = ticket.level
+        self._clear_above = 0
         self.cuts += 1
         if rate_limited:
             self._set(self._clamp(self.limit - 1))
@@ -182,12 +186,10 @@ class AimdLimit:
         return True
 
     def _load_explains(self, ticket: Ticket) -> bool:
-        """Whether the run asked too much: more in flight than recent answered requests had,
-        or most recent answers refused."""
-        if not self._answered_levels or ticket.level > max(self._answered_levels):
-            return True
-        refused = sum(self._refused)
-        return len(self._refused) >= MIN_RECENT and 2 * refused > len(self._refused)
+        """Whether the run asked too much: few recent answers at this level or above, or a
+        LOAD_SHARE of them refused (this refusal included)."""
+        here = [refused for level, refused in self._recent if level >= ticket.level]
+        return len(here) < MIN_RECENT or sum(here) >= LOAD_SHARE * len(here)
 
     def _set(self, limit: int) -> None:
         if limit == self.limit:
@@ -210,6 +212,7 @@ def downsample(points: list[tuple[float, int]], target: int) -> list[tuple[float
 
 __all__ = [
     "BACKOFF",
+    "LOAD_SHARE",
     "MAX_CURVE_POINTS",
     "RECENT_ANSWERS",
     "START_LIMIT",
