@@ -32,6 +32,7 @@ from pipeline.emulator.process import EmulatorProcess
 from . import data
 from .proc import run_measured
 from .servers import PROJECT_ROOT, S3Server, child_env
+from .timeline import breakdown
 from .variants import RESULT_PREFIX
 
 BUCKET = "imgedit-weather"
@@ -74,11 +75,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 env,
             )
             stats = emu.stats()
-            return {**result, "emulator": stats}
+            split = breakdown(
+                emu.requests(), concurrency, result["run_started"], result["run_ended"]
+            )
+            return {**result, "emulator": stats, "timeline": split}
 
+        # Every request in the log: the timeline needs them all.
+        emu.configure(request_log_size=max(10_000, 5 * args.rows))
         emu.configure(weather="gateway", weather_time_scale=args.time_scale, fault_seed=7)
-        for name in ("runner", "flow"):
-            r = run(name, f"gateway-{name}", args.concurrency, True)
+        for name in args.variants.split(",") if "gateway" in args.parts else ():
+            # "runner-adaptive": the same against an adaptive limit with C as its ceiling.
+            program, _, mode = name.partition("-")
+            r = run(program, f"gateway-{name}", args.concurrency, mode != "adaptive")
             ideal = r["emulator"]["service_seconds_total"] / args.concurrency
             out["gateway"].append(
                 {
@@ -86,11 +94,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "run_s": round(r["run_s"], 2),
                     "ideal_s": round(ideal, 2),
                     "efficiency": round(ideal / r["run_s"], 3),
+                    "bound_efficiency": round(ideal / r["timeline"]["bound_s"], 3),
                     "requests": r["emulator"]["requests"],
+                    "timeline": r["timeline"],
                     "by_status": r["by_status"],
                 }
             )
         k = args.capacity
+        if "overloaded" not in args.parts:
+            return _result(args, out)
         emu.configure(
             weather="overloaded",
             weather_capacity=k,
@@ -110,8 +122,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "possible_double_charges": r["possible_double_charges"],
                     "final_limit": concurrency.get("final"),
                     "succeeded": r["succeeded"],
+                    "failed": r["by_status"].get("failed", 0),
+                    "ideal_s": round(r["emulator"]["service_seconds_total"] / k, 2),
                 }
             )
+    return _result(args, out)
+
+
+def _result(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
@@ -128,22 +146,36 @@ def report(result: dict[str, Any]) -> str:
         f"load {result['loadavg'][0]:.1f}, {result['date']}",
         f"a. gateway weather, concurrency {s['concurrency']} fixed "
         f"(target efficiency >= {TARGET_EFFICIENCY})",
-        "   variant   run s   ideal s   efficiency   requests",
+        "   variant   run s   ideal s   efficiency   requests   bound s   bound eff."
+        "   lead s   idle slots   tail s   trail s",
     ]
     for r in result["gateway"]:
+        t = r["timeline"]
         lines.append(
             f"   {r['variant']:8s} {r['run_s']:7.1f} {r['ideal_s']:9.1f} "
-            f"{r['efficiency']:12.3f} {r['requests']:10d}"
+            f"{r['efficiency']:12.3f} {r['requests']:10d} {t['bound_s']:9.1f} "
+            f"{r['bound_efficiency']:12.3f} {t['lead_s']:8.1f} {t['idle_slots']:12.1f} "
+            f"{t['tail_s']:8.1f} {t['trail_s']:9.1f}"
         )
+    lines.append(
+        "   (bound: the ledger's requests in arrival order, each started as a slot frees: "
+        "the best a client does without sending any twice)"
+    )
     lines += [
         f"b. overloaded weather, K = {s['capacity']} admitted at once",
-        "   variant              run s    429s   requests   double charges   final limit",
+        "   variant              run s  ideal s  succeeded  failed    429s   requests"
+        "   double charges   final limit",
     ]
     for r in result["overloaded"]:
         lines.append(
-            f"   {r['variant']:20s} {r['run_s']:6.1f} {r['429s']:7d} {r['requests']:10d} "
+            f"   {r['variant']:20s} {r['run_s']:6.1f} {r['ideal_s']:8.1f} {r['succeeded']:10d} "
+            f"{r['failed']:7d} {r['429s']:7d} {r['requests']:10d} "
             f"{r['possible_double_charges']:16d} {r['final_limit']!s:>13s}"
         )
+    lines.append(
+        "   (ideal: the admitted requests' service time / K; failed rows ran out of attempts "
+        "and a later run sends them again)"
+    )
     return "\n".join(lines)
 
 
@@ -154,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--time-scale", type=float, default=10.0)
     p.add_argument("--capacity", type=int, default=16, help="K of the overloaded weather")
     p.add_argument("--overloaded-latency", type=float, default=0.2)
+    p.add_argument("--parts", default="gateway,overloaded", help="gateway,overloaded")
+    p.add_argument(
+        "--variants", default="runner,flow", help="of part a: runner,flow (-adaptive: not fixed)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)
     result = measure(args)
