@@ -3,12 +3,15 @@
 Two parts, each variant in its own process against the emulator and moto's S3 on loopback:
 
 a. `gateway` weather (lognormal latency, p50 ~2.5 s and p95 ~6 s at time scale 1, failures
-   and 429s in bursts) at concurrency C, fixed: the runner and the flow. Efficiency is the
-   ideal wall time from the emulator's ledger (the sum of every request's service time / C)
-   over the run's own wall time (start-up excluded).
+   and 429s in bursts) at concurrency C, fixed (a `-adaptive` variant: C as the ceiling): the
+   runner and the flow. Efficiency is the ideal wall time from the emulator's ledger (the sum
+   of every request's service time / C) over the run's own wall time (start-up excluded);
+   beside it the bound (`timeline.greedy_makespan`: what no client beats without sending a
+   request twice) and where the rest went (`timeline.breakdown`).
 b. `overloaded` weather (K requests admitted at once, a 429 with Retry-After above K):
    adaptive concurrency with a ceiling of 2K against fixed concurrency 2K, by the runner:
-   wall time, 429s, possible double charges and the limit it ended at.
+   wall time, the ideal, rows through and out of attempts, 429s, possible double charges and
+   the limit it ended at.
 
 `--time-scale` divides every latency and wait of the weather, so the shape of a real gateway
 fits in minutes. Figures vary with the machine's load: compare variants of one run.
