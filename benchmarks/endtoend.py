@@ -25,9 +25,8 @@ from pipeline.emulator.config import EmulatorConfig
 from pipeline.emulator.process import EmulatorProcess
 
 from . import data
-from .proc import run_measured
-from .servers import PROJECT_ROOT, child_env
-from .variants import RESULT_PREFIX
+from .servers import child_env
+from .spawn import run_variant
 
 TIMEOUT_S = 3600.0
 # What Prefect keeps of a run, by table of its database.
@@ -49,35 +48,22 @@ def prefect_records(prefect_home: Path) -> dict[str, int]:
         conn.close()
 
 
-def run_variant(
+def measure_variant(
     name: str, rows: int, manifest: Path, work: Path, emu: EmulatorProcess, args: argparse.Namespace
 ) -> dict[str, Any]:
     home = work / f"prefect-{name}-{rows}"
     env = child_env(home)
     out = work / f"out-{name}-{rows}"
     emu.reset()
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.variants",
-        name,
-        json.dumps(
-            {
-                "manifest": str(manifest),
-                "api_base": emu.base_url,
-                "concurrency": args.concurrency,
-                "fixed_concurrency": True,
-                "s3_endpoint_url": None,
-                "output": str(out),
-            }
-        ),
-    ]
-    m = run_measured(cmd, env=env, cwd=PROJECT_ROOT, timeout=TIMEOUT_S)
-    lines = [ln for ln in m.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if m.returncode != 0 or not lines:
-        tail = "\n".join(m.stderr.strip().splitlines()[-20:])
-        raise SystemExit(f"variant {name} at {rows} rows failed ({m.returncode}):\n{tail}")
-    r: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    variant_args = {
+        "manifest": str(manifest),
+        "api_base": emu.base_url,
+        "concurrency": args.concurrency,
+        "fixed_concurrency": True,
+        "s3_endpoint_url": None,
+        "output": str(out),
+    }
+    r, m = run_variant(name, variant_args, env, TIMEOUT_S)
     stats = emu.stats()
     record = {
         "variant": name,
@@ -106,7 +92,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for rows in args.rows:
                 manifest = data.write_manifest(work / f"manifest-{rows}.csv", sources, rows)
                 for name in args.variants:
-                    runs.append(run_variant(name, rows, manifest, work, emu, args))
+                    runs.append(measure_variant(name, rows, manifest, work, emu, args))
                     print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -33,10 +32,9 @@ from pipeline.emulator.config import EmulatorConfig
 from pipeline.emulator.process import EmulatorProcess
 
 from . import data
-from .proc import run_measured
-from .servers import PROJECT_ROOT, S3Server, child_env
+from .servers import S3Server, child_env
+from .spawn import run_variant
 from .timeline import breakdown
-from .variants import RESULT_PREFIX
 
 BUCKET = "imgedit-weather"
 TIMEOUT_S = 1200.0
@@ -44,14 +42,7 @@ TARGET_EFFICIENCY = 0.97
 
 
 def _variant(name: str, args: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.variants", name, json.dumps(args)]
-    m = run_measured(cmd, env=env, cwd=PROJECT_ROOT, timeout=TIMEOUT_S)
-    lines = [ln for ln in m.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if m.returncode != 0 or not lines:
-        tail = "\n".join(m.stderr.strip().splitlines()[-20:])
-        raise SystemExit(f"variant {name} failed ({m.returncode}):\n{tail}")
-    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    return result
+    return run_variant(name, args, env, TIMEOUT_S)[0]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
