@@ -27,7 +27,7 @@ from pipeline.engine.options import RunOptions, cli_name
 from pipeline.engine.results import ResultRow
 from pipeline.engine.run import RunParts, run_config, run_manifest
 from pipeline.engine.run_control import RequestSlots, ResizableGate, is_overload
-from pipeline.engine.summary import RunSummary
+from pipeline.engine.summary import RunSummary, describe_concurrency
 from pipeline.errors import error_for_status
 from tests.conftest import image_bytes
 
@@ -303,6 +303,10 @@ async def test_adaptive_slots_back_off_and_report() -> None:
     assert seen == [4, 3]
     report = slots.report()
     assert (report["mode"], report["ceiling"], report["final"]) == ("adaptive", 16, 3)
+    assert (report["cuts"], report["storms"]) == (1, 0)
+    assert describe_concurrency(report) == (
+        "adaptive: ended at 3 of 16, 1 cuts, 0 refusals judged weather"
+    )
     assert [n for _, n in report["curve"]] == [4, 3]
     slots.set_ceiling(1)
     assert slots.limit == 1 and slots.gate.capacity == 1

@@ -433,12 +433,17 @@ class RequestSlots:
 
     def report(self) -> dict[str, Any]:
         """What the summary says of the run's concurrency."""
-        return {
+        report: dict[str, Any] = {
             "mode": self.mode,
             "ceiling": self._ceiling,
             "final": self.limit,
             "curve": [] if self.aimd is None else [[t, n] for t, n in self.aimd.curve],
         }
+        if self.aimd is not None:
+            # Why the curve moved: push-back counted as load, and push-back judged weather.
+            report["cuts"] = self.aimd.cuts
+            report["storms"] = self.aimd.storms
+        return report
 
 
 __all__ = [

@@ -62,7 +62,8 @@ class RunSummary:
     abandoned: int = 0
     storage_failures: int = 0
     # How many requests the run kept in flight: {mode: "adaptive" or "fixed", ceiling, final
-    # (the limit it ended at: what it learned of the API), curve: [[seconds, limit], ...]};
+    # (the limit it ended at: what it learned of the API), curve: [[seconds, limit], ...],
+    # and when adaptive cuts and storms (push-back counted as load, and judged weather)};
     # None for a scaled-out run (each shard's summary has its own).
     concurrency: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -106,12 +107,18 @@ class RunSummary:
 
 
 def describe_concurrency(concurrency: Mapping[str, Any] | None) -> str:
-    """E.g. "adaptive: ended at 7 of 16" or "fixed: 16"; "" for none."""
+    """E.g. "adaptive: ended at 7 of 16, 3 cuts, 12 refusals judged weather" or "fixed: 16";
+    "" for none."""
     if not concurrency:
         return ""
     if concurrency.get("mode") == "fixed":
         return f"fixed: {concurrency.get('ceiling')}"
-    return f"adaptive: ended at {concurrency.get('final')} of {concurrency.get('ceiling')}"
+    text = f"adaptive: ended at {concurrency.get('final')} of {concurrency.get('ceiling')}"
+    if concurrency.get("cuts") is not None:
+        text += (
+            f", {concurrency['cuts']} cuts, {concurrency.get('storms', 0)} refusals judged weather"
+        )
+    return text
 
 
 def _round(x: float | None) -> float | None:
