@@ -286,6 +286,37 @@ async def test_a_job_a_killed_run_had_claimed_counts_as_a_possible_double_charge
     assert table.loc[["r0", "r2"], "possible_double_charges"].eq(0).all()
 
 
+async def test_a_killed_runs_claim_cleared_by_another_run_still_counts_where_the_job_is_edited(
+    tmp_path: Path,
+) -> None:
+    # Two shards restarted at once after their host died: the first to start clears every
+    # dead claim of the output; the job is edited by the other, which must count it too.
+    api = ScriptedAPI(
+        lambda i, r: (
+            httpx.Response(400, json={"error": {"code": "BAD_REQUEST", "message": "no"}})
+            if b"edit 1" in r.content
+            else httpx.Response(200, json=answer())
+        )
+    )
+    m = manifest(tmp_path, 3)
+    first = results(await run(m, tmp_path / "out", api))
+    job = str(first.loc["r1", "job_key"])
+    storage = LocalStorage(tmp_path / "out")
+    dead = claims.LeaseBody(
+        run_id="killed", token="t", renewed_at="2026-01-01T00:00:00+00:00", lease_s=1.0, host="x"
+    )
+    storage.put_bytes(claims.claim_key(job), dead.encode())
+    cleared_by_the_other_shard = done_index.load_done(storage)
+    assert cleared_by_the_other_shard.orphaned == {job}
+    assert not storage.exists(claims.claim_key(job))
+    fine = ScriptedAPI(lambda i, r: httpx.Response(200, json=answer()))
+    second = await run(m, tmp_path / "out", fine)
+    table = results(second)
+    assert fine.requests == 1 and table.loc["r1", "status"] == "succeeded"
+    assert table.loc["r1", "possible_double_charges"] == 1
+    assert second.possible_double_charges == 1
+
+
 async def test_a_store_that_ignores_conditional_writes_is_refused_unless_exclusive(
     tmp_path: Path, aws_credentials: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

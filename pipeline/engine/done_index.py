@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 INDEX_PREFIX = "index/"
 SEGMENTS_PREFIX = f"{INDEX_PREFIX}done/"
 OPEN_PREFIX = f"{INDEX_PREFIX}open/"
+# Jobs whose dead claims were cleared without a result: whoever edits one may pay twice.
+ORPHANS_PREFIX = f"{INDEX_PREFIX}orphans/"
 ROOT_KEY = f"{INDEX_PREFIX}root.json"
 SEGMENT_SUFFIX = ".parquet"
 INDEX_VERSION = 1
@@ -230,6 +232,12 @@ def _recover_dead(
             orphaned.add(job)
     if recovered:
         write_segment(storage, segment_key(_new_segment_name("recovered")), recovered)
+    if orphaned:
+        # Kept in storage before the claims go: whichever run edits these jobs (another
+        # shard restarted at the same time, a later run) counts the possible double charge,
+        # not only the run that happened to clear them.
+        record = "\n".join(sorted(orphaned)).encode()
+        storage.put_bytes(f"{ORPHANS_PREFIX}{_new_segment_name('orphans')}.txt", record)
     for key, _job, etag in claims:
         storage.delete_if_match(key, etag)
     for key, etag in dead_markers:
@@ -244,6 +252,18 @@ def _recover_dead(
             len(recovered),
         )
     return recovered, orphaned
+
+
+def _recorded_orphans(storage: Storage) -> set[str]:
+    """Every job a cleared dead claim left without a result, as recorded under ORPHANS_PREFIX."""
+    jobs: set[str] = set()
+    for key in storage.list_keys(ORPHANS_PREFIX):
+        try:
+            text = storage.get_bytes(key).decode("utf-8", "replace")
+        except StorageNotFound:
+            continue
+        jobs.update(j for j in text.split() if layout.is_job_key(j))
+    return jobs
 
 
 def _write_root(storage: Storage, how: str) -> None:
@@ -299,6 +319,7 @@ def load_done(storage: Storage, *, claims: bool = True, compact_later: bool = Fa
             log.info("an index segment went away while read (merged by another run); again")
     found = _classify(storage, markers)
     recovered, orphaned = _recover_dead(storage, found.dead) if claims else (set(), set())
+    orphaned |= _recorded_orphans(storage)
     check = bool(found.legacy) or (not claims and bool(found.dead or found.live))
     others = len(found.live) + len(found.legacy) + (0 if claims else len(found.dead))
     if not rooted:
