@@ -257,11 +257,8 @@ async def test_a_dead_claim_is_taken_over_and_a_live_one_is_waited_for(tmp_path:
     assert not storage.exists(claims.claim_key(job))
 
 
-async def test_a_job_a_killed_run_had_claimed_counts_as_a_possible_double_charge(
-    tmp_path: Path,
-) -> None:
-    # The first run fails row r1 (nothing stored); then a killed run is found to have held
-    # r1's claim: it may have paid for r1 before it died, so editing r1 may pay twice.
+async def r1_failed_then_claimed_by_a_killed_run(tmp_path: Path) -> tuple[Path, str, LocalStorage]:
+    """A 3-row manifest whose r1 failed (nothing stored) and whose job a killed run claimed."""
     api = ScriptedAPI(
         lambda i, r: (
             httpx.Response(400, json={"error": {"code": "BAD_REQUEST", "message": "no"}})
@@ -276,7 +273,17 @@ async def test_a_job_a_killed_run_had_claimed_counts_as_a_possible_double_charge
     dead = claims.LeaseBody(
         run_id="killed", token="t", renewed_at="2026-01-01T00:00:00+00:00", lease_s=1.0, host="x"
     )
-    LocalStorage(tmp_path / "out").put_bytes(claims.claim_key(job), dead.encode())
+    storage = LocalStorage(tmp_path / "out")
+    storage.put_bytes(claims.claim_key(job), dead.encode())
+    return m, job, storage
+
+
+async def test_a_job_a_killed_run_had_claimed_counts_as_a_possible_double_charge(
+    tmp_path: Path,
+) -> None:
+    # The first run fails row r1 (nothing stored); then a killed run is found to have held
+    # r1's claim: it may have paid for r1 before it died, so editing r1 may pay twice.
+    m, _, _ = await r1_failed_then_claimed_by_a_killed_run(tmp_path)
     fine = ScriptedAPI(lambda i, r: httpx.Response(200, json=answer()))
     second = await run(m, tmp_path / "out", fine)
     table = results(second)
@@ -291,21 +298,7 @@ async def test_a_killed_runs_claim_cleared_by_another_run_still_counts_where_the
 ) -> None:
     # Two shards restarted at once after their host died: the first to start clears every
     # dead claim of the output; the job is edited by the other, which must count it too.
-    api = ScriptedAPI(
-        lambda i, r: (
-            httpx.Response(400, json={"error": {"code": "BAD_REQUEST", "message": "no"}})
-            if b"edit 1" in r.content
-            else httpx.Response(200, json=answer())
-        )
-    )
-    m = manifest(tmp_path, 3)
-    first = results(await run(m, tmp_path / "out", api))
-    job = str(first.loc["r1", "job_key"])
-    storage = LocalStorage(tmp_path / "out")
-    dead = claims.LeaseBody(
-        run_id="killed", token="t", renewed_at="2026-01-01T00:00:00+00:00", lease_s=1.0, host="x"
-    )
-    storage.put_bytes(claims.claim_key(job), dead.encode())
+    m, job, storage = await r1_failed_then_claimed_by_a_killed_run(tmp_path)
     cleared_by_the_other_shard = done_index.load_done(storage)
     assert cleared_by_the_other_shard.orphaned == {job}
     assert not storage.exists(claims.claim_key(job))
