@@ -6,6 +6,7 @@ over many batches, for every built-in model profile, with row ranges and `left`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import random
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pipeline.errors import ManifestError
 from pipeline.manifest import parquet_read
 from pipeline.manifest import read as manifest_read
 from pipeline.manifest.batch import NOT_SPACE, BatchValidator, SeenIds
+from pipeline.manifest.batch_rows import PARAM_FIELDS, parsed_rows
 from pipeline.manifest.columns import RawBatch
 from pipeline.manifest.open import (
     MAX_REPORTED_ERRORS,
@@ -32,7 +34,7 @@ from pipeline.manifest.open import (
 )
 from pipeline.manifest.rows import RowValidator
 from pipeline.manifest.source_base import SourceBase
-from pipeline.manifest.types import ManifestRow
+from pipeline.manifest.types import EditParams, ManifestRow
 from pipeline.models.builtin import BUILTIN
 from pipeline.models.profile import MaskRule, ModelProfile, SizeRule
 
@@ -149,7 +151,7 @@ def per_row(
     with open_manifest(uri, profile=profile) as manifest:
         report = manifest.new_report()
         rows_left = images_left = 0
-        for parsed in manifest.rows(row_range):
+        for parsed in manifest.rows_one_by_one(row_range):
             report.add(parsed, max_errors=max_errors)
             if left is not None and isinstance(parsed, ManifestRow) and left(parsed.row):
                 rows_left += 1
@@ -171,8 +173,15 @@ def summary(report: ValidationReport) -> dict[str, Any]:
 
 
 def assert_same(uri: str, profile: ModelProfile | None, **kw: Any) -> ValidationReport:
+    """The batch report is the per-row one, and so are the rows `Manifest.rows` builds."""
     with open_manifest(uri, profile=profile) as manifest:
         batched = manifest.validate(**kw)
+        row_range = kw.get("row_range")
+        built = list(manifest.rows(row_range))
+        reference = list(manifest.rows_one_by_one(row_range))
+        for size in (1, 97, 1000):
+            assert [r for b in manifest.batches(size, row_range) for r in b] == reference
+    assert built == reference
     expected = summary(per_row(uri, profile, **kw))
     assert summary(batched) == expected
     return batched
@@ -372,6 +381,14 @@ def assert_batch_is_per_row(
     slow, fast = checker.validate(RawBatch(1, columns, count))
     reference = RowValidator(names, base, profile)
     cells = {name: array.to_pylist() for name, array in columns.items()}
+    expected_rows = [
+        RowValidator(names, base, profile).validate(r, {n: cells[n][r - 1] for n in names})
+        for r in range(1, count + 1)
+    ]
+    built = parsed_rows(
+        BatchValidator(RowValidator(names, base, profile)), RawBatch(1, columns, count)
+    )
+    assert built == expected_rows
     by_row = {parsed.row: parsed for parsed in slow}
     fast_at = {row: i for i, row in enumerate(fast.rows.tolist())}
     assert sorted([*by_row, *fast_at]) == list(range(1, count + 1))
@@ -444,7 +461,16 @@ def test_a_manifest_error_midway_is_the_per_row_one(
     path.write_text("\n".join(lines) + "\n")
     with open_manifest(str(path)) as manifest:
         with pytest.raises(ManifestError) as per_row_error:
-            list(manifest.rows())
+            list(manifest.rows_one_by_one())
         with pytest.raises(ManifestError) as batch_error:
             manifest.validate()
-    assert str(batch_error.value) == str(per_row_error.value)
+        with pytest.raises(ManifestError) as rows_error:
+            list(manifest.rows())
+    assert str(batch_error.value) == str(per_row_error.value) == str(rows_error.value)
+
+
+def test_rows_built_from_columns_fill_edit_params_in_field_order() -> None:
+    # batch_rows builds EditParams positionally: its order must be the dataclass's.
+    names = tuple(f.name for f in dataclasses.fields(EditParams))
+    assert names[: len(PARAM_FIELDS)] == PARAM_FIELDS
+    assert names[len(PARAM_FIELDS) :] == ("extra",)

@@ -34,7 +34,7 @@ from pipeline.manifest.columns import RawBatch
 from pipeline.manifest.rows import ID_DIGEST_BYTES, MAX_SEED, MIN_SEED, PARAM_PREFIX, RowValidator
 from pipeline.manifest.types import ParsedRow
 
-__all__ = ["NOT_SPACE", "BatchValidator", "FastRows", "SeenIds"]
+__all__ = ["NOT_SPACE", "BatchValidator", "CheckedBatch", "FastRows", "SeenIds"]
 
 Mask = npt.NDArray[np.bool_]
 Ints = npt.NDArray[np.int64]
@@ -66,6 +66,22 @@ class FastRows:
     images: Ints  # output images each asks for (n, default 1)
     # Per field the model does not take: which of `rows` set it (in the order rows list them).
     dropped: dict[str, Mask] = field(default_factory=dict)
+
+
+@dataclass
+class CheckedBatch:
+    """A batch through the batch checks: which rows they could not pass (`need`), and what
+    the others hold, as arrays over the whole batch (meaningful where `need` is False)."""
+
+    batch: RawBatch
+    rows: Ints
+    need: Mask
+    sets: dict[str, Mask]  # per optional scalar column: the rows setting it
+    values: dict[str, Ints]  # per integer column: its values
+    accepted: dict[str, dict[str, Any]]  # per enumerated column: a value -> its checked form
+    id_first: Ints | None  # the first row with each row's id
+    id_text: pa.Array | None  # the ids as text
+    images: Ints  # output images each asks for (n, default 1)
 
 
 class SeenIds:
@@ -176,6 +192,19 @@ class BatchValidator:
     def validate(self, batch: RawBatch) -> tuple[Iterator[ParsedRow], FastRows]:
         """The rows that need the per-row path, validated by it as they are iterated (in
         order; iterate them before the next batch), and the others, valid."""
+        checked = self.check(batch)
+        fast = ~checked.need
+        dropped = {
+            column: checked.sets[column][fast]
+            for column, _ in self._checks
+            if not self._profile.takes(column)
+        }
+        return self.slow(checked), FastRows(
+            rows=checked.rows[fast], images=checked.images[fast], dropped=dropped
+        )
+
+    def check(self, batch: RawBatch) -> CheckedBatch:
+        """The batch checks of every row (see CheckedBatch); the ids are remembered."""
         n = batch.length
         rows = np.arange(batch.row, batch.row + n, dtype=np.int64)
         cols = batch.columns
@@ -188,6 +217,7 @@ class BatchValidator:
             need |= self._mask(cols["mask"])
         sets: dict[str, Mask] = {}
         values: dict[str, Ints] = {}
+        accepted: dict[str, dict[str, Any]] = {}
         for column, check in self._checks:
             array = cols[column]
             limits = self._int_range(column)
@@ -197,25 +227,32 @@ class BatchValidator:
             elif column == "user":
                 bad, is_set = self._free_text(array, n)
             else:
-                bad, is_set = self._enumerated(array, n, check)
+                bad, is_set, accepted[column] = self._enumerated(array, n, check)
             need |= bad
             sets[column] = is_set
         for column, array in cols.items():
             if column == "params" or column.startswith(PARAM_PREFIX):
                 need |= self._extra_set(array, n)
-        id_first = self._ids(cols["id"], rows, need) if "id" in cols else None
-        slow = self._slow(batch, need, id_first)
-        fast = ~need
+        id_first, id_text = self._ids(cols["id"], rows, need) if "id" in cols else (None, None)
         images = np.ones(n, dtype=np.int64)
         if "n" in values:
             wanted = sets["n"] & (values["n"] != 0)
             images[wanted] = values["n"][wanted]
-        dropped = {
-            column: sets[column][fast]
-            for column, _ in self._checks
-            if not self._profile.takes(column)
-        }
-        return slow, FastRows(rows=rows[fast], images=images[fast], dropped=dropped)
+        return CheckedBatch(
+            batch=batch,
+            rows=rows,
+            need=need,
+            sets=sets,
+            values=values,
+            accepted=accepted,
+            id_first=id_first,
+            id_text=id_text,
+            images=images,
+        )
+
+    @property
+    def validator(self) -> RowValidator:
+        return self._validator
 
     def _int_range(self, column: str) -> tuple[int, int] | None:
         """The range of an integer column (as the per-row checks have it), else None."""
@@ -367,15 +404,17 @@ class BatchValidator:
         clean = _clean(text)
         return ~unset & ~clean, ~unset & clean
 
-    def _enumerated(self, array: pa.Array, n: int, check: Any) -> tuple[Mask, Mask]:
-        """A column whose (remembered) check is run once per distinct value of the batch."""
+    def _enumerated(self, array: pa.Array, n: int, check: Any) -> tuple[Mask, Mask, dict[str, Any]]:
+        """A column whose (remembered) check is run once per distinct value of the batch;
+        also each accepted value's checked form."""
         text = _text(array)
         if text is None:
             is_null = _np(pc.is_null(array))
-            return ~is_null, np.zeros(n, dtype=bool)
+            return ~is_null, np.zeros(n, dtype=bool), {}
         unset = _unset(text)
         bad: list[str] = []
         empty: list[str] = []
+        accepted: dict[str, Any] = {}
         for value in pc.unique(text).to_pylist():
             if value is None or value == "":
                 continue
@@ -384,9 +423,11 @@ class BatchValidator:
                 bad.append(value)
             elif result is None:
                 empty.append(value)
+            else:
+                accepted[value] = result
         need = _np(pc.is_in(text, value_set=pa.array(bad, pa.string())))
         blank = _np(pc.is_in(text, value_set=pa.array(empty, pa.string())))
-        return need, ~unset & ~need & ~blank
+        return need, ~unset & ~need & ~blank, accepted
 
     def _extra_set(self, array: pa.Array, n: int) -> Mask:
         """Provider extras are left to the per-row path: rows that set any."""
@@ -397,10 +438,10 @@ class BatchValidator:
             return np.zeros(n, dtype=bool)
         return ~_np(pc.is_null(array))
 
-    def _ids(self, array: pa.Array, rows: Ints, need: Mask) -> Ints:
+    def _ids(self, array: pa.Array, rows: Ints, need: Mask) -> tuple[Ints, pa.Array | None]:
         """Every row's id remembered in order; rows with a repeated id, an id to fix or one
         read by the per-row rules are marked in `need` (in place). Returns, for each row, the
-        first row with its id."""
+        first row with its id, and the ids as text (None when the column is not text)."""
         n = len(rows)
         if pa.types.is_dictionary(array.type):
             array = array.dictionary_decode()
@@ -449,12 +490,13 @@ class BatchValidator:
             keys = SeenIds.digests(compress(encoded, registered.tolist()))
         first[registered] = self._seen.first_rows(keys, rows[registered])
         need |= first != rows
-        return first
+        return first, text
 
-    def _slow(self, batch: RawBatch, need: Mask, id_first: Ints | None) -> Iterator[ParsedRow]:
-        """The rows marked in `need`, validated by the per-row path, in order (lazily: one
-        row's objects at a time, as the per-row pass had them)."""
-        indices = np.flatnonzero(need)
+    def slow(self, checked: CheckedBatch) -> Iterator[ParsedRow]:
+        """The rows the batch checks did not pass, validated by the per-row path, in order
+        (lazily: one row's objects at a time, as the per-row pass had them)."""
+        batch, id_first = checked.batch, checked.id_first
+        indices = np.flatnonzero(checked.need)
         if not len(indices):
             return iter(())
         names = list(batch.columns)

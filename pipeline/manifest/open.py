@@ -58,6 +58,7 @@ import numpy as np
 
 from pipeline import spec
 from pipeline.manifest.batch import BatchValidator, FastRows
+from pipeline.manifest.batch_rows import parsed_rows
 from pipeline.manifest.handle import ManifestHandle
 from pipeline.manifest.read import (
     ColumnMap,
@@ -145,8 +146,15 @@ class Manifest(ManifestHandle):
         """Every row in order, validated (one pass); only rows `start <= row < end` if given.
 
         Rows before the range are still validated, so duplicate ids are found across the
-        whole manifest, not just within a shard of it.
+        whole manifest, not just within a shard of it. Rows are checked a batch at a time
+        (`pipeline.manifest.batch_rows`); each is what `rows_one_by_one` makes of it.
         """
+        for segment in self._segments(row_range):
+            yield from segment
+
+    def rows_one_by_one(self, row_range: RowRange | None = None) -> Iterator[ParsedRow]:
+        """What `rows` yields, every row through the per-row checks (`RowValidator`): the
+        reference the batch checks are held to."""
         validator = RowValidator(self._cmap.known, self._base, self.profile)
         start, end = row_range or (1, None)
         for item in self._raw_rows():
@@ -159,6 +167,25 @@ class Manifest(ManifestHandle):
             if parsed.row >= start:
                 yield parsed
 
+    def _segments(self, row_range: RowRange | None) -> Iterator[list[ParsedRow]]:
+        """The rows of `rows`, a reader's segment at a time (a few thousand rows)."""
+        checker = BatchValidator(RowValidator(self._cmap.known, self._base, self.profile))
+        start, end = row_range or (1, None)
+        for item in self._reader.segments(self._cmap):
+            if end is not None and item.row >= end:
+                return
+            if isinstance(item, InvalidRow):
+                if item.row >= start:
+                    yield [item]
+                continue
+            if end is not None and item.row + item.length > end:
+                item = item.head(end - item.row)
+            parsed = parsed_rows(checker, item)
+            if item.row < start:
+                parsed = parsed[start - item.row :]
+            if parsed:
+                yield parsed
+
     def batches(
         self, batch_size: int = DEFAULT_BATCH_SIZE, row_range: RowRange | None = None
     ) -> Iterator[list[ParsedRow]]:
@@ -166,11 +193,15 @@ class Manifest(ManifestHandle):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         batch: list[ParsedRow] = []
-        for parsed in self.rows(row_range):
-            batch.append(parsed)
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
+        for segment in self._segments(row_range):
+            at = 0
+            while at < len(segment):
+                take = segment[at : at + batch_size - len(batch)]
+                batch.extend(take)
+                at += len(take)
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
         if batch:
             yield batch
 
