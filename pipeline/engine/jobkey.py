@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ KEY_HEX_CHARS = 32  # 128 bits: collisions are not a practical concern at any ca
 # One encoder for every key: `json.dumps` with these options builds a new JSONEncoder per
 # call, about a tenth of a key's cost when a resume computes a million. Same output.
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+# A JSON string as `_CANONICAL` writes one (the C encoder with ensure_ascii off).
+_string = json.encoder.encode_basestring
 
 
 def job_key(
@@ -31,6 +34,28 @@ def job_key(
     `user` is left out (it labels the caller, it does not change the image); so is the
     response format (how the bytes travel, not what they are).
     """
+    return hashlib.sha256(
+        canonical_doc(
+            model=model,
+            image_sha256=image_sha256,
+            mask_sha256=mask_sha256,
+            prompt=prompt,
+            seed=seed,
+            params=params,
+        ).encode("utf-8")
+    ).hexdigest()[:KEY_HEX_CHARS]
+
+
+def key_doc(
+    *,
+    model: str,
+    image_sha256: Sequence[str],
+    mask_sha256: str | None,
+    prompt: str,
+    seed: int | None,
+    params: EditParams,
+) -> dict[str, Any]:
+    """What a job key hashes, as a document: its canonical JSON is `canonical_doc`."""
     fields: dict[str, Any] = {
         "n": params.n,
         "size": params.size,
@@ -40,7 +65,7 @@ def job_key(
         "output_format": params.output_format,
         "output_compression": params.output_compression,
     }
-    doc = {
+    return {
         "v": KEY_VERSION,
         "model": model,
         "images": list(image_sha256),
@@ -50,5 +75,73 @@ def job_key(
         "params": {k: v for k, v in fields.items() if v is not None},
         "extra": params.extra,
     }
-    canonical = _CANONICAL.encode(doc)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+
+
+def canonical_doc(
+    *,
+    model: str,
+    image_sha256: Sequence[str],
+    mask_sha256: str | None,
+    prompt: str,
+    seed: int | None,
+    params: EditParams,
+) -> str:
+    """`key_doc` as canonical JSON (sorted keys, no spaces, UTF-8 as is), written out field
+    by field: `json` walking the document took half of a resume's per-row time."""
+    return "".join(
+        (
+            '{"extra":',
+            _CANONICAL.encode(params.extra) if params.extra else "{}",
+            ',"images":[',
+            ",".join([_string(sha) for sha in image_sha256]),
+            '],"mask":',
+            "null" if mask_sha256 is None else _string(mask_sha256),
+            ',"model":',
+            _string(model),
+            ',"params":',
+            _params_json(
+                params.aspect_ratio,
+                params.n,
+                params.output_compression,
+                params.output_format,
+                params.quality,
+                params.resolution,
+                params.size,
+            ),
+            ',"prompt":',
+            _string(prompt),
+            ',"seed":',
+            _int(seed),
+            f',"v":{KEY_VERSION}}}',
+        )
+    )
+
+
+def _int(value: int | None) -> str:
+    if type(value) is int:
+        return int.__repr__(value)  # what json writes for an int
+    return _CANONICAL.encode(value)
+
+
+@functools.lru_cache(maxsize=1024, typed=True)
+def _params_json(
+    aspect_ratio: str | None,
+    n: int | None,
+    output_compression: int | None,
+    output_format: str | None,
+    quality: str | None,
+    resolution: str | None,
+    size: str | None,
+) -> str:
+    """The key's `params` object (its fields in sorted order, unset ones left out); a run's
+    rows share a few of them."""
+    fields = {
+        "aspect_ratio": aspect_ratio,
+        "n": n,
+        "output_compression": output_compression,
+        "output_format": output_format,
+        "quality": quality,
+        "resolution": resolution,
+        "size": size,
+    }
+    return _CANONICAL.encode({k: v for k, v in fields.items() if v is not None})
