@@ -10,7 +10,9 @@ then measures, each in its own process (wall time, CPU, peak RSS from wait4):
 
 `--resume` also measures a resume of N done rows through the done index (the scale part of
 `benchmarks.bench` at N rows: moto's S3 pre-populated with N sidecars and index segments,
-then the library runner); at a million rows that takes minutes and gigabytes of moto's memory.
+then the library runner and the flow, `--resume-variants`); the flow's with what Prefect
+recorded of its planning (task runs, events, logs from its own database) and the CPU of its
+API server. At a million rows that takes minutes and gigabytes of moto's memory.
 
 Prints a table (and writes JSON with `--json PATH`). Figures are noisy on a shared machine:
 compare them within one run.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +36,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from . import data
+from .endtoend import prefect_records
 from .proc import Measured, run_measured
 from .servers import PROJECT_ROOT, S3Server, child_env
 from .variants import RESULT_PREFIX
@@ -115,34 +119,52 @@ def measure_validate(manifest: Path, rows: int, env: dict[str, str]) -> list[dic
 
 
 def measure_resume(
-    csv_path: Path, sources: list[Path], rows: int, env: dict[str, str], log: Any
-) -> dict[str, Any]:
-    """Resume of `rows` done rows through the done index, with the library runner."""
+    csv_path: Path,
+    sources: list[Path],
+    rows: int,
+    env: dict[str, str],
+    log: Any,
+    variants: list[str],
+    workdir: Path,
+) -> list[dict[str, Any]]:
+    """Resume of `rows` done rows through the done index, by each variant (the library
+    runner, the flow); the flow's with what Prefect recorded, from its own fresh database."""
     case = f"resume-{rows}"
     t0 = time.perf_counter()
+    records = []
     with S3Server(env, populate=[f"{case}/out={rows}"], sources=sources[0].parent) as s3:
         log(f"  populated in {time.perf_counter() - t0:.0f} s: {s3.populate_report}")
-        args = {
-            "manifest": str(csv_path),
-            "api_base": "http://127.0.0.1:9/v1",  # never called: every job is done
-            "concurrency": 64,
-            "s3_endpoint_url": s3.endpoint_url,
-            "output": f"s3://{case}/out",
-        }
-        cmd = [sys.executable, "-m", "benchmarks.variants", "runner", json.dumps(args)]
-        m = _measure(cmd, env)
-    result = _result(m.stdout)
-    skipped = result.get("by_status", {}).get("skipped", 0)
-    if skipped != rows:
-        raise RuntimeError(f"resume: {skipped} rows skipped, expected {rows}: {result}")
-    return {
-        "case": "resume through the done index (runner)",
-        "rows": rows,
-        "wall_s": m.wall_s,
-        "run_s": result["run_s"],
-        "cpu_s": m.cpu_s,
-        "max_rss_mb": m.max_rss_mb,
-    }
+        for name in variants:
+            home = workdir / f"prefect-resume-{name}-{rows}"
+            shutil.rmtree(home, ignore_errors=True)
+            args = {
+                "manifest": str(csv_path),
+                "api_base": "http://127.0.0.1:9/v1",  # never called: every job is done
+                "concurrency": 64,
+                "s3_endpoint_url": s3.endpoint_url,
+                "output": f"s3://{case}/out",
+            }
+            cmd = [sys.executable, "-m", "benchmarks.variants", name, json.dumps(args)]
+            m = _measure(cmd, {**env, **child_env(home)})
+            result = _result(m.stdout)
+            skipped = result.get("by_status", {}).get("skipped", 0)
+            if skipped != rows:
+                raise RuntimeError(f"resume: {skipped} rows skipped, expected {rows}: {result}")
+            record: dict[str, Any] = {
+                "case": f"resume through the done index ({name})",
+                "rows": rows,
+                "wall_s": m.wall_s,
+                "run_s": result["run_s"],
+                "cpu_s": m.cpu_s,
+                "max_rss_mb": m.max_rss_mb,
+            }
+            if name == "flow":
+                # The API server runs in a child process of the flow's (see flows/local_api).
+                record["server_cpu_s"] = result["run_children_cpu_s"]
+                record["prefect"] = prefect_records(home)
+            log(f"  {record['case']}: {record['wall_s']:.2f} s, {record['max_rss_mb']:.0f} MB")
+            records.append(record)
+    return records
 
 
 def table(records: list[dict[str, Any]]) -> str:
@@ -165,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="inputs kept here")
     parser.add_argument("--formats", default="csv,parquet", help="csv, parquet or both")
     parser.add_argument("--resume", action="store_true", help="also measure a resume of N rows")
+    parser.add_argument(
+        "--resume-variants", default="runner,flow", help="who resumes: runner, flow or both"
+    )
     parser.add_argument("--json", type=Path, help="write the records here")
     a = parser.parse_args(argv)
 
@@ -183,12 +208,21 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {record['case']}: {record['wall_s']:.2f} s, {record['max_rss_mb']:.0f} MB")
             records.append(record)
     if a.resume:
-        records.append(measure_resume(csv_path, sources, a.rows, env, log))
+        variants = [v.strip() for v in a.resume_variants.split(",") if v.strip()]
+        records += measure_resume(csv_path, sources, a.rows, env, log, variants, a.workdir)
     print(
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
         f"Python {platform.python_version()}, {a.rows:,} rows"
     )
     print(table(records))
+    for r in records:
+        if "prefect" in r:
+            p = r["prefect"]
+            print(
+                f"{r['case']}: Prefect recorded {p.get('task_run', 0):,} task runs, "
+                f"{p.get('events', 0):,} events, {p.get('log', 0):,} logs; its API server "
+                f"used {r['server_cpu_s']:.1f} s of CPU"
+            )
     targets = [r for r in records if r["case"].startswith("imgedit validate")]
     for r in targets:
         met = r["wall_s"] < TARGET_WALL_S and r["max_rss_mb"] < TARGET_RSS_MB
