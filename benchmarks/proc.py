@@ -103,6 +103,8 @@ def run_measured(
 
     wait4 reports the child plus the descendants it reaped itself, so a Prefect server
     subprocess stopped by the flow process is included; peak RSS is the largest of them.
+    Linux starts a child's peak RSS at its parent's RSS when it forks (and keeps it across
+    exec): measure from a small process, or a small command reports the parent's size.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started_at = time.time()
