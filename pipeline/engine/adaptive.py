@@ -4,7 +4,9 @@
 (`pipeline.engine.run_control.RequestSlots`) ask it for the current limit and tell it how each
 request started and ended.
 
-- It starts low (`min(START_LIMIT, ceiling)`) or at a given start (a value learned before).
+- It starts low (`min(START_LIMIT, ceiling)`), at a given start, or at the limit an earlier
+  run against the same API and model ended at (`learned`, see `engine.learned_limit`): below
+  the ceiling that is where it was refused, so it climbs from there as after a cut.
 - Only an overload answer the run's own load explains counts: one to a request that started
   at a level (requests in flight besides it) few of the last RECENT_ANSWERS answers reached,
   or at which at least LOAD_SHARE of those were refused (the API's capacity; a limit on
@@ -77,6 +79,7 @@ class AimdLimit:
         ceiling: int,
         *,
         start: int | None = None,
+        learned: int | None = None,
         backoff: float = BACKOFF,
         max_points: int = MAX_CURVE_POINTS,
         clock: Callable[[], float] = time.monotonic,
@@ -92,7 +95,12 @@ class AimdLimit:
         self.max_points = max_points
         self._clock = clock
         self._t0 = clock()
+        if learned is not None:
+            start = learned
         self.limit = self._clamp(START_LIMIT if start is None else start)
+        self.start = self.limit
+        self.learned = learned is not None
+        self.answers = 0  # requests answered (went through or refused)
         self._started = 0  # requests started so far (each one's Ticket.seq)
         self._window_start = 0  # first seq that may cut again
         self._wave_floor = 1  # the lowest the refusals of the wave last cut may take it
@@ -108,6 +116,12 @@ class AimdLimit:
         self.slow_start = True  # until the first cut
         self.cuts = 0
         self.curve: list[tuple[float, int]] = [(0.0, self.limit)]
+        if learned is not None and self.limit < ceiling:
+            # Below the ceiling, a learned limit is where an earlier run's requests were last
+            # refused: start there as after a cut refused at it, climbing by one slot a round
+            # trip until as many answers above it show it was weather (see `succeeded`).
+            self.slow_start = False
+            self._refused_level = self.limit
 
     def _clamp(self, value: int) -> int:
         return max(1, min(int(value), self.ceiling))
@@ -132,6 +146,7 @@ class AimdLimit:
 
     def succeeded(self, ticket: Ticket) -> None:
         """An answered request: a step up after `limit` of them that started saturated."""
+        self.answers += 1
         self._recent.append((ticket.level, False))
         refused_at = self._refused_level
         if refused_at is not None and ticket.level > refused_at:
@@ -155,6 +170,7 @@ class AimdLimit:
     def overloaded(self, ticket: Ticket, *, rate_limited: bool = True) -> bool:
         """A 429 (`rate_limited`) or a 5xx overload answer; True when it opened a new cut
         (a 429 to the wave already cut may still take one more slot away)."""
+        self.answers += 1
         self._recent.append((ticket.level, True))
         if ticket.seq < self._window_start:
             # Answered to a wave of requests sent before the last cut: a 429 says by how

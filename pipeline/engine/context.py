@@ -79,6 +79,7 @@ class RunContext:
         claims: Claims | None = None,
         profile: ModelProfile | None = None,
         orphaned: set[str] | None = None,
+        learned_concurrency: int | None = None,
     ) -> None:
         self.run_id = layout.check_run_id(run_id)
         # The run's model profile: what each request may send (see edit.fit_request).
@@ -99,7 +100,11 @@ class RunContext:
         self.budget = Budget(config.max_cost_usd)
         self.gate = RateGate()
         # The edit requests in flight (see run_control.RequestSlots, pipeline.engine.adaptive).
-        self.slots = RequestSlots(config.concurrency, adaptive=not config.fixed_concurrency)
+        self.slots = RequestSlots(
+            config.concurrency,
+            adaptive=not config.fixed_concurrency,
+            learned=learned_concurrency,
+        )
         self.slots.on_change = self._publish_concurrency
         self._inflight: dict[str, asyncio.Future[ResultRow]] = {}
         self.io_executor = io_executor or io_thread_pool(config.concurrency)

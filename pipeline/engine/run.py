@@ -24,6 +24,7 @@ from pipeline.engine.context import RunConfig, RunContext, io_thread_pool
 from pipeline.engine.done_keys import DoneKeys
 from pipeline.engine.edit import request_for
 from pipeline.engine.interrupts import stop_on_signals
+from pipeline.engine.learned_limit import read_learned, write_learned
 from pipeline.engine.options import ResponseFormat, RunOptions
 from pipeline.engine.plan import (
     RunPlan,
@@ -159,6 +160,16 @@ def open_context(
             done.open_chunks,
             storage.root_uri,
         )
+    learned = (
+        None if opts.fixed_concurrency else read_learned(storage, client.base_url, client.model)
+    )
+    if learned is not None:
+        log.info(
+            "adaptive concurrency starts at %d requests in flight (of at most %d), where the "
+            "last run against this API and model ended",
+            min(learned, opts.concurrency),
+            opts.concurrency,
+        )
     ctx = RunContext(
         run_id=run_id,
         storage=storage,
@@ -178,6 +189,7 @@ def open_context(
         claims=claims,
         profile=profile,
         orphaned=done.orphaned,
+        learned_concurrency=learned,
     )
     ctx.index_upkeep = done.merge
     return ctx
@@ -266,6 +278,8 @@ def finalize_run(
     held = {**ctx.kept_parts.parts, **ctx.unwritten_parts}
     ctx.kept_parts.parts.clear()
     results_uri, table = merge_results(ctx.storage, keys, ctx.run_id, held)
+    concurrency = ctx.slots.report()
+    write_learned(ctx.storage, ctx.client.base_url, ctx.client.model, concurrency, ctx.run_id)
     return write_summary(
         ctx.storage,
         ctx.run_id,
@@ -276,7 +290,7 @@ def finalize_run(
         started=started,
         stop=ctx.stop,
         price_per_image_usd=ctx.config.price_per_image_usd,
-        concurrency=ctx.slots.report(),
+        concurrency=concurrency,
     )
 
 

@@ -349,9 +349,12 @@ class RequestSlots:
         *,
         adaptive: bool = True,
         start: int | None = None,
+        learned: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.aimd = AimdLimit(ceiling, start=start, clock=clock) if adaptive else None
+        self.aimd = (
+            AimdLimit(ceiling, start=start, learned=learned, clock=clock) if adaptive else None
+        )
         self._ceiling = ceiling
         self.gate = ResizableGate(self.limit)
         # Told the limit each time it changes (and at `begin`): progress events.
@@ -443,6 +446,9 @@ class RequestSlots:
             # Why the curve moved: push-back counted as load, and push-back judged weather.
             report["cuts"] = self.aimd.cuts
             report["storms"] = self.aimd.storms
+            report["start"] = self.aimd.start
+            report["learned"] = self.aimd.learned
+            report["answers"] = self.aimd.answers
         return report
 
 

@@ -114,6 +114,8 @@ def describe_concurrency(concurrency: Mapping[str, Any] | None) -> str:
     if concurrency.get("mode") == "fixed":
         return f"fixed: {concurrency.get('ceiling')}"
     text = f"adaptive: ended at {concurrency.get('final')} of {concurrency.get('ceiling')}"
+    if concurrency.get("learned"):
+        text += f" (started at {concurrency.get('start')}, learned by an earlier run)"
     if concurrency.get("cuts") is not None:
         text += (
             f", {concurrency['cuts']} cuts, {concurrency.get('storms', 0)} refusals judged weather"
