@@ -34,20 +34,22 @@ from tests.test_adaptive_concurrency import (
 ROWS = 200
 
 
-def test_a_learned_limit_below_the_ceiling_climbs_as_after_a_cut() -> None:
+def test_a_learned_limit_is_where_slow_start_begins() -> None:
     learned = AimdLimit(32, learned=10)
-    assert (learned.limit, learned.start, learned.learned) == (10, 10, True)
-    for ticket in burst(learned, 9):
+    assert (learned.limit, learned.start, learned.learned, learned.slow_start) == (
+        10,
+        10,
+        True,
+        True,
+    )
+    for ticket in burst(learned, 10):
         learned.succeeded(ticket)
-    assert learned.limit == 10  # not slow start: one slot per `limit` answers
-    learned.succeeded(learned.started(in_flight=9))
-    assert learned.limit == 11
-    fresh = AimdLimit(32)
-    for ticket in burst(fresh, 4):
-        fresh.succeeded(ticket)
-    assert fresh.limit == 8 and not fresh.learned  # slow start doubles
+    assert learned.limit == 20  # a round trip's answers double it, as from 4
     at_ceiling = AimdLimit(16, learned=40)
-    assert at_ceiling.limit == 16 and at_ceiling.slow_start
+    assert at_ceiling.limit == 16 and at_ceiling.start == 16
+    assert AimdLimit(16, learned=0).limit == 1
+    fresh = AimdLimit(32)
+    assert (fresh.limit, fresh.start, fresh.learned) == (4, 4, False)
 
 
 def test_the_hint_is_read_defensively(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

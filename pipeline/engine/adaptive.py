@@ -5,8 +5,10 @@
 request started and ended.
 
 - It starts low (`min(START_LIMIT, ceiling)`), at a given start, or at the limit an earlier
-  run against the same API and model ended at (`learned`, see `engine.learned_limit`): below
-  the ceiling that is where it was refused, so it climbs from there as after a cut.
+  run against the same API and model ended at (`learned`, see `engine.learned_limit`), in
+  slow start from there: a limit a passing storm left low climbs back within a round trip or
+  two (as if it had been refused there, it would take dozens), and an API that admits K
+  refuses one wave above K, as the first run's climb did.
 - Only an overload answer the run's own load explains counts: one to a request that started
   at a level (requests in flight besides it) few of the last RECENT_ANSWERS answers reached,
   or at which at least LOAD_SHARE of those were refused (the API's capacity; a limit on
@@ -116,12 +118,6 @@ class AimdLimit:
         self.slow_start = True  # until the first cut
         self.cuts = 0
         self.curve: list[tuple[float, int]] = [(0.0, self.limit)]
-        if learned is not None and self.limit < ceiling:
-            # Below the ceiling, a learned limit is where an earlier run's requests were last
-            # refused: start there as after a cut refused at it, climbing by one slot a round
-            # trip until as many answers above it show it was weather (see `succeeded`).
-            self.slow_start = False
-            self._refused_level = self.limit
 
     def _clamp(self, value: int) -> int:
         return max(1, min(int(value), self.ceiling))
