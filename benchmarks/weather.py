@@ -20,6 +20,7 @@ fits in minutes. Figures vary with the machine's load: compare variants of one r
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import tempfile
@@ -50,16 +51,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     env = child_env(work / "prefect-home")
     sources = data.write_sources(work / "sources")
     manifest = data.write_manifest(work / "manifest.csv", sources, args.rows)
+    # New jobs for a second run on the same output (`-learned`): other prompts.
+    again_manifest = work / "manifest-again.csv"
+    with manifest.open(newline="") as src, again_manifest.open("w", newline="") as dst:
+        reader = csv.DictReader(src)
+        writer = csv.DictWriter(dst, fieldnames=list(reader.fieldnames or ()))
+        writer.writeheader()
+        writer.writerows({**row, "prompt": row["prompt"] + ", again"} for row in reader)
     out: dict[str, Any] = {"gateway": [], "overloaded": []}
     with EmulatorProcess(EmulatorConfig()) as emu, S3Server(env) as s3:
 
-        def run(name: str, prefix: str, concurrency: int, fixed: bool) -> dict[str, Any]:
-            s3.reset([BUCKET])
+        def run(
+            name: str, prefix: str, concurrency: int, fixed: bool, again: bool = False
+        ) -> dict[str, Any]:
+            if not again:
+                s3.reset([BUCKET])
             emu.reset()
             result = _variant(
                 name,
                 {
-                    "manifest": str(manifest),
+                    "manifest": str(again_manifest if again else manifest),
                     "api_base": emu.base_url,
                     "concurrency": concurrency,
                     "fixed_concurrency": fixed,
@@ -78,9 +89,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         emu.configure(request_log_size=max(10_000, 5 * args.rows))
         emu.configure(weather="gateway", weather_time_scale=args.time_scale, fault_seed=7)
         for name in args.variants.split(",") if "gateway" in args.parts else ():
-            # "runner-adaptive": the same against an adaptive limit with C as its ceiling.
+            # "runner-adaptive": the same against an adaptive limit with C as its ceiling;
+            # "runner-learned": adaptive again, on the output a "-adaptive" variant just ran
+            # on (so starting where it ended), with new jobs.
             program, _, mode = name.partition("-")
-            r = run(program, f"gateway-{name}", args.concurrency, mode != "adaptive")
+            if mode == "learned":
+                r = run(program, f"gateway-{program}-adaptive", args.concurrency, False, True)
+            else:
+                r = run(program, f"gateway-{name}", args.concurrency, mode != "adaptive")
             ideal = r["emulator"]["service_seconds_total"] / args.concurrency
             out["gateway"].append(
                 {
@@ -92,6 +108,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "requests": r["emulator"]["requests"],
                     "timeline": r["timeline"],
                     "by_status": r["by_status"],
+                    "concurrency": r.get("concurrency"),
                 }
             )
         k = args.capacity
@@ -145,6 +162,12 @@ def report(result: dict[str, Any]) -> str:
     ]
     for r in result["gateway"]:
         t = r["timeline"]
+        conc = r.get("concurrency") or {}
+        if conc.get("mode") == "adaptive":
+            lines.append(
+                f"   ({r['variant']}: started at {conc.get('start')}, ended at "
+                f"{conc.get('final')}, {conc.get('cuts')} cuts, {conc.get('storms')} storms)"
+            )
         lines.append(
             f"   {r['variant']:8s} {r['run_s']:7.1f} {r['ideal_s']:9.1f} "
             f"{r['efficiency']:12.3f} {r['requests']:10d} {t['bound_s']:9.1f} "
@@ -182,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overloaded-latency", type=float, default=0.2)
     p.add_argument("--parts", default="gateway,overloaded", help="gateway,overloaded")
     p.add_argument(
-        "--variants", default="runner,flow", help="of part a: runner,flow (-adaptive: not fixed)"
+        "--variants",
+        default="runner,flow",
+        help="of part a: runner,flow (-adaptive: not fixed; -learned: adaptive again after it)",
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = p.parse_args(argv)
