@@ -405,7 +405,8 @@ def answer() -> dict[str, Any]:
     }
 
 
-def write_manifest(tmp_path: Path, rows: int) -> Path:
+def write_manifest(tmp_path: Path, rows: int, tag: str = "") -> Path:
+    """Rows r0.. with prompts `<tag>edit <i>` (another tag: other jobs)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "src.png"
     src.write_bytes(image_bytes((40, 40), (1, 2, 3)))
@@ -414,7 +415,7 @@ def write_manifest(tmp_path: Path, rows: int) -> Path:
         w = csv.writer(fh)
         w.writerow(["id", "image", "prompt"])
         for i in range(rows):
-            w.writerow([f"r{i}", src, f"edit {i}"])
+            w.writerow([f"r{i}", src, f"{tag}edit {i}"])
     return path
 
 
@@ -434,11 +435,13 @@ class Limits:
         self.seen.append((limit, ceiling, mode))
 
 
-async def overloaded_run(tmp_path: Path, *, fixed: bool) -> tuple[OverloadedAPI, RunSummary]:
+async def overloaded_run(
+    tmp_path: Path, *, fixed: bool, rows: int = ROWS, output: Path | None = None, tag: str = ""
+) -> tuple[OverloadedAPI, RunSummary]:
     api = OverloadedAPI(K)
     opts = RunOptions(
-        manifest=str(write_manifest(tmp_path, ROWS)),
-        output=str(tmp_path / "out"),
+        manifest=str(write_manifest(tmp_path, rows, tag)),
+        output=str(output or tmp_path / "out"),
         api_base=API,
         concurrency=2 * K,
         fixed_concurrency=fixed,

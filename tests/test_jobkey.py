@@ -6,11 +6,39 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from typing import Any
 
-from pipeline.engine.jobkey import KEY_HEX_CHARS, canonical_doc, job_key, key_doc
+from pipeline.engine.jobkey import KEY_HEX_CHARS, KEY_VERSION, KeyFields, canonical_doc, job_key
 from pipeline.manifest.types import EditParams
 
 REFERENCE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def key_doc(fields: KeyFields) -> dict[str, Any]:
+    """The key's document as the first versions built it (and hashed its `json`): results
+    stored since are found by it."""
+    params = fields["params"]
+    set_params = {
+        "n": params.n,
+        "size": params.size,
+        "aspect_ratio": params.aspect_ratio,
+        "resolution": params.resolution,
+        "quality": params.quality,
+        "output_format": params.output_format,
+        "output_compression": params.output_compression,
+    }
+    return {
+        "v": KEY_VERSION,
+        "model": fields["model"],
+        "images": list(fields["image_sha256"]),
+        "mask": fields["mask_sha256"],
+        "prompt": fields["prompt"],
+        "seed": fields["seed"],
+        "params": {k: v for k, v in set_params.items() if v is not None},
+        "extra": params.extra,
+    }
+
+
 PROMPTS = [
     "a starry sky",
     'say "SALE" \\ now',
@@ -19,7 +47,12 @@ PROMPTS = [
     "",
     " padded ",
 ]
-EXTRAS = [{}, {"turbo": True}, {"b": [1, 2.5, None], "a": {"z": "é", "y": False}}, {"x": 1e300}]
+EXTRAS: list[dict[str, Any]] = [
+    {},
+    {"turbo": True},
+    {"b": [1, 2.5, None], "a": {"z": "é", "y": False}},
+    {"x": 1e300},
+]
 
 
 def _random_params(rnd: random.Random) -> EditParams:
@@ -43,7 +76,7 @@ def test_the_key_is_the_hash_of_the_documents_canonical_json() -> None:
     rnd = random.Random(5)
     seen = set()
     for _ in range(2000):
-        fields = {
+        fields: KeyFields = {
             "model": rnd.choice(["p-image-edit", "gpt-image-1", "modèle/ü"]),
             "image_sha256": [
                 hashlib.sha256(bytes([rnd.randrange(256)])).hexdigest()
@@ -54,9 +87,9 @@ def test_the_key_is_the_hash_of_the_documents_canonical_json() -> None:
             "seed": rnd.choice([None, 0, 42, 2**63 - 1]),
             "params": _random_params(rnd),
         }
-        reference = REFERENCE.encode(key_doc(**fields))  # type: ignore[arg-type]
-        assert canonical_doc(**fields) == reference  # type: ignore[arg-type]
-        key = job_key(**fields)  # type: ignore[arg-type]
+        reference = REFERENCE.encode(key_doc(fields))
+        assert canonical_doc(**fields) == reference
+        key = job_key(**fields)
         assert key == hashlib.sha256(reference.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
         seen.add(key)
     assert len(seen) > 1000  # the fields chosen do change the key

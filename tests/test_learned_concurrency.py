@@ -8,7 +8,6 @@ import json
 import logging
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 
@@ -19,17 +18,9 @@ from pipeline.engine.learned_limit import (
     read_learned,
     write_learned,
 )
-from pipeline.engine.options import RunOptions
-from pipeline.engine.run import RunParts, run_manifest
 from pipeline.engine.summary import RunSummary, describe_concurrency
 from pipeline.io.local_storage import LocalStorage
-from tests.test_adaptive_concurrency import (
-    API,
-    K,
-    OverloadedAPI,
-    burst,
-    write_manifest,
-)
+from tests.test_adaptive_concurrency import API, K, OverloadedAPI, burst, overloaded_run
 
 ROWS = 200
 
@@ -83,22 +74,8 @@ def test_the_hint_is_read_defensively(tmp_path: Path, caplog: pytest.LogCaptureF
 async def adaptive_run(
     tmp_path: Path, name: str, out: Path, *, fixed: bool = False
 ) -> tuple[OverloadedAPI, RunSummary]:
-    api = OverloadedAPI(K)
-    manifest = write_manifest(tmp_path / name, ROWS)
-    # Distinct prompts per run: the second run's jobs are new, not done.
-    text = manifest.read_text().replace(",edit ", f",{name} edit ")
-    manifest.write_text(text)
-    opts = RunOptions(
-        manifest=str(manifest),
-        output=str(out),
-        api_base=API,
-        concurrency=2 * K,
-        fixed_concurrency=fixed,
-        max_attempts=50,
-        max_retry_seconds=240,
-    )
-    summary = await run_manifest(opts, RunParts(api_transport=httpx.MockTransport(api.handler)))
-    return api, summary
+    """A run of ROWS rows on `out`, its jobs named by `name` (another name: new jobs)."""
+    return await overloaded_run(tmp_path / name, fixed=fixed, rows=ROWS, output=out, tag=f"{name} ")
 
 
 @pytest.mark.integration
