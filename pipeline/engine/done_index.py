@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from pipeline.engine import layout
 from pipeline.engine.claims import CLAIMS_PREFIX, PROBE_PREFIX, LeaseBody, dead_claims
 from pipeline.engine.done_keys import DoneKeys
-from pipeline.engine.results import table_to_parquet_bytes, utcnow
+from pipeline.engine.results import release_arrow_memory, table_to_parquet_bytes, utcnow
 from pipeline.errors import StorageError, StorageNotFound
 from pipeline.io.storage import DEFAULT_LIST_WORKERS, Storage
 
@@ -142,6 +142,10 @@ def write_chunk_segment(
     except StorageError as exc:
         log.warning("chunk %d: cannot index %d jobs (%s)", chunk, len(committed), exc)
         return False
+    finally:
+        # Run in one of the run's I/O threads: what Arrow freed here would otherwise stay
+        # in this thread's heap, one more heap a thread (see results.release_arrow_memory).
+        release_arrow_memory()
     return True
 
 

@@ -208,6 +208,21 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def release_arrow_memory() -> None:
+    """Give back to the system the memory Arrow's allocator holds free for this thread.
+
+    pyarrow's default pool (mimalloc in its wheels) keeps a heap per thread and holds on to
+    the pages a thread freed, for that thread's next allocation. Arrow work done now and then
+    in each of a run's many I/O threads (a done-index segment a flush, see done_index) so
+    left a little in every one of 128 threads, and more as sizes varied: RSS grew ~2 KB an
+    edited row (runner, 20,000 rows: +30 MB between 5,000 and 17,600 rows, all of it in
+    mimalloc's arena, while Arrow's own count of bytes in use stayed under 5 MB). Call this
+    after such work, in the thread that did it, once its Arrow objects are gone: ~1 us when
+    there is nothing to give back.
+    """
+    pa.default_memory_pool().release_unused()
+
+
 def read_parquet_bytes(data: bytes) -> pa.Table:
     return pq.read_table(pa.BufferReader(data), schema=RESULTS_SCHEMA)
 
@@ -232,6 +247,9 @@ def merge_tables_to_file(tables: Iterable[pa.Table], path: Path) -> int:
             if pending_rows >= MERGED_ROW_GROUP_ROWS:
                 writer.write_table(pa.concat_tables(pending))
                 pending, pending_rows = [], 0
+                # What the group took is freed: give it back before the next one is read
+                # (at 100k rows the merge's peak was 84 MB above its start without, 50 with).
+                release_arrow_memory()
         if pending:
             writer.write_table(pa.concat_tables(pending))
     return count
@@ -307,6 +325,7 @@ __all__ = [
     "merge_tables_to_file",
     "part_table",
     "read_parquet_bytes",
+    "release_arrow_memory",
     "rows_done_before",
     "rows_to_table",
     "table_to_parquet_bytes",
