@@ -5,7 +5,8 @@ Every FLUSH_INTERVAL_S (or FLUSH_ROWS rows) and at its end, a chunk writes:
    gives back their claims (see claims): until then a killed chunk's committed jobs are
    still found through their claims;
 2. a results part of the rows finished since the last flush, so a SIGKILL loses at most that
-   window of results-table rows (the sidecars stay the truth; a re-run's table has every row).
+   window of results-table rows (the sidecars stay the truth; a re-run's table has every row);
+3. a segment of the digests of the sources the run read since (see source_digests).
 A chunk opens a leased marker (`index/open/...`, renewed with the claims) before its first
 commit and removes it after its last segment.
 """
@@ -19,7 +20,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from pipeline.engine import done_index, layout, progress
+from pipeline.engine import done_index, layout, progress, source_digests
 from pipeline.engine.context import WORKERS_PER_SLOT, RunContext
 from pipeline.engine.outcomes import stopped_result
 from pipeline.engine.results import DoneRow, ResultRow, part_table, table_to_parquet_bytes
@@ -127,6 +128,10 @@ class ChunkJournal:
             if rows or done:
                 key = layout.part_key(self.ctx.run_id, self.chunk, seq)
                 await self._write_part(key, rows, done)
+            digests = self.ctx.source_digests.take_new()
+            if digests:
+                name = f"{self.ctx.run_id}.{self.chunk}.{seq}"
+                await self.ctx.io(source_digests.write_segment, self.ctx.storage, name, digests)
 
     async def _write_part(self, key: str, rows: list[ResultRow], done: list[DoneRow]) -> None:
         data = table_to_parquet_bytes(part_table(rows, done))

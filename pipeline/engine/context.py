@@ -27,6 +27,7 @@ from pipeline.engine.run_control import (
     RunStop,
     StorageHealth,
 )
+from pipeline.engine.source_digests import SourceDigests
 from pipeline.engine.sources import SourceLoader
 from pipeline.io.storage import Storage
 from pipeline.models.profile import ModelProfile
@@ -80,6 +81,7 @@ class RunContext:
         profile: ModelProfile | None = None,
         orphaned: set[str] | None = None,
         learned_concurrency: int | None = None,
+        source_digests: SourceDigests | None = None,
     ) -> None:
         self.run_id = layout.check_run_id(run_id)
         # The run's model profile: what each request may send (see edit.fit_request).
@@ -118,6 +120,8 @@ class RunContext:
         self.unwritten_parts: dict[str, bytes] = {}
         # Index upkeep to run beside the rows (see done_index.DoneJobs.merge), or None.
         self.index_upkeep: Callable[[], None] | None = None
+        # The digests of sources the output knows, and those this run read (source_digests).
+        self.source_digests = source_digests if source_digests is not None else SourceDigests()
         # Results parts written, kept to merge the run's table from memory (see KeptParts).
         self.kept_parts = KeptParts()
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from pipeline.engine import done_index, progress
+from pipeline.engine import done_index, progress, source_digests
 from pipeline.engine.chunk import ChunkStats, process_chunk, run_windowed, skip_chunk
 from pipeline.engine.claims import Claims
 from pipeline.engine.claims import probe as claims_probe
@@ -170,6 +170,9 @@ def open_context(
             min(learned, opts.concurrency),
             opts.concurrency,
         )
+    digests = source_digests.SourceDigests() if opts.overwrite else source_digests.load(storage)
+    if len(digests):
+        log.info("%d source digests known under %s", len(digests), storage.root_uri)
     ctx = RunContext(
         run_id=run_id,
         storage=storage,
@@ -190,9 +193,23 @@ def open_context(
         profile=profile,
         orphaned=done.orphaned,
         learned_concurrency=learned,
+        source_digests=digests,
     )
-    ctx.index_upkeep = done.merge
+    ctx.index_upkeep = _upkeep(done.merge, storage, digests)
     return ctx
+
+
+def _upkeep(
+    merge: Callable[[], None] | None, storage: Storage, digests: source_digests.SourceDigests
+) -> Callable[[], None]:
+    """The index upkeep run beside the rows: the done index's merge, the digests' too."""
+
+    def upkeep() -> None:
+        if merge is not None:
+            merge()
+        source_digests.compact(storage, digests)
+
+    return upkeep
 
 
 async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
@@ -278,6 +295,11 @@ def finalize_run(
     held = {**ctx.kept_parts.parts, **ctx.unwritten_parts}
     ctx.kept_parts.parts.clear()
     results_uri, table = merge_results(ctx.storage, keys, ctx.run_id, held)
+    if ctx.source_digests.hits:
+        log.info(
+            "%d rows found done from their sources' digests, without reading the sources",
+            ctx.source_digests.hits,
+        )
     concurrency = ctx.slots.report()
     write_learned(ctx.storage, ctx.client.base_url, ctx.client.model, concurrency, ctx.run_id)
     return write_summary(

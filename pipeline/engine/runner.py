@@ -108,6 +108,8 @@ async def _process_valid(
 ) -> ResultRow:
     if ctx.stop.stopped:
         return mark_stopped(ctx, result)
+    if await _done_by_digests(ctx, row, result):
+        return mark_done(result)
     try:
         sources = await load_sources(ctx, row)
         mask = await ctx.loader.load_mask(row.mask, sources[0]) if row.mask else None
@@ -117,6 +119,9 @@ async def _process_valid(
         result.error_column = exc.column
         result.error_message = f"row {row.row}: column {exc.column}: {exc}"
         return result
+    for source in (*sources, *([mask] if mask else [])):
+        if source.version is not None:
+            ctx.source_digests.add(source.uri, source.version, source.sha256)
 
     key = job_key(
         model=ctx.client.model,
@@ -183,6 +188,37 @@ async def _process_valid(
         if claimed and ctx.claims is not None and result.status != "succeeded":
             # Nothing to index: give the job back now for whoever runs it next.
             await ctx.claims.release([key])
+
+
+async def _done_by_digests(ctx: RunContext, row: ManifestRow, result: ResultRow) -> bool:
+    """Whether the row's job is done, known from its sources' digests and versions without
+    reading them (see source_digests); False whenever anything is unknown, and then the row
+    reads its sources as usual."""
+    digests = ctx.source_digests
+    if not len(digests) or ctx.config.overwrite or not ctx.done_keys:
+        return False
+    uris = (*row.images, row.mask) if row.mask else row.images
+    shas: list[str] = []
+    for uri in uris:
+        version = await ctx.loader.version(uri)
+        sha = digests.get(uri, version) if version is not None else None
+        if sha is None:
+            return False
+        shas.append(sha)
+    key = job_key(
+        model=ctx.client.model,
+        image_sha256=shas[: len(row.images)],
+        mask_sha256=shas[-1] if row.mask else None,
+        prompt=row.prompt,
+        seed=row.seed,
+        params=row.params,
+    )
+    if key not in ctx.done_keys:
+        return False
+    digests.hits += 1
+    result.job_key = key
+    result.sidecar_uri = ctx.storage.uri_for(layout.sidecar_key(key))
+    return True
 
 
 async def _already_done(

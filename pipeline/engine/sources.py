@@ -61,6 +61,8 @@ class Source:
     data: bytes = field(repr=False)
     sha256: str
     info: ImageInfo
+    # What the bytes were read as (see UriReader.aversion); None: no version (http).
+    version: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -159,6 +161,13 @@ class SourceLoader:
             self.cache_hits += 1
         return found
 
+    async def version(self, uri: str) -> str | None:
+        """The source's current version without reading it (a stat, an S3 HEAD), or None:
+        an http(s) source, or none to be had (reading it then says why)."""
+        if _location_problem(uri) is not None:
+            return None
+        return await self._reader.aversion(uri)
+
     async def load_mask(self, uri: str, first: Source) -> Source:
         """The mask at `uri`: a PNG of the same dimensions as `first` (the edited image)."""
         mask = await self.load(uri, column="mask")
@@ -214,11 +223,11 @@ class SourceLoader:
         if problem is not None:
             raise _LoadFailure(problem)
         try:
-            data = await self._reader.aread(uri)
+            data, version = await self._reader.aread_versioned(uri)
         except ImgEditError as exc:
             # The reader's message names the location, redacted, and says what failed.
             raise _LoadFailure(str(exc)) from None
-        return await self._in_thread(_check_image, uri, data)
+        return await self._in_thread(_check_image, uri, data, version)
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -234,7 +243,7 @@ def mask_problem(uri: str, mask: ImageInfo, first: ImageInfo | None) -> str | No
     return None
 
 
-def _check_image(uri: str, data: bytes) -> Source:
+def _check_image(uri: str, data: bytes, version: str | None = None) -> Source:
     """Hash and probe `data` (in a worker thread: hashing 50 MiB takes a while)."""
     shown = redact_uri(uri)
     try:
@@ -250,7 +259,8 @@ def _check_image(uri: str, data: bytes) -> Source:
             f"unsupported image format {_FORMAT_NAMES.get(info.format, info.format)} "
             f"(accepted: {_ACCEPTED}): {shown}"
         )
-    return Source(uri=uri, data=data, sha256=hashlib.sha256(data).hexdigest(), info=info)
+    sha256 = hashlib.sha256(data).hexdigest()
+    return Source(uri=uri, data=data, sha256=sha256, info=info, version=version)
 
 
 def _pil_format(data: bytes) -> str | None:

@@ -39,7 +39,13 @@ from urllib.request import url2pathname
 
 import httpx
 
-from pipeline.errors import ConfigError, PathNotAllowedError, StorageError, StorageNotFound
+from pipeline.errors import (
+    ConfigError,
+    ImgEditError,
+    PathNotAllowedError,
+    StorageError,
+    StorageNotFound,
+)
 from pipeline.io.allowed_roots import AllowedRoots
 from pipeline.io.http import get_capped
 from pipeline.io.netguard import AddressPolicy, guarded_transport, source_policy
@@ -112,21 +118,42 @@ class UriReader:
         if uri.startswith(HTTP_SCHEMES):
             return self._read_http_sync(uri)
         if uri.startswith("s3://"):
-            return self._read_s3(uri)
-        return self._read_local(uri)
+            return self._read_s3(uri)[0]
+        return self._read_local(uri)[0]
 
     __call__ = read
 
     async def aread(self, uri: str) -> bytes:
         """`read`, without blocking the event loop."""
+        return (await self.aread_versioned(uri))[0]
+
+    async def aread_versioned(self, uri: str) -> tuple[bytes, str | None]:
+        """`aread`, and the version of the object the bytes are (see `version`), or None for
+        http(s): its bytes are those of that version or a later one, never an earlier one."""
         self._check_roots(uri)
         if uri.startswith(HTTP_SCHEMES):
-            return await self._read_http(uri, self._http_client())
+            return await self._read_http(uri, self._http_client()), None
         if uri.startswith("s3://"):
             return await self._in_thread(self._read_s3, uri)
         # Checked before the thread: an unsupported location costs no thread hop.
         local_path(uri)
         return await self._in_thread(self._read_local, uri)
+
+    async def aversion(self, uri: str) -> str | None:
+        """What changes whenever the object at `uri` changes, without reading it: a local
+        file's size, mtime, ctime, inode and device (its ctime moves on every write, and no
+        one can set it back), an S3 object's ETag and size (a HEAD). None for http(s) or when
+        it cannot be had (the object is then read as usual)."""
+        if uri.startswith(HTTP_SCHEMES):
+            return None
+        try:
+            self._check_roots(uri)
+            if uri.startswith("s3://"):
+                return await self._in_thread(self._version_s3, uri)
+            local_path(uri)
+            return await self._in_thread(self._version_local, uri)
+        except (ImgEditError, OSError):
+            return None
 
     def close(self) -> None:
         """Close the S3 client (an asynchronous http client needs `aclose`)."""
@@ -165,7 +192,7 @@ class UriReader:
     def _too_large(self, where: str) -> str:
         return f"larger than {human_size(self.max_bytes)}: {where}"
 
-    def _read_local(self, uri: str) -> bytes:
+    def _read_local(self, uri: str) -> tuple[bytes, str]:
         path = local_path(uri)
         try:
             # A FIFO or a device would block the thread or never end: regular files only.
@@ -178,6 +205,9 @@ class UriReader:
                 _check_regular(path, info.st_mode)
                 if info.st_size > self.max_bytes:
                     raise StorageError(self._too_large(str(path)))
+                # Taken before reading: a write after it moves the ctime, so these bytes are
+                # never filed under a version they are not.
+                version = _local_version(info)
                 # One byte past the cap, in case the file grew since fstat.
                 data = f.read(self.max_bytes + 1)
         except (FileNotFoundError, NotADirectoryError):
@@ -191,7 +221,23 @@ class UriReader:
             raise StorageError(f"cannot read {path}: {reason}") from None
         if len(data) > self.max_bytes:
             raise StorageError(self._too_large(str(path)))
-        return data
+        return data, version
+
+    def _version_local(self, uri: str) -> str | None:
+        path = local_path(uri)
+        info = os.stat(path)
+        return _local_version(info) if stat.S_ISREG(info.st_mode) else None
+
+    def _version_s3(self, uri: str) -> str | None:
+        loc = parse_s3_uri(uri)
+        if not loc.key:
+            return None
+        try:
+            head = self._s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+        except S3_ERRORS:
+            return None
+        etag = head.get("ETag")
+        return f"s3:{etag}:{head.get('ContentLength')}" if etag else None
 
     def _s3_client(self) -> S3Client:
         with self._s3_lock:
@@ -199,7 +245,7 @@ class UriReader:
                 self._s3 = make_s3_client(self.endpoint_url)
             return self._s3
 
-    def _read_s3(self, uri: str) -> bytes:
+    def _read_s3(self, uri: str) -> tuple[bytes, str | None]:
         try:
             loc = parse_s3_uri(uri)
         except ConfigError as exc:
@@ -213,7 +259,7 @@ class UriReader:
             raise s3_error(exc, loc.bucket, loc.key) from None
         if obj.over:
             raise StorageError(self._too_large(uri))
-        return obj.data
+        return obj.data, f"s3:{obj.etag}:{len(obj.data)}" if obj.etag else None
 
     def _new_http_client(self) -> httpx.AsyncClient:
         # Redirects are followed by netguard.open_stream, each hop checked.
@@ -288,6 +334,10 @@ def local_path(uri: str) -> Path:
             f"cannot read {redact_uri(uri)}: unsupported scheme {scheme!r} (expected {EXPECTED})"
         )
     return Path(uri)
+
+
+def _local_version(info: os.stat_result) -> str:
+    return f"file:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}:{info.st_dev}"
 
 
 def _check_regular(path: Path, mode: int) -> None:
