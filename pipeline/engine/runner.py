@@ -198,6 +198,8 @@ async def _done_by_digests(ctx: RunContext, row: ManifestRow, result: ResultRow)
     if not len(digests) or ctx.config.overwrite or not ctx.done_keys:
         return False
     uris = (*row.images, row.mask) if row.mask else row.images
+    if ctx.loader.holds(uris):
+        return False  # read already in this run: no stat or HEAD needed to know the job
     shas: list[str] = []
     for uri in uris:
         version = await ctx.loader.version(uri)

@@ -146,6 +146,10 @@ class SourceLoader:
         except _LoadFailure as exc:
             raise SourceError(str(exc), column=column, uri=redact_uri(uri)) from exc.__cause__
 
+    def holds(self, uris: Sequence[str]) -> bool:
+        """Whether every one of `uris` is in the cache now (nothing counted or moved)."""
+        return all(uri in self._cache for uri in uris)
+
     def cached(self, uris: Sequence[str]) -> list[Source] | None:
         """The sources at `uris` if the cache holds every one (answered, counted and kept as
         `load` would), else None and nothing touched: a row whose sources are all cached can
