@@ -5,6 +5,7 @@ for what is sent."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +181,20 @@ async def test_s3_sources_are_checked_by_a_head_not_read(
     third = await run(manifest, "s3://edits/out", emulator, **kw)
     assert reads == ["s3://catalogue/p/2.png"]
     assert third.by_status["succeeded"] == 1 and third.by_status["skipped"] == 5
+
+
+def test_digests_are_found_by_uri_and_version_and_survive_a_merge() -> None:
+    def sha(i: int) -> bytes:
+        return hashlib.sha256(str(i).encode()).digest()
+
+    entries = {source_digests.fingerprint(f"/x/{i}", "v1"): sha(i) for i in range(3000)}
+    known = source_digests.SourceDigests(b"".join(entries), b"".join(entries.values()))
+    assert all(known.get(f"/x/{i}", "v1") == sha(i).hex() for i in range(3000))
+    assert known.get("/x/1", "v2") is None and known.get("/y/1", "v1") is None
+    table = known.table()
+    merged = source_digests.SourceDigests(
+        b"".join(table.column("fingerprint").to_pylist()),
+        b"".join(table.column("sha256").to_pylist()),
+    )
+    assert len(merged) == 3000
+    assert all(merged.get(f"/x/{i}", "v1") == sha(i).hex() for i in range(0, 3000, 7))

@@ -96,13 +96,19 @@ class SourceDigests:
         """A source this run read: filed with the next segment a chunk writes."""
         self._new[fingerprint(uri, version)] = bytes.fromhex(sha256)
 
-    def entries(self) -> dict[bytes, bytes]:
-        """Every digest read from the output (fingerprint -> SHA-256), e.g. to merge them."""
+    def table(self) -> pa.Table:
+        """Every digest read from the output, as a segment's table (built from the arrays,
+        not a Python object a digest: a million merge in tens of MB)."""
         pairs = np.empty((len(self._high), 2), dtype="<u8")
         pairs[:, 0], pairs[:, 1] = self._high, self._low
-        return dict(
-            zip((p.tobytes() for p in pairs), (s.tobytes() for s in self._shas), strict=True)
+        count = len(pairs)
+        fps = pa.Array.from_buffers(
+            pa.binary(FINGERPRINT_BYTES), count, [None, pa.py_buffer(pairs.tobytes())]
         )
+        shas = pa.Array.from_buffers(
+            pa.binary(DIGEST_BYTES), count, [None, pa.py_buffer(self._shas.tobytes())]
+        )
+        return pa.table([fps, shas], schema=SCHEMA)
 
     def take_new(self) -> dict[bytes, bytes]:
         new, self._new = self._new, {}
@@ -110,6 +116,7 @@ class SourceDigests:
 
 
 def segment_bytes(entries: dict[bytes, bytes]) -> bytes:
+    """A segment of the digests a run read (fingerprint -> SHA-256)."""
     table = pa.table(
         [
             pa.array(list(entries), pa.binary(FINGERPRINT_BYTES)),
@@ -195,7 +202,11 @@ def compact(storage: Storage, digests: SourceDigests) -> None:
     came from (a run reading one meanwhile skips it: a cache)."""
     if len(digests.segments) <= COMPACT_AT:
         return
-    if not write_segment(storage, f"merged-{secrets.token_hex(8)}", digests.entries()):
+    key = f"{PREFIX}merged-{secrets.token_hex(8)}{SUFFIX}"
+    try:
+        storage.put_bytes(key, table_to_parquet_bytes(digests.table()))
+    except StorageError as exc:
+        log.warning("source digests not merged (%s)", exc)
         return
     try:
         storage.delete_many(digests.segments)
