@@ -91,6 +91,20 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture
+def moto_endpoint(aws_credentials: None) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 for one test: a real endpoint (`endpoint_url`)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
 def image_bytes(
     size: tuple[int, int] = (64, 48),
     colour: tuple[int, int, int] = (200, 120, 40),

@@ -13,7 +13,6 @@ from typing import Any
 import boto3
 import pandas as pd
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from pipeline.emulator.process import EmulatorProcess
@@ -298,15 +297,6 @@ async def test_a_run_fatal_error_stops_the_run_and_a_rerun_continues(
     monkeypatch.setenv("IMGEDIT_API_KEY", "right-key")
     resumed = await run(manifest, tmp_path / "out", emulator)
     assert resumed.by_status["succeeded"] == 30 and resumed.stopped_by is None
-
-
-@pytest.fixture
-def moto_endpoint(aws_credentials: None) -> Any:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 async def test_s3_output_carries_actual_size_revised_prompt_and_cost(

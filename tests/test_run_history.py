@@ -505,19 +505,6 @@ def test_the_commands_load_without_prefect() -> None:
 # --- on S3 --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def moto_endpoint(aws_credentials: None) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @integration
 def test_history_of_an_s3_output(
     tmp_path: Path, emulator: EmulatorProcess, moto_endpoint: str

@@ -15,7 +15,6 @@ from pathlib import Path
 import boto3
 import pandas as pd
 import pytest
-from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.deployments import arun_deployment
@@ -43,16 +42,7 @@ def _collect_leaks() -> Iterator[None]:
 
 
 @pytest.fixture
-def moto(aws_credentials: None) -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def stack(tmp_path: Path, moto: str) -> Iterator[PrefectStack]:
+def stack(tmp_path: Path, moto_endpoint: str) -> Iterator[PrefectStack]:
     creds = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -66,10 +56,10 @@ async def test_a_sharded_run_spreads_over_two_workers_under_one_limit(
     tmp_path: Path,
     sources: dict[str, Path],
     stack: PrefectStack,
-    moto: str,
+    moto_endpoint: str,
     emulator: EmulatorProcess,
 ) -> None:
-    s3 = boto3.client("s3", endpoint_url=moto)
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
     s3.create_bucket(Bucket="cat")
     s3.put_object(Bucket="cat", Key="src/a.png", Body=sources["square.png"].read_bytes())
     s3.put_object(Bucket="cat", Key="src/b.jpg", Body=sources["wide.jpg"].read_bytes())
@@ -93,7 +83,7 @@ async def test_a_sharded_run_spreads_over_two_workers_under_one_limit(
             parameters={
                 "manifest": "s3://cat/manifest.csv",
                 "output": "s3://cat/out",
-                "s3_endpoint_url": moto,
+                "s3_endpoint_url": moto_endpoint,
                 "api_base": emulator.base_url,
                 "concurrency": 8,
                 "chunk_size": 5,
@@ -157,7 +147,7 @@ async def test_a_sharded_run_spreads_over_two_workers_under_one_limit(
             parameters={
                 "manifest": "s3://cat/manifest.csv",
                 "output": "s3://cat/out",
-                "s3_endpoint_url": moto,
+                "s3_endpoint_url": moto_endpoint,
                 "api_base": emulator.base_url,
                 "shards": SHARDS,
                 "run_id": run_id,

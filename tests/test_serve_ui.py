@@ -353,19 +353,6 @@ def test_only_get_and_only_this_host(site: Site, http: httpx.Client) -> None:
 # --- an S3 output -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def moto_endpoint(aws_credentials: None) -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @integration
 def test_an_s3_output_shows_sources_of_its_own_bucket_only(
     tmp_path: Path, emulator: EmulatorProcess, moto_endpoint: str

@@ -14,7 +14,6 @@ from typing import Any
 import boto3
 import pandas as pd
 import pytest
-from moto.server import ThreadedMotoServer
 
 from pipeline.engine import source_digests
 from pipeline.engine.options import RunOptions
@@ -148,15 +147,6 @@ async def test_digests_are_a_cache_a_bad_segment_is_skipped_and_many_are_merged(
     reads.clear()
     again = await run(manifest, str(out), emulator, overwrite=True)
     assert len(reads) == 4 and again.by_status["succeeded"] == 4
-
-
-@pytest.fixture
-def moto_endpoint(aws_credentials: None) -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 async def test_s3_sources_are_checked_by_a_head_not_read(
