@@ -188,3 +188,31 @@ def test_digests_are_found_by_uri_and_version_and_survive_a_merge() -> None:
     )
     assert len(merged) == 3000
     assert all(merged.get(f"/x/{i}", "v1") == sha(i).hex() for i in range(0, 3000, 7))
+
+
+async def test_a_re_edit_with_a_new_prompt_stops_asking_versions_that_find_nothing_done(
+    tmp_path: Path, emulator: InProcessEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = []
+    for i in range(40):
+        path = tmp_path / "src" / f"q{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(image_bytes((20 + i, 20), (i, 3, 3)))
+        images.append(str(path))
+    out = str(tmp_path / "out")
+    await run(write_manifest(tmp_path / "m.csv", images), out, emulator)
+    asked: list[str] = []
+    version = SourceLoader.version
+
+    async def counted(self: SourceLoader, uri: str) -> str | None:
+        asked.append(uri)
+        return await version(self, uri)
+
+    monkeypatch.setattr(SourceLoader, "version", counted)
+    monkeypatch.setattr(source_digests, "TRIES_BEFORE_JUDGING", 4)
+    restyled = tmp_path / "restyled.csv"
+    restyled.write_text((tmp_path / "m.csv").read_text().replace("a starry sky", "brand style"))
+    summary = await run(restyled, out, emulator)
+    assert summary.by_status["succeeded"] == 40
+    # Four rows asked, none was done: the other 36 read their sources without a stat first.
+    assert len(asked) == 4

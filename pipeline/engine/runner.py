@@ -195,11 +195,12 @@ async def _done_by_digests(ctx: RunContext, row: ManifestRow, result: ResultRow)
     reading them (see source_digests); False whenever anything is unknown, and then the row
     reads its sources as usual."""
     digests = ctx.source_digests
-    if not len(digests) or ctx.config.overwrite or not ctx.done_keys:
+    if ctx.config.overwrite or not ctx.done_keys or not digests.worth_asking():
         return False
     uris = (*row.images, row.mask) if row.mask else row.images
     if ctx.loader.holds(uris):
         return False  # read already in this run: no stat or HEAD needed to know the job
+    digests.tries += 1
     shas: list[str] = []
     for uri in uris:
         version = await ctx.loader.version(uri)

@@ -50,6 +50,11 @@ SCHEMA = pa.schema(
 COMPACT_AT = 128
 # At most this many digests are held (48 bytes each): past it, segments are left unread.
 MAX_DIGESTS = 10_000_000
+# Asking sources' versions costs a stat or an S3 HEAD a row. A run that finds few of its jobs
+# done that way (a re-edit with a new prompt over sources the output knows) stops asking once
+# it has asked this many rows and fewer than USEFUL_SHARE of them were found done.
+TRIES_BEFORE_JUDGING = 256
+USEFUL_SHARE = 0.1
 
 Fingerprints = npt.NDArray[np.uint64]
 
@@ -74,7 +79,15 @@ class SourceDigests:
         self._shas = shas[order]
         self._new: dict[bytes, bytes] = {}
         self.segments: list[str] = []  # the keys they were read from
-        self.hits = 0  # rows' sources answered from here (for the run's log)
+        self.hits = 0  # rows found done from here (for the run's log)
+        self.tries = 0  # rows whose sources' versions were asked
+
+    def worth_asking(self) -> bool:
+        """Whether a row should ask its sources' versions: some digests are known, and the
+        rows that asked so far were found done often enough to pay for the asking."""
+        if not len(self._high):
+            return False
+        return self.tries < TRIES_BEFORE_JUDGING or self.hits >= USEFUL_SHARE * self.tries
 
     def __len__(self) -> int:
         return len(self._high)
