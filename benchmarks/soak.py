@@ -53,7 +53,7 @@ DEFAULT_FAULTS: Mapping[str, float] = {
 # What the issue asks of a soak: at least this share of requests faulted.
 MIN_TOTAL_FAULT_RATE = 0.20
 DEFAULT_FAULT_SEED = 20240601
-# Small Retry-After, so 429s cost little time but still pause the whole run (RateGate).
+# Small Retry-After, so 429s cost little time but still close their slot for the wait.
 DEFAULT_RETRY_AFTER_S = 0.05
 # A slow answer arrives after the client has given up: that is the fault being tested.
 DEFAULT_REQUEST_TIMEOUT_S = 1.5

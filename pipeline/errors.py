@@ -394,7 +394,7 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     """Seconds to wait from `retry-after-ms`, or `Retry-After` (seconds or an HTTP date).
 
     Never more than MAX_RETRY_AFTER_S: an infinite, absurd or far-future wait is the cap, so
-    every user of the value (tenacity's wait, the runner's rate gate) gets a capped one.
+    every user of the value (tenacity's wait, the slot a fixed limit closes) gets a capped one.
     A negative or NaN number is garbage: ignored like any other unreadable value (None),
     and `retry-after-ms` garbage falls back to `Retry-After`. A date in the past is 0.
     """

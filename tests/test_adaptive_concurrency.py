@@ -562,63 +562,96 @@ async def test_adaptive_concurrency_rides_out_storms_the_load_does_not_cause(
 
 # --- a 429 with Retry-After -------------------------------------------------------------------
 
-RETRY_AFTER_S = 3
+RETRY_AFTER_S = 1
+REFUSAL_ROWS = 200
 
 
 class OneRefusal:
-    """Answers every request at once, but the first one of "edit 0" with a 429 and a
-    Retry-After of RETRY_AFTER_S; keeps the order prompts arrived in."""
+    """Answers every request after 20 ms, but the first one of "edit 0" at once with a 429 and
+    a Retry-After of RETRY_AFTER_S; keeps each arrival's time, prompt and how many requests
+    were then in flight (itself included)."""
 
     def __init__(self) -> None:
-        self.arrivals: list[tuple[float, str]] = []
+        self.arrivals: list[tuple[float, str, int]] = []
+        self.in_flight = 0
 
     async def handler(self, request: httpx.Request) -> httpx.Response:
         found = PROMPT.search(request.content)
         assert found is not None
         prompt = found.group(1).decode()
-        refused = prompt == "edit 0" and all(p != prompt for _, p in self.arrivals)
-        self.arrivals.append((asyncio.get_running_loop().time(), prompt))
-        if refused:
-            return httpx.Response(
-                429,
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-                json={"error": {"code": "RATE_LIMITED", "message": "slow down"}},
-            )
-        await asyncio.sleep(0.005)
-        return httpx.Response(200, json=answer())
+        refused = prompt == "edit 0" and all(p != prompt for _, p, _ in self.arrivals)
+        self.in_flight += 1
+        self.arrivals.append((asyncio.get_running_loop().time(), prompt, self.in_flight))
+        try:
+            if refused:
+                return httpx.Response(
+                    429,
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                    json={"error": {"code": "RATE_LIMITED", "message": "slow down"}},
+                )
+            await asyncio.sleep(0.02)
+            return httpx.Response(200, json=answer())
+        finally:
+            self.in_flight -= 1
+
+    def split(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """The arrivals (prompt, in flight) during the Retry-After, and those after it."""
+        refused_at = next(t for t, p, _ in self.arrivals if p == "edit 0")
+        during = [
+            (p, n) for t, p, n in self.arrivals if refused_at < t < refused_at + RETRY_AFTER_S
+        ]
+        after = [(p, n) for t, p, n in self.arrivals if t > refused_at + RETRY_AFTER_S + 0.1]
+        return during, after
 
 
 async def run_with_one_refusal(tmp_path: Path, *, fixed: bool) -> OneRefusal:
     api = OneRefusal()
     opts = RunOptions(
-        manifest=str(write_manifest(tmp_path, 20)),
+        manifest=str(write_manifest(tmp_path, REFUSAL_ROWS)),
         output=str(tmp_path / "out"),
         api_base=API,
         concurrency=2,
         fixed_concurrency=fixed,
     )
     summary = await run_manifest(opts, RunParts(api_transport=httpx.MockTransport(api.handler)))
-    assert summary.by_status["succeeded"] == 20
+    assert summary.by_status["succeeded"] == REFUSAL_ROWS
+    prompts = [p for _, p, _ in api.arrivals]
+    assert prompts.count("edit 0") == 2 and len(prompts) == REFUSAL_ROWS + 1
     return api
 
 
+async def test_fixed_slots_keep_a_429s_slot_closed_for_its_retry_after() -> None:
+    slots = RequestSlots(2, adaptive=False)
+    waited = error_for_status(429, {"error": {"code": "RATE_LIMITED"}}, {"Retry-After": "0.2"})
+    async with slots.slot() as slot:
+        slots.failed(slot, waited)
+    assert slots.in_flight == 1  # closed for the wait, though the request is over
+    async with slots.slot() as slot:
+        slots.failed(slot, rate_limited())  # no wait asked: nothing to keep closed
+    assert slots.in_flight == 1
+    await asyncio.sleep(0.4)
+    assert slots.in_flight == 0
+    # An adaptive limit cuts itself instead and closes nothing.
+    adaptive = RequestSlots(2)
+    async with adaptive.slot() as slot:
+        adaptive.failed(slot, waited)
+    assert adaptive.in_flight == 0
+
+
 @pytest.mark.integration
-async def test_a_429_holds_every_worker_when_fixed_and_only_its_row_when_adaptive(
+async def test_a_429_closes_its_slot_for_the_wait_when_fixed_and_cuts_the_limit_when_adaptive(
     tmp_path: Path,
 ) -> None:
-    def during_the_wait(api: OneRefusal) -> list[str]:
-        refused_at = next(t for t, p in api.arrivals if p == "edit 0")
-        return [p for t, p in api.arrivals if refused_at < t < refused_at + RETRY_AFTER_S]
+    fixed = await run_with_one_refusal(tmp_path / "fixed", fixed=True)
+    during, after = fixed.split()
+    # The other rows went on during the wait (a pause of the whole run let none start), one
+    # at a time: the refused request's slot stayed closed (without that, two at a time).
+    assert len(during) > 4 and "edit 0" not in dict(during), during
+    assert max(n for _, n in during) == 1, during
+    # When the wait was over the slot opened again: two at a time once more.
+    assert after and max(n for _, n in after) == 2, after
 
     adaptive = await run_with_one_refusal(tmp_path / "adaptive", fixed=False)
-    prompts = [p for _, p in adaptive.arrivals]
-    assert prompts.count("edit 0") == 2 and prompts[-1] == "edit 0" and len(prompts) == 21
-    # The refused row waited; the others went on meanwhile (the limit was cut instead): more
-    # of them than the run's 4 workers could have had past a closed gate.
-    assert len(during_the_wait(adaptive)) > 4, adaptive.arrivals
-
-    fixed = await run_with_one_refusal(tmp_path / "fixed", fixed=True)
-    assert len(fixed.arrivals) == 21
-    # Only rows already past the rate gate (one per worker at most) started during the pause;
-    # the rest waited for the Retry-After with the refused row.
-    assert len(during_the_wait(fixed)) <= 4, fixed.arrivals
+    during, _ = adaptive.split()
+    # The refused row waited; the others went on meanwhile, the limit cut instead.
+    assert len(during) > 4 and "edit 0" not in dict(during), during

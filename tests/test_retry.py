@@ -38,7 +38,7 @@ def test_retry_after_is_honoured_and_capped() -> None:
 
 def test_the_cap_lives_in_spec_and_is_applied_where_the_value_is_made() -> None:
     assert MAX_RETRY_AFTER_S == constants.MAX_RETRY_AFTER_S == 120.0
-    # Every user of `retry_after` (the runner's rate gate too) sees a capped value.
+    # Every user of `retry_after` (a fixed limit's closed slot too) sees a capped value.
     asked = errors.parse_retry_after({"Retry-After": "999999"})
     assert asked == MAX_RETRY_AFTER_S
     assert rate_limited(1e9).retry_after == MAX_RETRY_AFTER_S

@@ -22,7 +22,6 @@ from pipeline.engine.run_control import (
     ApiHealth,
     BatchedPermits,
     Budget,
-    RateGate,
     RequestSlots,
     RunStop,
     StorageHealth,
@@ -100,7 +99,6 @@ class RunContext:
         self.storage_health = StorageHealth(self.stop)
         self.api_health = ApiHealth(self.stop)
         self.budget = Budget(config.max_cost_usd)
-        self.gate = RateGate()
         # The edit requests in flight (see run_control.RequestSlots, pipeline.engine.adaptive).
         self.slots = RequestSlots(
             config.concurrency,

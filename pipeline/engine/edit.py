@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,11 +23,10 @@ from pipeline.engine.retry import retrying
 from pipeline.engine.run_control import (
     Abandoned,
     BudgetExhausted,
-    GateTimeout,
     RunStopped,
 )
 from pipeline.engine.sources import Source, redact_uri
-from pipeline.errors import APIError, RateLimitError, StorageError
+from pipeline.errors import APIError, StorageError
 from pipeline.manifest.types import ManifestRow
 
 if TYPE_CHECKING:
@@ -94,16 +92,11 @@ async def _edit(
 ) -> EditResponse | None:
     """The API's answer after retries, or None with `result` saying why there is none."""
     price = row.params.image_count() * ctx.config.price_per_image_usd
-    deadline = time.monotonic() + ctx.config.retry.max_seconds
     lost = 0
 
     async def attempt() -> EditResponse:
         nonlocal lost
-        try:
-            await ctx.gate.wait(ctx.stop, deadline)
-        except GateTimeout:
-            raise _GateClosed from None
-        async with ctx.slots.slot() as ticket:
+        async with ctx.slots.slot() as slot:
             # Checked after the wait for a slot: the run may have stopped meanwhile.
             if ctx.stop.stopped:
                 raise RunStopped
@@ -119,7 +112,7 @@ async def _edit(
                 # Not reported, or not trusted (see client): the worst case, for the budget.
                 charged = response.cost if response.cost is not None else None
                 ctx.api_health.answered = True
-                ctx.slots.answered(ticket)
+                ctx.slots.answered(slot)
                 return response
             except Abandoned:
                 lost += 1
@@ -132,13 +125,9 @@ async def _edit(
                 if exc.run_fatal:
                     ctx.stop.trip(exc)
                 ctx.api_health.failed(exc)
-                # A 429 or a burst of 503s: an adaptive limit backs off.
-                ctx.slots.failed(ticket, exc)
-                if isinstance(exc, RateLimitError) and exc.retry_after and ctx.slots.fixed:
-                    # A fixed limit has no other run-wide answer to a 429: hold every worker.
-                    # An adaptive one has cut itself; the row alone waits its Retry-After, as
-                    # a pause of the whole run would leave the slots the cut kept empty.
-                    ctx.gate.pause(exc.retry_after)
+                # A 429 or a burst of 503s: an adaptive limit backs off; a fixed one keeps
+                # this slot closed for a 429's Retry-After. The row waits it (retry policy).
+                ctx.slots.failed(slot, exc)
                 log.debug("row %s attempt %s: %s", row.row, result.attempts, exc)
                 raise
             finally:
@@ -169,13 +158,6 @@ async def _edit(
             f"not started: it could cost USD {price:.2f} and the run's budget of USD "
             f"{ctx.config.max_cost_usd:.2f} would be passed; a later run can continue it"
         )
-    except _GateClosed:
-        result.status = "failed"
-        result.error_code = "rate_limited"
-        result.error_message = (
-            "the API asked to wait past this row's time limit "
-            f"({ctx.config.retry.max_seconds:g} s); a later run can continue it"
-        )
     except APIError as exc:
         result.status = "failed"
         result.error_code = exc.error_code
@@ -185,10 +167,6 @@ async def _edit(
         result.possible_double_charges = lost
         result.possible_double_charge_usd = round(lost * price, 6)
     return None
-
-
-class _GateClosed(Exception):
-    """Internal: the rate gate would hold the row past its time limit (not retried)."""
 
 
 async def edit_and_store(

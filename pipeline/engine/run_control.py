@@ -1,16 +1,15 @@
-"""What stops or holds back a run's requests: the stop switch, the budget, the rate gate.
+"""What stops or holds back a run's requests: the stop switch, the budget, the request slots.
 
 - `RunStop`: once tripped, no request of the run starts. A run-fatal API error (401, 402,
   unknown model), storage that keeps failing (`StorageHealth`) and an interrupt (Ctrl-C,
   SIGTERM) trip it. An interrupt lets the requests in flight finish for DRAIN_GRACE_S, then
   abandons them (each counted as a possible charge).
 - `Budget`: no request starts once spent plus in flight could pass `--max-cost`.
-- `RateGate`: after a 429 with Retry-After no worker starts a request before it expires,
-  capped, and never past a row's own time limit (fixed concurrency only: an adaptive limit
-  answers a 429 by cutting itself, and the refused row alone waits).
 - `BatchedPermits`: a shared requests-per-minute limit, fetched a batch at a time.
 - `RequestSlots`: the requests in flight, at most `concurrency` (fixed), or at most what the
   AIMD limit of `pipeline.engine.adaptive` allows now (adaptive), through a `ResizableGate`.
+  A 429 with Retry-After answers a fixed limit by keeping the slot it came back on closed
+  for the wait (an adaptive limit cuts itself instead); either way the refused row waits.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline import constants
@@ -48,8 +48,6 @@ DRAIN_GRACE_S = 30.0
 STORAGE_FAILURES_TO_STOP = 3
 # Connection failures in a row (nothing sent) before any answer that stop the run.
 UNREACHABLE_TO_STOP = 3
-# The gate re-checks the stop switch this often while it waits.
-GATE_STEP_S = 0.25
 
 
 class RunStopped(Exception):
@@ -58,10 +56,6 @@ class RunStopped(Exception):
 
 class BudgetExhausted(Exception):
     """Internal: starting this request could pass the run's --max-cost."""
-
-
-class GateTimeout(Exception):
-    """Internal: the rate gate would hold this row past its own time limit."""
 
 
 class Abandoned(Exception):
@@ -233,26 +227,6 @@ class Budget:
         self.spent += charged
 
 
-class RateGate:
-    """After a 429 with Retry-After, no worker of the run starts a request before it expires."""
-
-    def __init__(self) -> None:
-        self._until = 0.0
-
-    def pause(self, seconds: float) -> None:
-        seconds = min(max(seconds, 0.0), constants.MAX_RETRY_AFTER_S)
-        self._until = max(self._until, time.monotonic() + seconds)
-
-    async def wait(self, stop: RunStop, deadline: float | None = None) -> None:
-        """Until the gate opens; GateTimeout if it opens after `deadline` (monotonic)."""
-        while (delay := self._until - time.monotonic()) > 0:
-            if deadline is not None and self._until > deadline:
-                raise GateTimeout
-            if stop.stopped:
-                return  # the caller sees the stop and gives up the row
-            await asyncio.sleep(min(delay, GATE_STEP_S))
-
-
 class BatchedPermits:
     """Permits for requests (e.g. a requests-per-minute limit) fetched `batch` at a time.
 
@@ -339,6 +313,15 @@ def is_overload(exc: BaseException) -> bool | None:
     return None
 
 
+@dataclass
+class Slot:
+    """One request's place among the run's slots: its ticket for the adaptive limit, and how
+    long the place stays closed after the request (a fixed limit's answer to a 429)."""
+
+    ticket: Ticket
+    closed_for: float = 0.0
+
+
 class RequestSlots:
     """The run's edit requests in flight: at most `ceiling` (fixed), or at most the AIMD
     limit's current value (adaptive), which never passes the ceiling."""
@@ -400,31 +383,44 @@ class RequestSlots:
         self._changed()
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[Ticket]:
-        """One request's place in flight; `answered` or `failed` with its ticket after it."""
+    async def slot(self) -> AsyncIterator[Slot]:
+        """One request's place in flight; `answered` or `failed` with it after the request."""
         await self.gate.acquire()
+        held = Slot(Ticket(0, True))
         try:
             others = self.gate.in_flight - 1
-            if self.aimd is None:
-                yield Ticket(0, True)
-            else:
-                yield self.aimd.started(others)
+            if self.aimd is not None:
+                held = Slot(self.aimd.started(others))
+            yield held
         finally:
-            self.gate.release()
+            if held.closed_for > 0:
+                # The place comes back when the server's wait is over, whatever the row does.
+                asyncio.get_running_loop().call_later(held.closed_for, self.gate.release)
+            else:
+                self.gate.release()
 
-    def answered(self, ticket: Ticket) -> None:
+    def answered(self, slot: Slot) -> None:
         if self.aimd is not None:
             before = self.aimd.limit
-            self.aimd.succeeded(ticket)
+            self.aimd.succeeded(slot.ticket)
             if self.aimd.limit != before:
                 self._changed()
 
-    def failed(self, ticket: Ticket, exc: BaseException) -> None:
+    def failed(self, slot: Slot, exc: BaseException) -> None:
         overload = is_overload(exc)
-        if self.aimd is None or overload is None:
+        if overload is None:
+            return
+        if self.aimd is None:
+            if isinstance(exc, RateLimitError) and exc.retry_after:
+                # A fixed limit's answer to "wait": this place stays closed for the wait, the
+                # others go on. Against a storm that refuses a few requests in passing it
+                # costs a slot for a second; against a real rate limit it still sends at most
+                # one request per slot per Retry-After (a pause of the whole run cost ~4% of
+                # the gateway weather's ideal: every slot that freed during it stood idle).
+                slot.closed_for = min(exc.retry_after, constants.MAX_RETRY_AFTER_S)
             return
         before = self.aimd.limit
-        if self.aimd.overloaded(ticket, rate_limited=overload):
+        if self.aimd.overloaded(slot.ticket, rate_limited=overload):
             log.info(
                 "API overloaded (%s): at most %d requests in flight now (was %d)",
                 exc,
@@ -462,11 +458,10 @@ __all__ = [
     "Budget",
     "BudgetExhausted",
     "ConcurrencyMode",
-    "GateTimeout",
-    "RateGate",
     "RequestSlots",
     "ResizableGate",
     "RunStop",
     "RunStopped",
+    "Slot",
     "StorageHealth",
 ]
