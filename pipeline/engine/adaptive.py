@@ -52,8 +52,11 @@ BACKOFF = 0.7
 # The refusals (429s) of one wave take the limit down by one each, never below this share
 # of where the wave began: the next wave, if still refused, cuts again.
 WAVE_FLOOR = 0.5
-# Answers remembered to tell an overload the run's load explains from a passing storm.
-RECENT_ANSWERS = 64
+# Answers remembered to tell an overload the run's load explains from a passing storm. The
+# gateway's storms refuse ~9% of requests on average but often two at once within 64 answers
+# (a quarter refused: read as load); over 256 they average out, and a real overload (a
+# capacity that drops) still shows within about a round trip at C = 64.
+RECENT_ANSWERS = 256
 # Fewer recent answers at a level than this say too little of it: a refusal there counts.
 MIN_RECENT = 8
 # The share of recent answers at or above a level refused that makes a refusal there load.
