@@ -266,6 +266,37 @@ def test_overloaded_admits_capacity_and_refuses_the_rest(
     assert all(s >= 2.0 - 1e-3 for s in served)  # the configured latency, unscaled
     assert stats["service_seconds_total"] == pytest.approx(sum(served), abs=1e-3)
 
+    # A request without a valid key is told so, not asked to wait, even when there is no room.
+    keyed = _emulator(
+        emulators,
+        weather="overloaded",
+        weather_capacity=1,
+        weather_time_scale=FAST,
+        latency=2.0,
+        api_key="sk-right",
+    )
+
+    async def full_then_wrong_key() -> tuple[int, int, int]:
+        async with httpx.AsyncClient(transport=keyed.transport, base_url=keyed.base_url) as c:
+
+            async def post(key: str) -> int:
+                form = {"model": spec.DEFAULT_MODEL, "prompt": "p", "output_format": "jpeg"}
+                r = await c.post(
+                    "/images/edits",
+                    data=form,
+                    files=[("image", ("i.png", IMG, "image/png"))],
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                return r.status_code
+
+            first = asyncio.create_task(post("sk-right"))
+            while keyed.stats()["max_in_flight"] < 1:
+                await asyncio.sleep(0.001)
+            refused, wrong = await post("sk-right"), await post("sk-wrong")
+            return await first, refused, wrong
+
+    assert asyncio.run(full_then_wrong_key()) == (200, 429, 401)
+
     # Once the admitted are done, there is room again.
     emu.configure(latency=0.0)
     assert [r.status_code for r in asyncio.run(_edits(emu, 1, concurrency=1))] == [200]

@@ -80,8 +80,9 @@ async def handle_edit(state: EmulatorState, request: Request) -> Response:
         "X-Lumenfall-Request-Id": request_id,
         "X-Lumenfall-Provider": PROVIDER,
     }
-    if not state.admits():
+    if _key_accepted(state, request) and not state.admits():
         # Refused at the door, before the body is read: not in flight, not served, not charged.
+        # A request without a valid key is not asked to wait: it goes on to its 401.
         state.refused(record)
         return _rate_limited(retry_after(state.config)).response(headers)
     state.request_started(record)
@@ -93,6 +94,14 @@ async def handle_edit(state: EmulatorState, request: Request) -> Response:
         return response
     finally:
         state.request_ended(record, status, time.monotonic() - started)
+
+
+def _key_accepted(state: EmulatorState, request: Request) -> bool:
+    try:
+        check_auth(state.config.api_key, request)
+    except ErrorAnswer:
+        return False
+    return True
 
 
 async def _answer_or_error(
