@@ -262,6 +262,11 @@ class ResizableGate:
     def capacity(self) -> int:
         return self._capacity
 
+    @property
+    def waiting(self) -> int:
+        """How many wait to enter."""
+        return len(self._waiters)
+
     def resize(self, capacity: int) -> None:
         self._capacity = max(1, capacity)
         self._wake()
