@@ -327,6 +327,53 @@ async def test_the_gate_lets_waiters_in_when_it_grows_and_cancels_no_one_when_it
     assert gate.max_in_flight == 4
 
 
+async def test_the_gate_lets_in_by_rank_then_by_arrival() -> None:
+    gate = ResizableGate(1)
+    await gate.acquire()
+    order: list[str] = []
+
+    async def enter(name: str, rank: tuple[int, ...]) -> None:
+        await gate.acquire(rank)
+        order.append(name)
+
+    ranks = {"row 7": (1, 7), "row 3": (1, 3), "retry of row 9": (0, 9), "row 3 again": (1, 3)}
+    waiters = [asyncio.ensure_future(enter(name, rank)) for name, rank in ranks.items()]
+    gone = asyncio.ensure_future(enter("cancelled", (0, 0)))
+    await settle()
+    assert gate.waiting == 5
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    assert gate.waiting == 4
+    for _ in ranks:
+        gate.release()
+        await settle()
+    await asyncio.gather(*waiters)
+    # Retries first, then the lowest row; the same rank in arrival order; the cancelled
+    # waiter took no place.
+    assert order == ["retry of row 9", "row 3", "row 3 again", "row 7"]
+    assert gate.waiting == 0 and gate.in_flight == 1
+
+
+async def test_slots_go_to_retries_then_to_the_oldest_rows() -> None:
+    slots = RequestSlots(1, adaptive=False)
+    order: list[str] = []
+
+    async def send(name: str, *, retry: bool, row: int) -> None:
+        async with slots.slot(retry=retry, row=row):
+            order.append(name)
+            await asyncio.sleep(0)
+
+    async with slots.slot():
+        tasks = [
+            asyncio.ensure_future(send("row 2000", retry=False, row=2000)),
+            asyncio.ensure_future(send("row 5", retry=False, row=5)),
+            asyncio.ensure_future(send("retry of row 1500", retry=True, row=1500)),
+        ]
+        await settle()
+    await asyncio.gather(*tasks)
+    assert order == ["retry of row 1500", "row 5", "row 2000"]
+
+
 async def test_fixed_slots_do_not_adapt() -> None:
     slots = RequestSlots(16, adaptive=False)
     async with slots.slot() as ticket:

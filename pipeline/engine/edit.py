@@ -96,7 +96,7 @@ async def _edit(
 
     async def attempt() -> EditResponse:
         nonlocal lost
-        async with ctx.slots.slot() as slot:
+        async with ctx.slots.slot(retry=result.attempts > 0, row=row.row) as slot:
             # Checked after the wait for a slot: the run may have stopped meanwhile.
             if ctx.stop.stopped:
                 raise RunStopped

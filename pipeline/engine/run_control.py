@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -249,42 +250,45 @@ class BatchedPermits:
 
 
 class ResizableGate:
-    """A semaphore whose capacity can change: waiters are let in (first come, first served)
-    when it rises; when it drops, those inside stay and no one enters until below it."""
+    """A semaphore whose capacity can change: waiters are let in when it rises; when it drops,
+    those inside stay and no one enters until below it.
+
+    Waiters enter by `rank` (lowest first), then in arrival order; all of the same rank: first
+    come, first served. The run's slots rank a retry before rows not sent yet, and among those
+    the lower row number first (see `RequestSlots.slot`).
+    """
 
     def __init__(self, capacity: int) -> None:
         self._capacity = max(1, capacity)
         self.in_flight = 0
         self.max_in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: list[tuple[tuple[int, ...], int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+        self.waiting = 0  # waiters not cancelled (the heap keeps cancelled ones until popped)
 
     @property
     def capacity(self) -> int:
         return self._capacity
 
-    @property
-    def waiting(self) -> int:
-        """How many wait to enter."""
-        return len(self._waiters)
-
     def resize(self, capacity: int) -> None:
         self._capacity = max(1, capacity)
         self._wake()
 
-    async def acquire(self) -> None:
-        if not self._waiters and self.in_flight < self._capacity:
+    async def acquire(self, rank: tuple[int, ...] = ()) -> None:
+        if not self.waiting and self.in_flight < self._capacity:
             self._enter()
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        heapq.heappush(self._waiters, (rank, next(self._arrivals), waiter))
+        self.waiting += 1
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # let in just as it was cancelled: hand the place on
             else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                waiter.cancel()  # left in the heap, skipped when it comes up
+                self.waiting -= 1
             raise
 
     def release(self) -> None:
@@ -297,8 +301,9 @@ class ResizableGate:
 
     def _wake(self) -> None:
         while self._waiters and self.in_flight < self._capacity:
-            waiter = self._waiters.popleft()
+            _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
+                self.waiting -= 1
                 self._enter()
                 waiter.set_result(None)
 
@@ -388,9 +393,16 @@ class RequestSlots:
         self._changed()
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[Slot]:
-        """One request's place in flight; `answered` or `failed` with it after the request."""
-        await self.gate.acquire()
+    async def slot(self, *, retry: bool = False, row: int = 0) -> AsyncIterator[Slot]:
+        """One request's place in flight; `answered` or `failed` with it after the request.
+
+        The next free place goes to a `retry` first (its row waited its backoff already, and
+        at the run's end the rows with the longest chains of attempts decide when it ends),
+        then to the lowest `row`: the run's oldest chunk finishes its rows while the next one
+        fills the slots it leaves, instead of both sharing them and ending together, each end
+        leaving slots empty while its last answers come in.
+        """
+        await self.gate.acquire((0 if retry else 1, row))
         held = Slot(Ticket(0, True))
         try:
             others = self.gate.in_flight - 1
