@@ -9,7 +9,9 @@ import csv
 import heapq
 import io
 import itertools
+import os
 import re
+import signal
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -721,6 +723,13 @@ async def test_fixed_slots_keep_a_429s_slot_closed_for_its_retry_after() -> None
     assert slots.in_flight == 1
     await asyncio.sleep(0.4)
     assert slots.in_flight == 0
+    # A stopped run opens them at once: rows waiting for a place must see the stop.
+    long_wait = error_for_status(429, {"error": {"code": "RATE_LIMITED"}}, {"Retry-After": "99"})
+    async with slots.slot() as slot:
+        slots.failed(slot, long_wait)
+    assert slots.in_flight == 1
+    slots.reopen()
+    assert slots.in_flight == 0
     # An adaptive limit cuts itself instead and closes nothing.
     adaptive = RequestSlots(2)
     async with adaptive.slot() as slot:
@@ -745,3 +754,39 @@ async def test_a_429_closes_its_slot_for_the_wait_when_fixed_and_cuts_the_limit_
     during, _ = adaptive.split()
     # The refused row waited; the others went on meanwhile, the limit cut instead.
     assert len(during) > 4 and "edit 0" not in dict(during), during
+
+
+class RefusedThenInterrupted(OneRefusal):
+    """OneRefusal with a Retry-After of 100 s; the run is interrupted (SIGINT to this process,
+    as a terminal's Ctrl-C) when the fifth request arrives."""
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        if len(self.arrivals) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        response = await super().handler(request)
+        if response.status_code == 429:
+            response.headers["Retry-After"] = "100"
+        return response
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fixed", [True, False])
+async def test_an_interrupt_does_not_wait_out_a_retry_after(tmp_path: Path, fixed: bool) -> None:
+    api = RefusedThenInterrupted()
+    opts = RunOptions(
+        manifest=str(write_manifest(tmp_path, 40)),
+        output=str(tmp_path / "out"),
+        api_base=API,
+        concurrency=2,
+        fixed_concurrency=fixed,
+    )
+    parts = RunParts(api_transport=httpx.MockTransport(api.handler))
+    # The refused row would sleep 100 s, and with a fixed limit its slot would stay closed
+    # as long: the stop cuts both short (the requests in flight finish within their 20 ms).
+    summary = await asyncio.wait_for(run_manifest(opts, parts), timeout=60)
+    assert summary.stop_kind == "interrupted"
+    results = pd.read_parquet(summary.results_uri)
+    assert len(results) == 40
+    refused = results[results["id"] == "r0"].iloc[0]
+    assert refused["status"] == "skipped" and refused["reason"] == "interrupted"
+    assert [p for _, p, _ in api.arrivals].count("edit 0") == 1

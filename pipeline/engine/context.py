@@ -106,6 +106,7 @@ class RunContext:
             learned=learned_concurrency,
         )
         self.slots.on_change = self._publish_concurrency
+        self.stop.on_trip.append(self.slots.reopen)
         self._inflight: dict[str, asyncio.Future[ResultRow]] = {}
         self.io_executor = io_executor or io_thread_pool(config.concurrency)
         # When set, rows not in it end `skipped` (not selected) without any I/O.

@@ -96,6 +96,8 @@ async def _edit(
 
     async def attempt() -> EditResponse:
         nonlocal lost
+        if ctx.stop.stopped:
+            raise RunStopped  # before waiting for a slot: a stopped run starts nothing
         async with ctx.slots.slot(retry=result.attempts > 0, row=row.row) as slot:
             # Checked after the wait for a slot: the run may have stopped meanwhile.
             if ctx.stop.stopped:
@@ -138,7 +140,9 @@ async def _edit(
 
     try:
         response: EditResponse | None = None
-        async for attempt_state in retrying(ctx.config.retry, should_stop=should_stop):
+        async for attempt_state in retrying(
+            ctx.config.retry, should_stop=should_stop, sleep=ctx.stop.sleep
+        ):
             with attempt_state:
                 response = await attempt()
         return response

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tenacity import (
@@ -82,12 +83,17 @@ class _stop_when(stop_base):
 
 
 def retrying(
-    policy: RetryPolicy, *, should_stop: Callable[[], bool] | None = None
+    policy: RetryPolicy,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> AsyncRetrying:
     """An AsyncRetrying for one row: retryable errors only, the last error re-raised.
 
-    `should_stop` lets the run end retries early (a run-fatal error elsewhere, a budget).
-    The time limit counts the coming backoff too, so a row never sleeps past its budget.
+    `should_stop` lets the run end retries early (a run-fatal error elsewhere, a budget), and
+    `sleep` (the run's, cut short when it stops) keeps a stopped run from waiting out a
+    backoff or a Retry-After. The time limit counts the coming backoff too, so a row never
+    sleeps past its budget.
     """
 
     stop = stop_any(
@@ -96,6 +102,7 @@ def retrying(
         _stop_when(should_stop),
     )
     return AsyncRetrying(
+        sleep=asyncio.sleep if sleep is None else sleep,
         stop=stop,
         wait=wait_retry_after_or_backoff(policy.initial_backoff_s, policy.max_backoff_s),
         retry=retry_if_exception(is_retryable),

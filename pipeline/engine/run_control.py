@@ -75,6 +75,9 @@ class RunStop:
         self.abandoning = False
         self._in_flight: set[asyncio.Task[object]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._tripped = asyncio.Event()
+        # Called once when it trips: what holds rows back must let them see the stop.
+        self.on_trip: list[Callable[[], None]] = []
 
     @property
     def stopped(self) -> bool:
@@ -88,7 +91,15 @@ class RunStop:
         if self.kind is not None:
             return False
         self.kind, self.reason, self.code, self.error = kind, reason, code, error
+        self._tripped.set()
+        for callback in self.on_trip:
+            callback()
         return True
+
+    async def sleep(self, seconds: float) -> None:
+        """A row's wait between attempts (backoff, Retry-After): cut short when it trips."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._tripped.wait(), max(0.0, seconds))
 
     def trip(self, exc: APIError) -> None:
         """A run-fatal API error (401, 402, unknown model)."""
@@ -350,6 +361,7 @@ class RequestSlots:
         )
         self._ceiling = ceiling
         self.gate = ResizableGate(self.limit)
+        self._closed: set[asyncio.TimerHandle] = set()
         # Told the limit each time it changes (and at `begin`): progress events.
         self.on_change: Callable[[int], None] | None = None
 
@@ -412,9 +424,23 @@ class RequestSlots:
         finally:
             if held.closed_for > 0:
                 # The place comes back when the server's wait is over, whatever the row does.
-                asyncio.get_running_loop().call_later(held.closed_for, self.gate.release)
+                handle: asyncio.TimerHandle | None = None
+
+                def reopen() -> None:
+                    self._closed.discard(handle)
+                    self.gate.release()
+
+                handle = asyncio.get_running_loop().call_later(held.closed_for, reopen)
+                self._closed.add(handle)
             else:
                 self.gate.release()
+
+    def reopen(self) -> None:
+        """Every place a 429 closed opens now (the run stopped: its waiters must see it)."""
+        for handle in list(self._closed):
+            handle.cancel()
+            self._closed.discard(handle)
+            self.gate.release()
 
     def answered(self, slot: Slot) -> None:
         if self.aimd is not None:
