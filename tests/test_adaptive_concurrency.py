@@ -730,6 +730,9 @@ async def test_fixed_slots_keep_a_429s_slot_closed_for_its_retry_after() -> None
     assert slots.in_flight == 1
     slots.reopen()
     assert slots.in_flight == 0
+    async with slots.slot() as slot:  # and none closes after it
+        slots.failed(slot, long_wait)
+    assert slots.in_flight == 0
     # An adaptive limit cuts itself instead and closes nothing.
     adaptive = RequestSlots(2)
     async with adaptive.slot() as slot:

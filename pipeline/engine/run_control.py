@@ -362,6 +362,7 @@ class RequestSlots:
         self._ceiling = ceiling
         self.gate = ResizableGate(self.limit)
         self._closed: set[asyncio.TimerHandle] = set()
+        self._may_close = True  # until the run stops (see `reopen`)
         # Told the limit each time it changes (and at `begin`): progress events.
         self.on_change: Callable[[int], None] | None = None
 
@@ -436,7 +437,9 @@ class RequestSlots:
                 self.gate.release()
 
     def reopen(self) -> None:
-        """Every place a 429 closed opens now (the run stopped: its waiters must see it)."""
+        """Every place a 429 closed opens now, and none closes from now on (the run stopped:
+        rows waiting for a place must get one to see it)."""
+        self._may_close = False
         for handle in list(self._closed):
             handle.cancel()
             self._closed.discard(handle)
@@ -454,7 +457,7 @@ class RequestSlots:
         if overload is None:
             return
         if self.aimd is None:
-            if isinstance(exc, RateLimitError) and exc.retry_after:
+            if isinstance(exc, RateLimitError) and exc.retry_after and self._may_close:
                 # A fixed limit's answer to "wait": this place stays closed for the wait, the
                 # others go on. Against a storm that refuses a few requests in passing it
                 # costs a slot for a second; against a real rate limit it still sends at most
