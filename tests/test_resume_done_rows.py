@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.engine import chunk as chunk_module
-from pipeline.engine import done_index, progress, results
+from pipeline.engine import done_index, layout, progress, results
 from pipeline.engine.done_keys import DoneKeys
 from pipeline.engine.jobkey import job_key
 from pipeline.engine.options import RunOptions
 from pipeline.engine.run import RunParts, run_manifest
-from pipeline.engine.runner import done_row
+from pipeline.engine.runner import done_row, done_rows
 from pipeline.engine.summary import SUMMARY_COLUMNS, merge_results, summarize
+from pipeline.io.s3_storage import S3Storage
 from pipeline.io.storage import LocalStorage
 from pipeline.manifest.open import open_manifest
 from pipeline.manifest.types import ManifestRow
@@ -51,6 +52,12 @@ def test_done_keys_answer_as_a_set_of_the_same_keys_would() -> None:
     for other in (near.upper(), near + "\n", "0_" + near[2:], near[:-1], 42):
         assert other not in done
     assert done.to_arrow().to_pylist() == sorted(expected)
+    # A chunk's lookups at once answer what each one alone does.
+    asked = keys[::7] + hex_keys(random.Random(9), 500) + [near.upper(), near + "\n", "abcdef12"]
+    random.Random(10).shuffle(asked)
+    assert done.which(asked) == [k in done for k in asked]
+    assert sum(done.which(asked)) == len(keys[::7]) + 1 and done.which([]) == []
+    assert DoneKeys(["abcdef12"]).which(["abcdef12", keys[0]]) == [True, False]
     new = hex_keys(rng, 1)[0]
     done.add(new)
     done.add(keys[1])  # already there: counted once
@@ -157,7 +164,19 @@ async def test_a_resumed_run_has_every_row_once_with_its_status(
             fast.append(found.row)
         return found
 
+    def counted_at_once(ctx: Any, rows: Any) -> Any:
+        found = done_rows(ctx, rows)
+        # What a chunk finds at its start is what each row alone finds (but for the times).
+        alone = [done_row(ctx, row) for row in rows]
+        untimed = [f and f._replace(started_at=0, finished_at=0, elapsed_s=0) for f in found]
+        assert untimed == [
+            a and a._replace(started_at=0, finished_at=0, elapsed_s=0) for a in alone
+        ]
+        fast.extend(f.row for f in found if f is not None)
+        return found
+
     monkeypatch.setattr(chunk_module, "done_row", counted)
+    monkeypatch.setattr(chunk_module, "done_rows", counted_at_once)
     heard = Listener()
     unsubscribe = progress.subscribe(heard)
     try:
@@ -176,7 +195,7 @@ async def test_a_resumed_run_has_every_row_once_with_its_status(
     # Done rows whose sources were cached took the path without a ResultRow; the others (the
     # first chunks', while their sources load; the invalid row) the full one. Listeners heard
     # every row once.
-    assert len(fast) >= ROWS // 2 and 8 not in fast
+    assert len(fast) >= ROWS // 2 and 8 not in fast and len(set(fast)) == len(fast)
     assert sorted(heard.rows) == list(range(1, ROWS + 1))
     # Seven chunks' parts: merged from memory, unless none could be kept.
     assert storage.part_reads == (0 if kept_budget is None else 7)
@@ -265,3 +284,14 @@ async def test_a_resume_merges_many_index_segments_beside_its_rows(
     jobs = set(keys.values()) | others
     assert done_index.read_segment(storage.get_bytes(merged)) == sorted(jobs)
     assert done_index.load_done(storage).keys == jobs
+
+
+def test_sidecar_uris_are_those_the_storage_names(tmp_path: Path) -> None:
+    keys = [*hex_keys(random.Random(4), 50), "abcdef12"]
+    for storage in (LocalStorage(tmp_path / "out"), S3Storage("bucket", "a/b", client=None)):
+        expected = [storage.uri_for(layout.sidecar_key(k)) for k in keys]
+        assert layout.sidecar_uris(storage.uri_for, keys) == expected
+    odd = layout.sidecar_uris(lambda key: f"x://{key}?v=1", keys[:3])
+    assert odd == [f"x://{layout.sidecar_key(k)}?v=1" for k in keys[:3]]
+    with pytest.raises(ValueError, match="not a job key"):
+        layout.sidecar_uris(LocalStorage(tmp_path / "out").uri_for, ["../x"])

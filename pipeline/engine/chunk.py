@@ -24,7 +24,7 @@ from pipeline.engine import done_index, layout, progress, source_digests
 from pipeline.engine.context import WORKERS_PER_SLOT, RunContext
 from pipeline.engine.outcomes import stopped_result
 from pipeline.engine.results import DoneRow, ResultRow, part_table, table_to_parquet_bytes
-from pipeline.engine.runner import done_row, process_row
+from pipeline.engine.runner import done_row, done_rows, process_row
 from pipeline.errors import StorageError
 from pipeline.manifest.types import ParsedRow
 
@@ -180,12 +180,18 @@ async def process_chunk(ctx: RunContext, chunk: int, rows: Sequence[ParsedRow]) 
     journal = ChunkJournal(ctx, chunk)
     counts: Counter[str] = Counter()
 
+    found = done_rows(ctx, rows)
+
     async def worker() -> None:
         nonlocal next_index
         while next_index < len(rows):
             i = next_index
             next_index += 1
-            done = done_row(ctx, rows[i])
+            # A row found done at the chunk's start is still not skipped once the run stops
+            # (it ends `stopped`, as every row not finished then).
+            done = found[i] if not ctx.stop.stopped else None
+            if done is None:
+                done = done_row(ctx, rows[i])
             if done is not None:
                 counts["skipped"] += 1
                 journal.finished_done(done)

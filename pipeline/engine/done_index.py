@@ -295,10 +295,10 @@ def _write_merged(storage: Storage, segments: Sequence[str], merged: bytes) -> N
 
 
 def _delete_all(storage: Storage, keys: Sequence[str]) -> None:
-    if not keys:
-        return
-    with ThreadPoolExecutor(max(1, min(DEFAULT_LIST_WORKERS, len(keys))), "index-delete") as pool:
-        list(pool.map(storage.delete, keys))
+    # One DeleteObjects per 1,000 keys on S3: a thousand single deletes cost the run ~3 ms
+    # of botocore CPU each, beside rows that need the GIL.
+    if keys:
+        storage.delete_many(keys)
 
 
 def load_done(storage: Storage, *, claims: bool = True, compact_later: bool = False) -> DoneJobs:

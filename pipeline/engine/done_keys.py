@@ -85,6 +85,31 @@ class DoneKeys:
             i += 1
         return False
 
+    def which(self, keys: Sequence[str]) -> list[bool]:
+        """`[key in self for key in keys]`, the sorted part searched for all of them at once
+        (a chunk of a resume: about a tenth of a lookup's cost a key)."""
+        hits = [key in self._other for key in keys]
+        if not self._hi or not keys:
+            return hits
+        column = pa.array(keys, pa.string())
+        usual = pc.match_substring_regex(column, _HEX_KEY).to_numpy(zero_copy_only=False)
+        where = np.flatnonzero(usual)
+        q_hi, q_lo = _decode(column.filter(pa.array(usual)))
+        hi = np.frombuffer(self._hi, np.uint64)
+        lo = np.frombuffer(self._lo, np.uint64)
+        first = np.searchsorted(hi, q_hi, "left")
+        last = np.searchsorted(hi, q_hi, "right")
+        single = last - first == 1
+        found = np.zeros(len(where), dtype=bool)
+        found[single] = lo[first[single]] == q_lo[single]
+        for i in where[found].tolist():
+            hits[i] = True
+        # Keys sharing their high 64 bits (one in 2**32 at a billion keys): one at a time.
+        for j in np.flatnonzero(last - first > 1):
+            i = int(where[j])
+            hits[i] = hits[i] or keys[i] in self
+        return hits
+
     def add(self, key: str) -> None:
         if key not in self:
             self._other.add(key)

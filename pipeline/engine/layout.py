@@ -13,6 +13,7 @@ index/...                          the done index (see `done_index`)
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 JOBS_PREFIX = "jobs/"
 IMAGES_PREFIX = "images/"
@@ -42,6 +43,18 @@ def check_run_id(run_id: str) -> str:
 def sidecar_key(job_key: str) -> str:
     k = _check_key(job_key)
     return f"{JOBS_PREFIX}{k[:2]}/{k}{SIDECAR_SUFFIX}"
+
+
+def sidecar_uris(uri_for: Callable[[str], str], job_keys: Sequence[str]) -> list[str]:
+    """`[uri_for(sidecar_key(k)) for k in job_keys]`, the storage asked once for where the
+    jobs live instead of once a key (a resume's million done rows each name their sidecar)."""
+    probe = "0" * 32
+    tail = sidecar_key(probe)[len(JOBS_PREFIX) :]
+    template = uri_for(sidecar_key(probe))
+    if not template.endswith(tail):  # a storage whose URIs do not end with the key
+        return [uri_for(sidecar_key(k)) for k in job_keys]
+    head = template[: -len(tail)]
+    return [f"{head}{k[:2]}/{_check_key(k)}{SIDECAR_SUFFIX}" for k in job_keys]
 
 
 def image_key(job_key: str, index: int, ext: str) -> str:

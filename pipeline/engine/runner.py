@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from pipeline.engine import layout
@@ -101,6 +102,66 @@ def done_row(ctx: RunContext, row: ParsedRow) -> DoneRow | None:
         finished_at=utcnow(),
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def done_rows(ctx: RunContext, rows: Sequence[ParsedRow]) -> list[DoneRow | None]:
+    """`done_row` of each of a chunk's rows, as far as the loader's cache answers when the
+    chunk starts: the done set searched once for the chunk, each source redacted once. A
+    None is not "not done": the row still goes through `done_row`, then `process_row`."""
+    found: list[DoneRow | None] = [None] * len(rows)
+    if ctx.config.overwrite or ctx.stop.stopped or not ctx.done_keys:
+        return found
+    started, started_at = time.perf_counter(), utcnow()
+    model, only = ctx.client.model, ctx.only_rows
+    picked: list[tuple[int, ManifestRow]] = []
+    keys: list[str] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, ManifestRow) or row.mask:
+            continue
+        if only is not None and row.row not in only:
+            continue
+        sources = ctx.loader.cached(row.images)
+        if sources is None:
+            continue
+        picked.append((i, row))
+        keys.append(
+            job_key(
+                model=model,
+                image_sha256=[s.sha256 for s in sources],
+                mask_sha256=None,
+                prompt=row.prompt,
+                seed=row.seed,
+                params=row.params,
+            )
+        )
+    hits = ctx.done_keys.which(keys)
+    done = [(i, row, key) for (i, row), key, hit in zip(picked, keys, hits, strict=True) if hit]
+    sidecars = layout.sidecar_uris(ctx.storage.uri_for, [key for _, _, key in done])
+    redacted: dict[str, str] = {}
+    finished_at = utcnow()
+    elapsed = (time.perf_counter() - started) / max(1, len(picked))
+    for (i, row, key), sidecar in zip(done, sidecars, strict=True):
+        uris = []
+        for uri in row.images:
+            shown = redacted.get(uri)
+            if shown is None:
+                shown = redacted[uri] = redact_uri(uri)
+            uris.append(shown)
+        found[i] = DoneRow(
+            row=row.row,
+            id=row.id,
+            job_key=key,
+            prompt=row.prompt,
+            seed=row.seed,
+            source_uris=uris,
+            sidecar_uri=sidecar,
+            n_requested=row.params.image_count(),
+            requested_size=requested_size(row),
+            started_at=started_at,
+            finished_at=finished_at,
+            elapsed_s=elapsed,
+        )
+    return found
 
 
 async def _process_valid(

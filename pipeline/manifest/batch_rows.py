@@ -102,6 +102,8 @@ def _built(checker: BatchValidator, checked: CheckedBatch, fast: np.ndarray) -> 
     ]
     none = [None] * count
     param_columns = [fields.get(name, none) for name in PARAM_FIELDS]
+    # A batch's rows share a few sets of params: one (immutable) EditParams each.
+    shared: dict[tuple[Any, ...], EditParams] = {}
     seeds = fields.get("seed", none)
 
     for i, (row, row_id, prompt, one, many, seed, params) in enumerate(
@@ -123,6 +125,6 @@ def _built(checker: BatchValidator, checked: CheckedBatch, fast: np.ndarray) -> 
             prompt=prompt,
             seed=seed,
             mask=resolve(mask) if mask else None,
-            params=EditParams(*params),
+            params=shared.get(params) or shared.setdefault(params, EditParams(*params)),
             dropped=tuple(c for c, mask in dropped_masks if mask[i]) if dropped_masks else (),
         )
