@@ -37,8 +37,7 @@ def job_key(**fields: Unpack[KeyFields]) -> str:
     `user` is left out (it labels the caller, it does not change the image); so is the
     response format (how the bytes travel, not what they are).
     """
-    canonical = canonical_doc(**fields)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+    return key_of(_head(fields), fields["prompt"], fields["seed"])
 
 
 def canonical_doc(**fields: Unpack[KeyFields]) -> str:
@@ -48,35 +47,50 @@ def canonical_doc(**fields: Unpack[KeyFields]) -> str:
     ..., "seed": ..., "v": KEY_VERSION}`, what `json` writes of it (tests/test_jobkey.py holds
     the two equal), written field by field: `json` walking a dict took half of a resume's
     per-row time."""
-    params = fields["params"]
-    mask = fields["mask_sha256"]
-    return "".join(
-        (
-            '{"extra":',
-            _CANONICAL.encode(params.extra) if params.extra else "{}",
-            ',"images":[',
-            ",".join([_string(sha) for sha in fields["image_sha256"]]),
-            '],"mask":',
-            "null" if mask is None else _string(mask),
-            ',"model":',
-            _string(fields["model"]),
-            ',"params":',
-            _params_json(
-                params.aspect_ratio,
-                params.n,
-                params.output_compression,
-                params.output_format,
-                params.quality,
-                params.resolution,
-                params.size,
-            ),
-            ',"prompt":',
-            _string(fields["prompt"]),
-            ',"seed":',
-            _int(fields["seed"]),
-            f',"v":{KEY_VERSION}}}',
-        )
+    return _doc(_head(fields), fields["prompt"], fields["seed"])
+
+
+def key_head(
+    *, model: str, image_sha256: Sequence[str], mask_sha256: str | None, params: EditParams
+) -> str:
+    """The key's document up to its prompt: every field but the prompt and the seed sorts
+    before them, so rows with the same sources, mask, model and params share it (a chunk of
+    a resume makes it once, then `key_of` each row's prompt and seed)."""
+    extra = _CANONICAL.encode(params.extra) if params.extra else "{}"
+    images = ",".join([_string(sha) for sha in image_sha256])
+    mask = "null" if mask_sha256 is None else _string(mask_sha256)
+    params_json = _params_json(
+        params.aspect_ratio,
+        params.n,
+        params.output_compression,
+        params.output_format,
+        params.quality,
+        params.resolution,
+        params.size,
     )
+    return (
+        f'{{"extra":{extra},"images":[{images}],"mask":{mask},"model":{_string(model)},'
+        f'"params":{params_json},"prompt":'
+    )
+
+
+def key_of(head: str, prompt: str, seed: int | None) -> str:
+    """The job key of a document's `key_head` and a row's prompt and seed."""
+    doc = _doc(head, prompt, seed)
+    return hashlib.sha256(doc.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+
+
+def _head(fields: KeyFields) -> str:
+    return key_head(
+        model=fields["model"],
+        image_sha256=fields["image_sha256"],
+        mask_sha256=fields["mask_sha256"],
+        params=fields["params"],
+    )
+
+
+def _doc(head: str, prompt: str, seed: int | None) -> str:
+    return f'{head}{_string(prompt)},"seed":{_int(seed)},"v":{KEY_VERSION}}}'
 
 
 def _int(value: int | None) -> str:

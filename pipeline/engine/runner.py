@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 from pipeline.engine import layout
 from pipeline.engine.context import RunContext
 from pipeline.engine.edit import edit_and_store, load_sources
-from pipeline.engine.jobkey import job_key
+from pipeline.engine.jobkey import job_key, key_head, key_of
 from pipeline.engine.outcomes import (
     as_duplicate,
     base_result,
@@ -115,6 +115,9 @@ def done_rows(ctx: RunContext, rows: Sequence[ParsedRow]) -> list[DoneRow | None
     model, only = ctx.client.model, ctx.only_rows
     picked: list[tuple[int, ManifestRow]] = []
     keys: list[str] = []
+    # Rows with the same sources and params (one EditParams per batch's set of them, see
+    # batch_rows) share their key's head; the sources are those cached now, for the call.
+    heads: dict[tuple[tuple[str, ...], int], str] = {}
     for i, row in enumerate(rows):
         if not isinstance(row, ManifestRow) or row.mask:
             continue
@@ -123,17 +126,17 @@ def done_rows(ctx: RunContext, rows: Sequence[ParsedRow]) -> list[DoneRow | None
         sources = ctx.loader.cached(row.images)
         if sources is None:
             continue
-        picked.append((i, row))
-        keys.append(
-            job_key(
+        shared = (row.images, id(row.params))
+        head = heads.get(shared)
+        if head is None:
+            head = heads[shared] = key_head(
                 model=model,
                 image_sha256=[s.sha256 for s in sources],
                 mask_sha256=None,
-                prompt=row.prompt,
-                seed=row.seed,
                 params=row.params,
             )
-        )
+        picked.append((i, row))
+        keys.append(key_of(head, row.prompt, row.seed))
     hits = ctx.done_keys.which(keys)
     done = [(i, row, key) for (i, row), key, hit in zip(picked, keys, hits, strict=True) if hit]
     sidecars = layout.sidecar_uris(ctx.storage.uri_for, [key for _, _, key in done])
