@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ import pytest
 
 from pipeline.engine import chunk as chunk_module
 from pipeline.engine import done_index, layout, progress, results
+from pipeline.engine import run as run_module
 from pipeline.engine.done_keys import DoneKeys
 from pipeline.engine.jobkey import job_key
 from pipeline.engine.options import RunOptions
 from pipeline.engine.run import RunParts, run_manifest
 from pipeline.engine.runner import done_row, done_rows
 from pipeline.engine.summary import SUMMARY_COLUMNS, merge_results, summarize
+from pipeline.errors import ManifestError
 from pipeline.io.s3_storage import S3Storage
 from pipeline.io.storage import LocalStorage
 from pipeline.manifest.open import open_manifest
@@ -295,3 +298,42 @@ def test_sidecar_uris_are_those_the_storage_names(tmp_path: Path) -> None:
     assert odd == [f"x://{layout.sidecar_key(k)}?v=1" for k in keys[:3]]
     with pytest.raises(ValueError, match="not a job key"):
         layout.sidecar_uris(LocalStorage(tmp_path / "out").uri_for, ["../x"])
+
+
+async def test_a_resume_reads_its_index_beside_the_plan(
+    tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", sources)
+    storage = LocalStorage(tmp_path / "out")
+    keys = index_every_job(manifest, storage)
+    reading = threading.Event()
+    read_output, plan_run = run_module.read_output, run_module.plan_run
+
+    def read(*args: Any) -> Any:
+        reading.set()
+        return read_output(*args)
+
+    def plan(*args: Any) -> Any:
+        # Not after the plan: beside it (the test would wait out the timeout and fail).
+        assert reading.wait(30)
+        return plan_run(*args)
+
+    monkeypatch.setattr(run_module, "read_output", read)
+    monkeypatch.setattr(run_module, "plan_run", plan)
+    opts = RunOptions(
+        manifest=str(manifest), output=str(tmp_path / "out"), api_base="http://127.0.0.1:9/v1"
+    )
+    summary = await run_manifest(opts, RunParts(storage=storage))
+    assert summary.by_status["skipped"] == ROWS - 1
+    table = pq.read_table(summary.results_uri).to_pandas().set_index("row")
+    assert table.drop(index=8)["job_key"].to_dict() == keys
+
+
+async def test_a_run_that_cannot_plan_leaves_a_new_output_untouched(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,image\nr1,/nowhere.png\n")  # no prompt column: nothing can run
+    out = tmp_path / "out"
+    opts = RunOptions(manifest=str(manifest), output=str(out), api_base="http://127.0.0.1:9/v1")
+    with pytest.raises(ManifestError):
+        await run_manifest(opts, RunParts(storage=LocalStorage(out)))
+    assert not out.exists() or not any(out.rglob("*"))
