@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from concurrent.futures import Future
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -42,9 +43,16 @@ from pipeline.engine import layout
 from pipeline.engine.chunk import ChunkStats, process_chunk, skip_chunk
 from pipeline.engine.context import RunContext
 from pipeline.engine.options import RunOptions
-from pipeline.engine.plan import RunPlan, describe_plan, new_run_id, plan_run
+from pipeline.engine.plan import RunPlan, check_run_inputs, describe_plan, new_run_id, plan_run
 from pipeline.engine.results import utcnow
-from pipeline.engine.run import RunHooks, execute, finalize_run
+from pipeline.engine.run import (
+    OutputState,
+    RunHooks,
+    RunParts,
+    execute,
+    finalize_run,
+    plan_reading_output,
+)
 from pipeline.engine.run_control import INTERRUPTED
 from pipeline.engine.run_log import run_log
 from pipeline.engine.summary import (
@@ -182,9 +190,15 @@ async def edit_manifest(
     if shards > 1 and limit is not None:
         raise ConfigError("limit is for trying a few rows first: run it without shards")
     rid = run_id or new_run_id(started_at)
-    plan = plan_task(opts, rid)
+    check_run_inputs(opts)
+    storage = open_storage(output, endpoint_url=s3_endpoint_url)
+    read: Future[OutputState] | None = None
+    if shards > 1:  # each shard reads the output itself
+        plan = plan_task(opts, rid)
+    else:
+        plan, read = plan_reading_output(opts, storage, lambda: plan_task(opts, rid))
     # The run's log is stored beside its results once the output has passed its checks.
-    with run_log(open_storage(output, endpoint_url=s3_endpoint_url), rid):
+    with run_log(storage, rid):
         logger.info(describe_plan(plan))
         if shards > 1:
             if plan.opened is not None:
@@ -194,7 +208,12 @@ async def edit_manifest(
             )
         else:
             summary = await execute(
-                opts, plan, hooks=FlowHooks(api_limit), started_at=started_at, started=started
+                opts,
+                plan,
+                hooks=FlowHooks(api_limit),
+                parts=RunParts(storage=storage, output=read),
+                started_at=started_at,
+                started=started,
             )
         await asyncio.gather(
             publish_contact_sheet(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import threading
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -15,8 +17,10 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
+import flows.edit_manifest as flow_module
 from flows.edit_manifest import PROGRESS_ARTIFACT_KEY, SUMMARY_ARTIFACT_KEY, edit_manifest
 from pipeline.emulator.process import EmulatorProcess
+from pipeline.engine import run as run_module
 
 pytestmark = [
     pytest.mark.integration,
@@ -142,3 +146,38 @@ async def test_without_a_global_limit_the_run_keeps_its_local_limit(
     )
     assert state.is_completed(), state.message
     assert 2 < emulator.stats()["max_in_flight"] <= 4
+
+
+async def test_a_resuming_flow_reads_its_index_beside_the_plan(
+    tmp_path: Path,
+    sources: dict[str, Path],
+    emulator: EmulatorProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    manifest = manifest_of(tmp_path, sources, 5)
+    args = {
+        "manifest": str(manifest),
+        "output": str(tmp_path / "out"),
+        "api_base": emulator.base_url,
+        "chunk_size": 2,
+        "return_state": True,
+    }
+    first = await edit_manifest(**args)
+    assert first.is_completed(), first.message
+    reading = threading.Event()
+    read_output, plan_run = run_module.read_output, flow_module.plan_run
+
+    def read(*a: Any) -> Any:
+        reading.set()
+        return read_output(*a)
+
+    def plan(*a: Any) -> Any:
+        assert reading.wait(30)  # beside the plan: after it, this would time out
+        return plan_run(*a)
+
+    monkeypatch.setattr(run_module, "read_output", read)
+    monkeypatch.setattr(flow_module, "plan_run", plan)
+    again = await edit_manifest(**args)
+    assert again.is_completed(), again.message
+    summary = await again.result()
+    assert summary["by_status"]["skipped"] == 5 and summary["by_status"]["succeeded"] == 0

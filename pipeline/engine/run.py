@@ -117,6 +117,24 @@ class OutputState:
     digests: source_digests.SourceDigests
 
 
+def plan_reading_output(
+    opts: RunOptions, storage: Storage, plan: Callable[[], RunPlan]
+) -> tuple[RunPlan, Future[OutputState] | None]:
+    """`plan()`, the output's state read beside it (for `RunParts.output`).
+
+    The output's state is I/O (a resume's done index: a thousand GETs), the plan is CPU: one
+    beside the other. Only for an output earlier runs left an index in (and whose inputs have
+    passed their checks): reading a new one writes its index, and a run whose plan fails
+    must leave a folder untouched. A plan that fails waits for the read.
+    """
+    output: Future[OutputState] | None = None
+    with ThreadPoolExecutor(1, "read-output") as reader:
+        if not opts.overwrite and storage.exists(done_index.ROOT_KEY):
+            output = reader.submit(read_output, storage, opts)
+        planned = plan()
+    return planned, output
+
+
 def read_output(storage: Storage, opts: RunOptions) -> OutputState:
     claims = claims_supported(storage, opts)
     if opts.overwrite:
@@ -428,15 +446,9 @@ async def run_manifest(opts: RunOptions, parts: RunParts | None = None) -> RunSu
     profile = await aload_profile(
         opts.model, base_url=opts.api_base, transport=parts.api_transport if parts else None
     )
-    output: Future[OutputState] | None = None
-    with ThreadPoolExecutor(1, "read-output") as reader:
-        # The output's state is I/O (a resume's done index: a thousand GETs), the plan is CPU:
-        # one beside the other. Only for an output earlier runs left an index in: reading a
-        # new one writes its index, and a run whose plan fails must leave a folder untouched
-        # (a plan that fails waits for the read, leaving the pool).
-        if not opts.overwrite and storage.exists(done_index.ROOT_KEY):
-            output = reader.submit(read_output, storage, opts)
-        plan = plan_run(opts, run_id, storage, profile)
+    plan, output = plan_reading_output(
+        opts, storage, lambda: plan_run(opts, run_id, storage, profile)
+    )
     parts = replace(parts or RunParts(), storage=storage, output=output)
     with run_log(storage, run_id):
         log.info(describe_plan(plan))
