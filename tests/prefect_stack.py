@@ -137,6 +137,9 @@ class PrefectStack:
         return self.logs[name].read_text(errors="replace")
 
 
+STOP_GRACE_S = 5.0
+
+
 @contextlib.contextmanager
 def prefect_stack(
     tmp: Path, extra_env: dict[str, str] | None = None, host: str = "127.0.0.1"
@@ -198,9 +201,12 @@ def prefect_stack(
         finally:
             for proc in reversed(stack.procs):
                 proc.terminate()
+            # One grace period for all: a worker or server still up after it is killed (CI saw
+            # 20 s waited out per process, 40 s a stack, with nothing left to finish).
+            deadline = time.monotonic() + STOP_GRACE_S
             for proc in reversed(stack.procs):
                 try:
-                    proc.wait(timeout=20)
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
