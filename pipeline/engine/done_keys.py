@@ -86,8 +86,8 @@ class DoneKeys:
         return False
 
     def which(self, keys: Sequence[str]) -> list[bool]:
-        """`[key in self for key in keys]`, the sorted part searched for all of them at once
-        (a chunk of a resume: about a tenth of a lookup's cost a key)."""
+        """`[key in self for key in keys]`, the sorted part searched for all of them in one
+        numpy call (a chunk of a resume: about 2 µs a key against 3 for `in`, at 1M keys)."""
         hits = [key in self._other for key in keys]
         if not self._hi or not keys:
             return hits
