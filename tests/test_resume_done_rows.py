@@ -61,6 +61,8 @@ def test_done_keys_answer_as_a_set_of_the_same_keys_would() -> None:
     assert done.which(asked) == [k in done for k in asked]
     assert sum(done.which(asked)) == len(keys[::7]) + 1 and done.which([]) == []
     assert DoneKeys(["abcdef12"]).which(["abcdef12", keys[0]]) == [True, False]
+    many = ["abcdef12", *keys[:20]]  # enough to be searched at once, with no sorted part
+    assert DoneKeys(["abcdef12"]).which(many) == [True] + [False] * 20
     new = hex_keys(rng, 1)[0]
     done.add(new)
     done.add(keys[1])  # already there: counted once

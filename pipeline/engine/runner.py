@@ -70,44 +70,14 @@ def done_row(ctx: RunContext, row: ParsedRow) -> DoneRow | None:
     `process_row` would end it with, without a ResultRow or a coroutine, for resumes of
     millions of done rows. None: the row goes through `process_row` (which also ends a done
     row whose sources are not cached yet as done)."""
-    if not isinstance(row, ManifestRow) or row.mask or ctx.config.overwrite or ctx.stop.stopped:
-        return None
-    if ctx.only_rows is not None and row.row not in ctx.only_rows:
-        return None
-    started, started_at = time.perf_counter(), utcnow()
-    sources = ctx.loader.cached(row.images)
-    if sources is None:
-        return None
-    key = job_key(
-        model=ctx.client.model,
-        image_sha256=[s.sha256 for s in sources],
-        mask_sha256=None,
-        prompt=row.prompt,
-        seed=row.seed,
-        params=row.params,
-    )
-    if key not in ctx.done_keys:
-        return None
-    return DoneRow(
-        row=row.row,
-        id=row.id,
-        job_key=key,
-        prompt=row.prompt,
-        seed=row.seed,
-        source_uris=[redact_uri(u) for u in row.images],
-        sidecar_uri=ctx.storage.uri_for(layout.sidecar_key(key)),
-        n_requested=row.params.image_count(),
-        requested_size=requested_size(row),
-        started_at=started_at,
-        finished_at=utcnow(),
-        elapsed_s=time.perf_counter() - started,
-    )
+    return done_rows(ctx, [row])[0]
 
 
 def done_rows(ctx: RunContext, rows: Sequence[ParsedRow]) -> list[DoneRow | None]:
     """`done_row` of each of a chunk's rows, as far as the loader's cache answers when the
-    chunk starts: the done set searched once for the chunk, each source redacted once. A
-    None is not "not done": the row still goes through `done_row`, then `process_row`."""
+    chunk starts: the done set searched once for the chunk, each key's head and each source's
+    redaction made once. A None is not "not done": the row still goes through `done_row` (its
+    sources may be cached by then), then `process_row`."""
     found: list[DoneRow | None] = [None] * len(rows)
     if ctx.config.overwrite or ctx.stop.stopped or not ctx.done_keys:
         return found
