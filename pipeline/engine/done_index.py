@@ -42,8 +42,9 @@ import pyarrow.parquet as pq
 from pipeline.engine import layout
 from pipeline.engine.claims import CLAIMS_PREFIX, PROBE_PREFIX, LeaseBody, dead_claims
 from pipeline.engine.done_keys import DoneKeys
-from pipeline.engine.results import release_arrow_memory, table_to_parquet_bytes, utcnow
+from pipeline.engine.results import table_to_parquet_bytes, utcnow
 from pipeline.errors import StorageError, StorageNotFound
+from pipeline.io.arrow_memory import release_arrow_memory
 from pipeline.io.storage import DEFAULT_LIST_WORKERS, Storage
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,8 @@ def write_chunk_segment(
         log.warning("chunk %d: cannot index %d jobs (%s)", chunk, len(committed), exc)
         return False
     finally:
-        # Run in one of the run's I/O threads: what Arrow freed here would otherwise stay
-        # in this thread's heap, one more heap a thread (see results.release_arrow_memory).
+        # Run in one of the run's I/O threads: with mimalloc what Arrow freed here would
+        # stay in this thread's heap, one more heap a thread (see arrow_memory).
         release_arrow_memory()
     return True
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.engine import layout
 from pipeline.errors import ConfigError, StorageError
+from pipeline.io.arrow_memory import release_arrow_memory
 from pipeline.io.storage import Storage
 
 Status = Literal["succeeded", "failed", "invalid", "skipped"]
@@ -208,21 +209,6 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def release_arrow_memory() -> None:
-    """Give back to the system the memory Arrow's allocator holds free for this thread.
-
-    pyarrow's default pool (mimalloc in its wheels) keeps a heap per thread and holds on to
-    the pages a thread freed, for that thread's next allocation. Arrow work done now and then
-    in each of a run's many I/O threads (a done-index segment a flush, see done_index) so
-    left a little in every one of 128 threads, and more as sizes varied: RSS grew ~2 KB an
-    edited row (runner, 20,000 rows: +30 MB between 5,000 and 17,600 rows, all of it in
-    mimalloc's arena, while Arrow's own count of bytes in use stayed under 5 MB). Call this
-    after such work, in the thread that did it, once its Arrow objects are gone: ~1 us when
-    there is nothing to give back.
-    """
-    pa.default_memory_pool().release_unused()
-
-
 def read_parquet_bytes(data: bytes) -> pa.Table:
     return pq.read_table(pa.BufferReader(data), schema=RESULTS_SCHEMA)
 
@@ -325,7 +311,6 @@ __all__ = [
     "merge_tables_to_file",
     "part_table",
     "read_parquet_bytes",
-    "release_arrow_memory",
     "rows_done_before",
     "rows_to_table",
     "table_to_parquet_bytes",
