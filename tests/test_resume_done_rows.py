@@ -8,14 +8,14 @@ import hashlib
 import random
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.engine import chunk as chunk_module
-from pipeline.engine import done_index, layout, progress, results
+from pipeline.engine import done_index, done_keys, layout, progress, results
 from pipeline.engine import run as run_module
 from pipeline.engine.done_keys import DoneKeys
 from pipeline.engine.jobkey import job_key
@@ -25,7 +25,7 @@ from pipeline.engine.runner import done_row, done_rows
 from pipeline.engine.summary import SUMMARY_COLUMNS, merge_results, summarize
 from pipeline.errors import ManifestError
 from pipeline.io.s3_storage import S3Storage
-from pipeline.io.storage import LocalStorage
+from pipeline.io.storage import LocalStorage, Storage
 from pipeline.manifest.open import open_manifest
 from pipeline.manifest.types import ManifestRow
 from pipeline.models.registry import DEFAULT_PROFILE
@@ -70,6 +70,34 @@ def test_done_keys_answer_as_a_set_of_the_same_keys_would() -> None:
     assert DoneKeys() == set() and not DoneKeys() and DoneKeys(["ab" * 16]) != DoneKeys()
 
 
+def test_keys_added_during_a_run_join_the_sorted_part_and_answer_as_a_set_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(done_keys, "FOLD_AT", 50)
+    rng = random.Random(11)
+    indexed = hex_keys(rng, 400)
+    done = DoneKeys.from_arrays([pa.array(indexed)])
+    # Added keys: new ones, some sharing an indexed key's high 64 bits (below and above it),
+    # keys already there, and keys of another form (never folded).
+    added = hex_keys(rng, 230)
+    added += [k[:16] + lo for k in indexed[:6] for lo in ("0" * 16, "f" * 16)]
+    added += [*indexed[::50], "abcdef12", "Z" * 32]
+    rng.shuffle(added)
+    expected = set(indexed)
+    for key in added:
+        done.add(key)
+        expected.add(key)
+        # Folded every 50 usual keys: never more than that wait as strings.
+        assert len(done._new) < 50
+    assert len(done) == len(expected) and set(done) == expected and done == expected
+    assert done.to_arrow().to_pylist() == sorted(expected)
+    hi = list(done._hi)
+    assert hi == sorted(hi) and len(hi) >= len(expected) - 50 - 2
+    asked = added + hex_keys(random.Random(12), 300) + [indexed[5][:16] + "1" * 16]
+    assert done.which(asked) == [k in expected for k in asked]
+    assert [k in done for k in asked] == [k in expected for k in asked]
+
+
 def test_a_compacted_index_keeps_every_key_sorted_in_one_segment(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "out")
     rng = random.Random(3)
@@ -99,8 +127,8 @@ class Listener:
         pass
 
 
-class CountingStorage(LocalStorage):
-    """Counts the results parts read back."""
+class CountingFolder(LocalStorage):
+    """A local folder counting the results parts read back."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -110,6 +138,21 @@ class CountingStorage(LocalStorage):
         if "/parts/" in key:
             self.part_reads += 1
         return super().get_bytes(key)
+
+
+class CountingRemote:
+    """A store that is not a local folder (a part read back is a GET, as on S3), kept in
+    one, counting the results parts read back."""
+
+    def __init__(self, root: Path) -> None:
+        self.folder = CountingFolder(root)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.folder, name)
+
+    @property
+    def part_reads(self) -> int:
+        return self.folder.part_reads
 
 
 def write_manifest(path: Path, sources: dict[str, Path]) -> Path:
@@ -123,7 +166,7 @@ def write_manifest(path: Path, sources: dict[str, Path]) -> Path:
     return path
 
 
-def index_every_job(manifest: Path, storage: LocalStorage) -> dict[int, str]:
+def index_every_job(manifest: Path, storage: Storage | CountingRemote) -> dict[int, str]:
     """The done index of every valid row's job, as the runner computes its key."""
     keys = {}
     with open_manifest(str(manifest)) as opened:
@@ -143,18 +186,31 @@ def index_every_job(manifest: Path, storage: LocalStorage) -> dict[int, str]:
     return keys
 
 
-@pytest.mark.parametrize("kept_budget", [None, 0], ids=["parts-kept", "parts-read-back"])
+@pytest.mark.parametrize(
+    ("store", "kept_budget", "part_reads"),
+    [
+        (CountingRemote, None, 0),
+        (CountingRemote, 0, 7),
+        # A local folder's parts are read back: as cheap as memory, which they would hold.
+        (CountingFolder, None, 7),
+    ],
+    ids=["parts-kept", "parts-read-back", "local-folder"],
+)
 async def test_a_resumed_run_has_every_row_once_with_its_status(
     tmp_path: Path,
     sources: dict[str, Path],
     monkeypatch: pytest.MonkeyPatch,
+    store: type[CountingFolder | CountingRemote],
     kept_budget: int | None,
+    part_reads: int,
 ) -> None:
     if kept_budget is not None:
         monkeypatch.setattr(results, "KEEP_PARTS_BYTES", kept_budget)
     manifest = write_manifest(tmp_path / "m.csv", sources)
-    storage = CountingStorage(tmp_path / "out")
-    keys = index_every_job(manifest, storage)
+    storage = store(tmp_path / "out")
+    keys = index_every_job(
+        manifest, storage.folder if isinstance(storage, CountingRemote) else storage
+    )
     opts = RunOptions(
         manifest=str(manifest),
         output=str(tmp_path / "out"),
@@ -185,7 +241,7 @@ async def test_a_resumed_run_has_every_row_once_with_its_status(
     heard = Listener()
     unsubscribe = progress.subscribe(heard)
     try:
-        summary = await run_manifest(opts, RunParts(storage=storage))
+        summary = await run_manifest(opts, RunParts(storage=cast(Storage, storage)))
     finally:
         unsubscribe()
     table: Any = pq.read_table(summary.results_uri).to_pandas()
@@ -202,8 +258,8 @@ async def test_a_resumed_run_has_every_row_once_with_its_status(
     # every row once.
     assert len(fast) >= ROWS // 2 and 8 not in fast and len(set(fast)) == len(fast)
     assert sorted(heard.rows) == list(range(1, ROWS + 1))
-    # Seven chunks' parts: merged from memory, unless none could be kept.
-    assert storage.part_reads == (0 if kept_budget is None else 7)
+    # Seven chunks' parts: merged from memory, unless none could be kept or need be.
+    assert storage.part_reads == part_reads
 
 
 def test_done_rows_make_the_table_their_result_rows_make() -> None:
@@ -272,7 +328,9 @@ async def test_a_resume_merges_many_index_segments_beside_its_rows(
 ) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sources)
     storage = LocalStorage(tmp_path / "out")
-    keys = index_every_job(manifest, storage)
+    keys = index_every_job(
+        manifest, storage.folder if isinstance(storage, CountingRemote) else storage
+    )
     rng = random.Random(5)
     others = set()
     for chunk in range(done_index.COMPACT_AT + 1):  # more segments than a reader keeps
@@ -307,7 +365,9 @@ async def test_a_resume_reads_its_index_beside_the_plan(
 ) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sources)
     storage = LocalStorage(tmp_path / "out")
-    keys = index_every_job(manifest, storage)
+    keys = index_every_job(
+        manifest, storage.folder if isinstance(storage, CountingRemote) else storage
+    )
     reading = threading.Event()
     read_output, plan_run = run_module.read_output, run_module.plan_run
 

@@ -28,6 +28,7 @@ from pipeline.engine.run_control import (
 )
 from pipeline.engine.source_digests import SourceDigests
 from pipeline.engine.sources import SourceLoader
+from pipeline.io.local_storage import LocalStorage
 from pipeline.io.storage import Storage
 from pipeline.models.profile import ModelProfile
 
@@ -121,8 +122,9 @@ class RunContext:
         self.index_upkeep: Callable[[], None] | None = None
         # The digests of sources the output knows, and those this run read (source_digests).
         self.source_digests = source_digests if source_digests is not None else SourceDigests()
-        # Results parts written, kept to merge the run's table from memory (see KeptParts).
-        self.kept_parts = KeptParts()
+        # Results parts written, kept to merge the run's table from memory (see KeptParts);
+        # not from a local folder, where reading one back costs what holding it would save.
+        self.kept_parts = KeptParts(0 if isinstance(storage, LocalStorage) else None)
 
     def start(self) -> None:
         """Start what runs beside the rows: the renewal of claims and open markers."""

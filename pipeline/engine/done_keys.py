@@ -5,9 +5,9 @@ that is about 130 MB (an 81-byte string and a hash-table slot each) and a second
 build from the index's segments; here the keys of the usual form (`jobkey.KEY_HEX_CHARS`
 lowercase hex digits) are two sorted arrays of their high and low 64 bits, decoded from the
 segments' Arrow columns without a Python object per key. A lookup is a binary search, about
-a microsecond (`bisect` over `array`s: a numpy call per lookup costs twice that). Keys of any
-other form (the shorter keys an old output's listing may hold, say) and keys added while the
-run goes on live in a plain set beside them.
+a microsecond (`bisect` over `array`s: a numpy call per lookup costs twice that). Keys added
+while the run goes on wait in a set until FOLD_AT of them join the sorted part; keys of any
+other form (the shorter keys an old output's listing may hold, say) stay in a set.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ _HEX_KEY_RE = re.compile(f"[0-9a-f]{{{KEY_HEX_CHARS}}}")
 _NIBBLE = np.zeros(256, dtype=np.uint64)
 for _i, _c in enumerate(b"0123456789abcdef"):
     _NIBBLE[_c] = _i
+# Keys of the usual form added during a run join the sorted part (16 bytes a key) once this
+# many wait in their set (~100 bytes a key with its slot): a run editing a million rows held
+# them all as strings, ~100 MB. A fold is a linear merge, some ms at a million keys, on the
+# event loop every FOLD_AT edits.
+FOLD_AT = 16_384
 
 
 class DoneKeys:
@@ -48,6 +53,7 @@ class DoneKeys:
         self._hi: array[int] = array("Q")
         self._lo: array[int] = array("Q")
         self._other: set[str] = set()
+        self._new: set[str] = set()  # of the usual form, not yet in the sorted part
         for key in keys:
             self.add(key)
 
@@ -74,7 +80,7 @@ class DoneKeys:
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False
-        if key in self._other:
+        if key in self._other or key in self._new:
             return True
         # Only the usual form is in the sorted part ("ABC...", "0_1..." parse as hex too).
         if not self._hi or not _HEX_KEY_RE.fullmatch(key):
@@ -93,7 +99,7 @@ class DoneKeys:
         numpy call (a chunk of a resume: about 2 µs a key against 3 for `in`, at 1M keys)."""
         if len(keys) < SEARCH_AT_ONCE_FROM:  # a row alone: a numpy call costs more
             return [key in self for key in keys]
-        hits = [key in self._other for key in keys]
+        hits = [key in self._other or key in self._new for key in keys]
         if not self._hi:
             return hits
         column = pa.array(keys, pa.string())
@@ -116,17 +122,33 @@ class DoneKeys:
         return hits
 
     def add(self, key: str) -> None:
-        if key not in self:
+        if key in self:
+            return
+        if not _HEX_KEY_RE.fullmatch(key):
             self._other.add(key)
+            return
+        self._new.add(key)
+        if len(self._new) >= FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        """The waiting keys merged into the sorted part (they are not in it: `add` checked)."""
+        new_hi, new_lo = _sorted_unique(*_decode(pa.array(list(self._new), pa.string())))
+        hi, lo = _merge(
+            np.frombuffer(self._hi, np.uint64), np.frombuffer(self._lo, np.uint64), new_hi, new_lo
+        )
+        self._hi, self._lo = array("Q", hi.tobytes()), array("Q", lo.tobytes())
+        self._new.clear()
 
     def __len__(self) -> int:
-        return len(self._hi) + len(self._other)
+        return len(self._hi) + len(self._other) + len(self._new)
 
     def __iter__(self) -> Iterator[str]:
         width = f"0{_HALF}x"
         for hi, lo in zip(self._hi, self._lo, strict=True):
             yield format(hi, width) + format(lo, width)
         yield from self._other
+        yield from self._new
 
     def __bool__(self) -> bool:
         return len(self) > 0
@@ -160,9 +182,10 @@ class DoneKeys:
         usual = pa.Array.from_buffers(
             pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(digits.tobytes())]
         )
-        if not self._other:
+        rest = self._other | self._new
+        if not rest:
             return usual
-        every = pa.concat_arrays([usual, pa.array(sorted(self._other), pa.string())])
+        every = pa.concat_arrays([usual, pa.array(sorted(rest), pa.string())])
         return pc.take(every, pc.sort_indices(every))
 
 
@@ -184,6 +207,25 @@ def _decode(usual: pa.Array) -> tuple[U64, U64]:
             value = (value << np.uint64(4)) | nibbles[:, first + d]
         halves.append(value)
     return halves[0], halves[1]
+
+
+def _merge(hi: U64, lo: U64, new_hi: U64, new_lo: U64) -> tuple[U64, U64]:
+    """Two sorted (hi, lo) key arrays with no key in both, merged in order in linear time."""
+    at = np.searchsorted(hi, new_hi, "left")
+    # Old keys sharing a new key's high bits (one in 2**32 at a billion keys) come before it
+    # when their low bits are lower.
+    ties = np.searchsorted(hi, new_hi, "right") - at
+    for j in np.flatnonzero(ties).tolist():
+        start = int(at[j])
+        at[j] += int(np.count_nonzero(lo[start : start + int(ties[j])] < new_lo[j]))
+    at += np.arange(len(new_hi))
+    total = len(hi) + len(new_hi)
+    out_hi, out_lo = np.empty(total, np.uint64), np.empty(total, np.uint64)
+    old = np.ones(total, dtype=bool)
+    old[at] = False
+    out_hi[at], out_lo[at] = new_hi, new_lo
+    out_hi[old], out_lo[old] = hi, lo
+    return out_hi, out_lo
 
 
 def _sorted_unique(hi: U64, lo: U64) -> tuple[U64, U64]:
