@@ -480,11 +480,10 @@ def _left_of(manifest: str, output: str, endpoint_url: str | None) -> Callable[[
     """Whether a row is left to edit, judged by earlier runs of MANIFEST into OUTPUT."""
     from pipeline.engine.results import rows_done_before
     from pipeline.io.storage import open_storage
+    from pipeline.manifest.row_sets import RowsLeft
 
-    done = rows_done_before(
-        open_storage(_absolute_local(output), endpoint_url=endpoint_url), manifest
-    )
-    return lambda row: row not in done
+    storage = open_storage(_absolute_local(output), endpoint_url=endpoint_url)
+    return RowsLeft(None, rows_done_before(storage, manifest))
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from pipeline.manifest.open import (
     format_report,
     open_manifest,
 )
+from pipeline.manifest.row_sets import RowSet, RowsLeft
 from pipeline.manifest.select import check_ids, select_rows
 from pipeline.manifest.where import parse_where
 from pipeline.models.profile import ModelProfile
@@ -122,12 +123,8 @@ def plan_run(
     )
     try:
         only = selected_rows(opts, storage, etag=opened.file.etag)
-        done = set() if opts.overwrite else rows_done_before(storage, opts.manifest)
-
-        def left(row: int) -> bool:
-            return (only is None or row in only) and row not in done
-
-        report = _validate(opts, opened, left, profile)
+        done = RowSet() if opts.overwrite else rows_done_before(storage, opts.manifest)
+        report = _validate(opts, opened, RowsLeft(only, done), profile)
     except BaseException:
         opened.close()
         raise

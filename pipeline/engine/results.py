@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -20,6 +22,7 @@ from pipeline.engine import layout
 from pipeline.errors import ConfigError, StorageError
 from pipeline.io.arrow_memory import release_arrow_memory
 from pipeline.io.storage import Storage
+from pipeline.manifest.row_sets import RowSet
 
 Status = Literal["succeeded", "failed", "invalid", "skipped"]
 STATUSES: tuple[Status, ...] = ("succeeded", "failed", "invalid", "skipped")
@@ -258,7 +261,7 @@ def failed_rows_of(storage: Storage, run_id: str) -> set[int]:
     return {int(r) for r in failed.column("row").to_pylist()}
 
 
-def rows_done_before(storage: Storage, manifest_uri: str) -> set[int]:
+def rows_done_before(storage: Storage, manifest_uri: str) -> RowSet:
     """Rows of `manifest_uri` that earlier runs on this output finished (succeeded, or found
     done): what a new run of it will most likely skip, for its estimate. Its own check is per
     job at run time (a changed source is a new job), so this is an estimate, not a promise.
@@ -266,7 +269,7 @@ def rows_done_before(storage: Storage, manifest_uri: str) -> set[int]:
     Reads the summary of each run under `runs/` (one listing of `runs/`) and the row, status
     and reason columns of the results tables of this manifest's runs.
     """
-    done: set[int] = set()
+    done: list[npt.NDArray[np.int64]] = []
     run_ids = {
         key[len(layout.RUNS_PREFIX) :].partition("/")[0]
         for key in storage.list_keys(layout.RUNS_PREFIX)
@@ -288,8 +291,10 @@ def rows_done_before(storage: Storage, manifest_uri: str) -> set[int]:
                 pc.is_in(table.column("reason"), pa.array([SKIP_DONE, SKIP_DUPLICATE])),
             ),
         )
-        done.update(table.filter(finished).column("row").to_pylist())
-    return done
+        rows = table.filter(finished).column("row").to_numpy()
+        done.append(np.asarray(rows, dtype=np.int64))
+        del table, data  # a million rows' table: not held while the next one is read
+    return RowSet(np.concatenate(done) if done else np.empty(0, dtype=np.int64))
 
 
 __all__ = [

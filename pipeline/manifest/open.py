@@ -67,6 +67,7 @@ from pipeline.manifest.read import (
     map_columns,
     suggest,
 )
+from pipeline.manifest.row_sets import RowsLeft
 from pipeline.manifest.rows import KNOWN_COLUMNS, PARAM_PREFIX, RowValidator, SourceBase
 from pipeline.manifest.types import ROW_COLUMN, InvalidRow, ManifestRow, ParsedRow
 from pipeline.models.profile import ModelProfile
@@ -312,7 +313,11 @@ def _count_batch(
         if times:
             report.dropped[column] += times
     if left is not None and count:
-        wanted = np.fromiter((left(row) for row in rows.tolist()), dtype=bool, count=count)
+        wanted = (
+            left.mask(rows)
+            if isinstance(left, RowsLeft)
+            else np.fromiter((left(row) for row in rows.tolist()), dtype=bool, count=count)
+        )
         rows_left += int(np.count_nonzero(wanted))
         images_left += int(images[wanted].sum())
     return rows_left, images_left
