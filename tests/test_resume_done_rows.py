@@ -208,9 +208,7 @@ async def test_a_resumed_run_has_every_row_once_with_its_status(
         monkeypatch.setattr(results, "KEEP_PARTS_BYTES", kept_budget)
     manifest = write_manifest(tmp_path / "m.csv", sources)
     storage = store(tmp_path / "out")
-    keys = index_every_job(
-        manifest, storage.folder if isinstance(storage, CountingRemote) else storage
-    )
+    keys = index_every_job(manifest, storage)
     opts = RunOptions(
         manifest=str(manifest),
         output=str(tmp_path / "out"),
@@ -328,9 +326,7 @@ async def test_a_resume_merges_many_index_segments_beside_its_rows(
 ) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sources)
     storage = LocalStorage(tmp_path / "out")
-    keys = index_every_job(
-        manifest, storage.folder if isinstance(storage, CountingRemote) else storage
-    )
+    keys = index_every_job(manifest, storage)
     rng = random.Random(5)
     others = set()
     for chunk in range(done_index.COMPACT_AT + 1):  # more segments than a reader keeps
@@ -365,9 +361,7 @@ async def test_a_resume_reads_its_index_beside_the_plan(
 ) -> None:
     manifest = write_manifest(tmp_path / "m.csv", sources)
     storage = LocalStorage(tmp_path / "out")
-    keys = index_every_job(
-        manifest, storage.folder if isinstance(storage, CountingRemote) else storage
-    )
+    keys = index_every_job(manifest, storage)
     reading = threading.Event()
     read_output, plan_run = run_module.read_output, run_module.plan_run
 
