@@ -404,7 +404,7 @@ async def fan_out(
     )
     failed = [f"{o.flow_run} ({o.state or 'no state'})" for o in outcomes if not o.completed]
     present = [sid for sid in shard_ids if storage.exists(layout.results_key(sid))]
-    results_uri, table = merge_results(storage, [layout.results_key(sid) for sid in present], rid)
+    results_uri, totals = merge_results(storage, [layout.results_key(sid) for sid in present], rid)
     stopped = "; ".join(failed) if failed else None
     shard_report = [
         {"run_id": o.run_id, "flow_run": o.flow_run, "state": o.state, "attempts": o.attempts}
@@ -415,7 +415,7 @@ async def fan_out(
         rid,
         plan,
         results_uri,
-        table,
+        totals,
         started_at=started_at,
         started=started,
         stopped_by=f"shards did not complete: {stopped}" if stopped else None,

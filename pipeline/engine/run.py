@@ -329,7 +329,7 @@ def finalize_run(
     # back), so each is freed once merged. Unwritten parts exist nowhere else: kept.
     held = {**ctx.kept_parts.parts, **ctx.unwritten_parts}
     ctx.kept_parts.parts.clear()
-    results_uri, table = merge_results(ctx.storage, keys, ctx.run_id, held)
+    results_uri, totals = merge_results(ctx.storage, keys, ctx.run_id, held)
     if ctx.source_digests.hits:
         log.info(
             "%d rows found done from their sources' digests, without reading the sources",
@@ -342,7 +342,7 @@ def finalize_run(
         ctx.run_id,
         plan,
         results_uri,
-        table,
+        totals,
         started_at=started_at,
         started=started,
         stop=ctx.stop,

@@ -18,7 +18,6 @@ from pipeline import spec
 from pipeline.engine import layout
 from pipeline.engine.plan import RunPlan
 from pipeline.engine.results import (
-    RESULTS_SCHEMA,
     STATUSES,
     merge_tables_to_file,
     read_parquet_bytes,
@@ -132,6 +131,7 @@ def _round(x: float | None) -> float | None:
 # Results tables read back while the run's table is merged: this many GETs in flight.
 READ_AHEAD = 8
 
+# The columns a summary reads.
 SUMMARY_COLUMNS = [
     "status",
     "reason",
@@ -152,26 +152,23 @@ def merge_results(
     table_keys: Sequence[str],
     run_id: str,
     in_memory: dict[str, bytes] | None = None,
-) -> tuple[str, pa.Table]:
+) -> tuple[str, SummaryTotals]:
     """Stream result tables (chunk parts, or shards' tables) into the run's results table.
 
     `in_memory` holds parts to merge from memory (those that could not be written when
     their rows finished, and those the run kept, see results.KeptParts); each is dropped
-    from it once merged. Returns the table's URI and the columns a summary needs.
+    from it once merged. Returns the table's URI and its summary's totals.
     """
     held = in_memory if in_memory is not None else {}
-    # The summary's columns are taken from each table as it goes by, not read back from the
-    # merged file (whose large row groups read back with full buffers even for null columns);
-    # a column a table leaves all null (most of them, for rows found done) is replaced by one
-    # null array shared by every table of its length (pa.nulls allocates its full buffers).
-    # For a million done rows that holds 30 MB instead of 70.
-    summary_parts: list[pa.Table] = []
-    nulls = _SharedNulls()
+    # The summary is totalled from each table as it goes by, not read back from the merged
+    # file, and not from columns held until the end: those were ~100 bytes a row (10 MB at
+    # 100k edited rows, the largest part of the finalize's peak).
+    totals = SummaryTotals()
 
     def tables() -> Iterator[pa.Table]:
         for data in _read_ahead(storage, table_keys, held):
             table = read_parquet_bytes(data)
-            summary_parts.append(nulls.lean(table.select(SUMMARY_COLUMNS)))
+            totals.add(table)
             yield table
 
     path = temp_parquet_path()
@@ -180,9 +177,7 @@ def merge_results(
         uri = storage.put_file(layout.results_key(run_id), path)
     finally:
         path.unlink(missing_ok=True)
-    if not summary_parts:
-        return uri, SUMMARY_SCHEMA.empty_table()
-    return uri, pa.concat_tables(summary_parts)
+    return uri, totals
 
 
 def _read_ahead(storage: Storage, keys: Sequence[str], held: dict[str, bytes]) -> Iterator[bytes]:
@@ -201,25 +196,89 @@ def _read_ahead(storage: Storage, keys: Sequence[str], held: dict[str, bytes]) -
             yield held.pop(key) if reading is None else reading.result()
 
 
-SUMMARY_SCHEMA = pa.schema([RESULTS_SCHEMA.field(name) for name in SUMMARY_COLUMNS])
+class SummaryTotals:
+    """A summary's counts and sums, totalled a results table (or part) at a time.
 
-
-class _SharedNulls:
-    """Null arrays by type and length, made once: all-null columns of many tables share one."""
+    Only the latencies of succeeded rows are kept (8 bytes each), for exact percentiles.
+    """
 
     def __init__(self) -> None:
-        self._arrays: dict[tuple[str, int], pa.Array] = {}
+        self.rows = 0
+        self.by_status = dict.fromkeys(STATUSES, 0)
+        self.skipped_by_reason: dict[str, int] = {}
+        self.images = 0
+        self.cost = 0.0
+        # In order of first appearance, as `"/".join` shows them.
+        self.currencies: dict[str, None] = {}
+        self.possible_double_charges = 0
+        self.possible_double_charge_usd = 0.0
+        self.unpriced_images = 0
+        self.distrusted_costs = 0
+        self.claims_waited = 0
+        self.abandoned = 0
+        self.storage_failures = 0
+        self._latencies: list[pa.Array] = []
 
-    def lean(self, table: pa.Table) -> pa.Table:
-        """`table` with each all-null column replaced by the shared null array."""
-        n = table.num_rows
-        for i, column in enumerate(table.columns):
-            if n and column.null_count == n:
-                key = (str(column.type), n)
-                if key not in self._arrays:
-                    self._arrays[key] = pa.nulls(n, column.type)
-                table = table.set_column(i, table.field(i), self._arrays[key])
-        return table
+    def add(self, table: pa.Table) -> SummaryTotals:
+        """Fold in one table's rows (any table with the SUMMARY_COLUMNS)."""
+        status = table.column("status")
+        self.rows += table.num_rows
+        for s in STATUSES:
+            self.by_status[s] += _count(pc.equal(status, s))
+        # Columns filtered one at a time, never the whole table (a copy of every column).
+        is_skipped = pc.equal(status, "skipped")
+        reasons = pc.value_counts(table.column("reason").filter(is_skipped).fill_null("unknown"))
+        for r in reasons.to_pylist():
+            self.skipped_by_reason[r["values"]] = (
+                self.skipped_by_reason.get(r["values"], 0) + r["counts"]
+            )
+        is_succeeded = pc.equal(status, "succeeded")
+        latency = table.column("latency_s").filter(is_succeeded).drop_null()
+        if len(latency):
+            self._latencies.append(latency.combine_chunks())
+        for c in pc.unique(table.column("currency").drop_null()).to_pylist():
+            if c:
+                self.currencies.setdefault(c, None)
+        n_outputs = table.column("n_outputs")
+        self.images += _sum(n_outputs.filter(is_succeeded))
+        self.cost += float(pc.sum(table.column("cost")).as_py() or 0.0)
+        self.possible_double_charges += _sum(table.column("possible_double_charges"))
+        self.possible_double_charge_usd += float(
+            pc.sum(table.column("possible_double_charge_usd")).as_py() or 0.0
+        )
+        unpriced = pc.and_(pc.is_valid(n_outputs), pc.is_null(table.column("cost")))
+        self.unpriced_images += _sum(n_outputs.filter(unpriced))
+        self.distrusted_costs += _count(pc.is_valid(table.column("cost_raw")))
+        self.claims_waited += _count(pc.is_valid(table.column("claim_wait_s")))
+        codes = table.column("error_code")
+        self.abandoned += _count(pc.equal(codes, "abandoned"))
+        self.storage_failures += _count(pc.equal(codes, "storage_error"))
+        return self
+
+    def result(self, price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD) -> dict[str, Any]:
+        """The RunSummary fields these totals give."""
+        p50 = p95 = None
+        if self._latencies:
+            latencies = pa.chunked_array(self._latencies, pa.float64())
+            q = pc.quantile(latencies, q=[0.5, 0.95]).to_pylist()
+            p50, p95 = q[0], q[1]
+        return {
+            "rows": self.rows,
+            "by_status": dict(self.by_status),
+            "skipped_by_reason": dict(self.skipped_by_reason),
+            "images": self.images,
+            "cost_usd": round(self.cost, 6),
+            "currency": "/".join(self.currencies) or spec.CURRENCY,
+            "possible_double_charges": self.possible_double_charges,
+            "possible_double_charge_usd": round(self.possible_double_charge_usd, 6),
+            "latency_p50_s": p50,
+            "latency_p95_s": p95,
+            "cost_assumed_usd": round(self.unpriced_images * price_per_image_usd, 6),
+            "distrusted_costs": self.distrusted_costs,
+            "claims_waited": self.claims_waited,
+            "abandoned": self.abandoned,
+            "storage_failures": self.storage_failures,
+        }
 
 
 def write_summary(
@@ -227,7 +286,7 @@ def write_summary(
     run_id: str,
     plan: RunPlan,
     results_uri: str,
-    table: pa.Table,
+    totals: SummaryTotals,
     *,
     started_at: datetime,
     started: float,
@@ -238,7 +297,7 @@ def write_summary(
     extra: Mapping[str, Any] | None = None,
 ) -> RunSummary:
     summary = RunSummary(
-        **summarize(table, price_per_image_usd),
+        **totals.result(price_per_image_usd),
         run_id=run_id,
         manifest=plan.manifest,
         output=plan.output,
@@ -264,45 +323,13 @@ def write_summary(
 def summarize(
     table: pa.Table, price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD
 ) -> dict[str, Any]:
-    """Counts, cost and latency percentiles from a results table (or its SUMMARY_COLUMNS)."""
-    status = table.column("status")
-    by_status = {s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in STATUSES}
-    # Columns filtered one at a time, never the whole table: a copy of a million rows' summary
-    # columns is about 70 MB.
-    is_skipped = pc.equal(status, "skipped")
-    reasons = pc.value_counts(table.column("reason").filter(is_skipped).fill_null("unknown"))
-    is_succeeded = pc.equal(status, "succeeded")
-    latency = table.column("latency_s").filter(is_succeeded).drop_null()
-    p50 = p95 = None
-    if len(latency):
-        q = pc.quantile(latency, q=[0.5, 0.95]).to_pylist()
-        p50, p95 = q[0], q[1]
-    currencies = [c for c in pc.unique(table.column("currency").drop_null()).to_pylist() if c]
-    n_outputs = table.column("n_outputs")
-    unpriced = pc.and_(pc.is_valid(n_outputs), pc.is_null(table.column("cost")))
-    codes = table.column("error_code")
-    return {
-        "rows": table.num_rows,
-        "by_status": by_status,
-        "skipped_by_reason": {r["values"]: int(r["counts"]) for r in reasons.to_pylist()},
-        "images": _sum(n_outputs.filter(is_succeeded)),
-        "cost_usd": round(float(pc.sum(table.column("cost")).as_py() or 0.0), 6),
-        "currency": currencies[0]
-        if len(currencies) == 1
-        else "/".join(currencies) or spec.CURRENCY,
-        "possible_double_charges": _sum(table.column("possible_double_charges")),
-        "possible_double_charge_usd": round(
-            float(pc.sum(table.column("possible_double_charge_usd")).as_py() or 0.0), 6
-        ),
-        "latency_p50_s": p50,
-        "latency_p95_s": p95,
-        "cost_assumed_usd": round(_sum(n_outputs.filter(unpriced)) * price_per_image_usd, 6),
-        "distrusted_costs": int(pc.sum(pc.is_valid(table.column("cost_raw"))).as_py() or 0),
-        "claims_waited": int(pc.sum(pc.is_valid(table.column("claim_wait_s"))).as_py() or 0),
-        "abandoned": int(pc.sum(pc.equal(codes, "abandoned")).as_py() or 0),
-        "storage_failures": int(pc.sum(pc.equal(codes, "storage_error")).as_py() or 0),
-    }
+    """Counts, cost and latency percentiles from a whole results table."""
+    return SummaryTotals().add(table).result(price_per_image_usd)
 
 
 def _sum(column: pa.ChunkedArray) -> int:
     return int(pc.sum(column).as_py() or 0)
+
+
+def _count(mask: pa.ChunkedArray | pa.Array) -> int:
+    return int(pc.sum(mask).as_py() or 0)
