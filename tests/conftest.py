@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import os
@@ -91,9 +92,9 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def moto_endpoint(aws_credentials: None) -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 for one test: a real endpoint (`endpoint_url`)."""
+@contextlib.contextmanager
+def served_moto() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (a free port), as its endpoint URL, stopped after."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -103,6 +104,13 @@ def moto_endpoint(aws_credentials: None) -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def moto_endpoint(aws_credentials: None) -> Iterator[str]:
+    """moto's S3 server for one test: a real endpoint (`endpoint_url`)."""
+    with served_moto() as endpoint:
+        yield endpoint
 
 
 def image_bytes(

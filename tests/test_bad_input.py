@@ -27,7 +27,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from pipeline.emulator.config import FAULT_RATE_FIELDS
@@ -36,6 +35,7 @@ from pipeline.engine.options import RunOptions
 from pipeline.engine.run import run_manifest
 from pipeline.engine.summary import RunSummary
 from pipeline.errors import ManifestError
+from tests.conftest import served_moto
 
 pytestmark = pytest.mark.integration
 
@@ -153,18 +153,12 @@ def s3_endpoint() -> Iterator[str]:
             mp.setenv(name, value)
         for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
             mp.delenv(name, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket=BUCKET)
-        s3.put_object(Bucket=BUCKET, Key="good.png", Body=png())
-        s3.close()
-        try:
+        with served_moto() as endpoint:
+            s3 = boto3.client("s3", endpoint_url=endpoint)
+            s3.create_bucket(Bucket=BUCKET)
+            s3.put_object(Bucket=BUCKET, Key="good.png", Body=png())
+            s3.close()
             yield endpoint
-        finally:
-            server.stop()
 
 
 # --- running the engine -------------------------------------------------------------------

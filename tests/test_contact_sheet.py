@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from moto import mock_aws
-from moto.server import ThreadedMotoServer
 from PIL import Image, ImageDraw, ImageFont
 
 from flows.artifacts import (
@@ -44,7 +43,7 @@ from pipeline.uses.contact_sheet import (
     wrap,
     write_contact_sheet,
 )
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, served_moto
 
 THUMB = 64
 RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 220)
@@ -398,13 +397,8 @@ def test_no_presigned_link_with_temporary_credentials(
 
 @pytest.fixture
 def moto_endpoint(long_term_credentials: None) -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with served_moto() as endpoint:
+        yield endpoint
 
 
 @pytest.mark.integration

@@ -18,7 +18,6 @@ from urllib.parse import quote
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -35,6 +34,7 @@ from prefect.logging.handlers import APILogHandler
 
 from flows.edit_manifest import edit_manifest
 from pipeline.emulator.process import EmulatorProcess
+from tests.conftest import served_moto
 
 pytestmark = [
     pytest.mark.integration,
@@ -91,19 +91,15 @@ class S3:
 
 @pytest.fixture
 def s3(sentinel_env: None) -> Iterator[S3]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    # moto keeps its state per process, across servers: a fresh bucket for each test.
-    bucket = "edits-" + secrets.token_hex(4)
-    client.create_bucket(Bucket=bucket)
-    try:
-        yield S3(endpoint, client, bucket)
-    finally:
-        client.close()
-        server.stop()
+    with served_moto() as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint)
+        # moto keeps its state per process, across servers: a fresh bucket for each test.
+        bucket = "edits-" + secrets.token_hex(4)
+        client.create_bucket(Bucket=bucket)
+        try:
+            yield S3(endpoint, client, bucket)
+        finally:
+            client.close()
 
 
 class _InRunOnly(logging.Filter):

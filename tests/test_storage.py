@@ -16,11 +16,11 @@ import boto3
 import pytest
 from botocore.config import Config
 from moto import mock_aws
-from moto.server import ThreadedMotoServer
 
 from pipeline.errors import ConfigError, InvalidKeyError, StorageError, StorageNotFound
 from pipeline.io import local_storage as storage_mod
 from pipeline.io.storage import HEX_SHARDS, LocalStorage, S3Storage, open_storage
+from tests.conftest import served_moto
 
 REPO = Path(__file__).resolve().parents[1]
 # Built from parts so the source holds nothing shaped like a real key id.
@@ -417,13 +417,8 @@ def test_s3_unreachable_endpoint_is_a_storage_error(aws_env: None) -> None:
 
 @pytest.fixture(scope="module")
 def moto_server() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with served_moto() as endpoint:
+        yield endpoint
 
 
 @pytest.mark.integration
