@@ -193,12 +193,14 @@ async def edit_manifest(
     check_run_inputs(opts)
     storage = open_storage(output, endpoint_url=s3_endpoint_url)
     read: Future[OutputState] | None = None
-    if shards > 1:  # each shard reads the output itself
-        plan = plan_task(opts, rid)
-    else:
-        plan, read = plan_reading_output(opts, storage, lambda: plan_task(opts, rid))
-    # The run's log is stored beside its results once the output has passed its checks.
-    with run_log(storage, rid):
+    # The run's log, captured from the plan on, is stored beside its results once the plan
+    # has passed (a run whose plan fails leaves the output untouched).
+    with run_log(storage, rid, kept=False) as captured:
+        if shards > 1:  # each shard reads the output itself
+            plan = plan_task(opts, rid)
+        else:
+            plan, read = plan_reading_output(opts, storage, lambda: plan_task(opts, rid))
+        captured.keep()
         logger.info(describe_plan(plan))
         if shards > 1:
             if plan.opened is not None:

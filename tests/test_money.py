@@ -449,6 +449,9 @@ async def test_a_killed_runs_marker_and_claims_are_cleared_by_the_next_run(
 
     again = await run(m, out, api_base=emulator.base_url)
     assert emulator.stats()["charged_images"] == 3  # only the uncommitted jobs
+    # What the output's read (beside the plan) found is in the run's stored log.
+    run_log = storage.get_bytes(layout.run_log_key(again.run_id)).decode()
+    assert "cleared 6 dead claims and 1 dead open markers" in run_log
     assert again.skipped_by_reason.get("done") == 3
     assert not list(storage.list_keys("index/open/")) and not list(storage.list_keys("claims/"))
     found = done_index.load_done(storage)

@@ -446,10 +446,13 @@ async def run_manifest(opts: RunOptions, parts: RunParts | None = None) -> RunSu
     profile = await aload_profile(
         opts.model, base_url=opts.api_base, transport=parts.api_transport if parts else None
     )
-    plan, output = plan_reading_output(
-        opts, storage, lambda: plan_run(opts, run_id, storage, profile)
-    )
-    parts = replace(parts or RunParts(), storage=storage, output=output)
-    with run_log(storage, run_id):
+    # Captured from the plan on (what the output's read beside it logs too, e.g. dead claims
+    # cleared), stored only once the plan has passed.
+    with run_log(storage, run_id, kept=False) as captured:
+        plan, output = plan_reading_output(
+            opts, storage, lambda: plan_run(opts, run_id, storage, profile)
+        )
+        captured.keep()
+        parts = replace(parts or RunParts(), storage=storage, output=output)
         log.info(describe_plan(plan))
         return await execute(opts, plan, parts=parts, started_at=started_at, started=started)

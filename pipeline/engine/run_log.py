@@ -52,12 +52,26 @@ class _Redact(logging.Filter):
         return True
 
 
+class RunLog:
+    """A run's log being captured: where it will be stored, and whether it will be."""
+
+    def __init__(self, uri: str, kept: bool) -> None:
+        self.uri = uri
+        self.kept = kept
+
+    def keep(self) -> None:
+        """Store the log when the run ends (say so once the output may be written to)."""
+        self.kept = True
+
+
 @contextlib.contextmanager
-def run_log(storage: Storage, run_id: str) -> Iterator[str]:
+def run_log(storage: Storage, run_id: str, *, kept: bool = True) -> Iterator[RunLog]:
     """Capture the run's log while the block runs; store it as `runs/<run_id>/run.log`.
 
-    Yields the URI it will be stored at. A log that cannot be stored is a warning, never the
-    reason a run fails.
+    With `kept=False` the capture starts at once but the log is stored only if the block
+    calls `keep()`: a run captures what its plan and the output read beside it log, and a
+    run whose plan fails leaves its output untouched. A log that cannot be stored is a
+    warning, never the reason a run fails.
     """
     fd, name = tempfile.mkstemp(prefix="imgedit-run-", suffix=".log")
     os.close(fd)
@@ -73,19 +87,21 @@ def run_log(storage: Storage, run_id: str) -> Iterator[str]:
         if lg.getEffectiveLevel() > logging.INFO:
             lg.setLevel(logging.INFO)
     key = layout.run_log_key(run_id)
+    captured = RunLog(storage.uri_for(key), kept)
     try:
-        yield storage.uri_for(key)
+        yield captured
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(level)
         handler.close()
         try:
-            storage.put_file(key, path, "text/plain; charset=utf-8")
+            if captured.kept:
+                storage.put_file(key, path, "text/plain; charset=utf-8")
         except StorageError as exc:
             log.warning("the run's log could not be stored: %s", exc)
         finally:
             path.unlink(missing_ok=True)
 
 
-__all__ = ["run_log"]
+__all__ = ["RunLog", "run_log"]
