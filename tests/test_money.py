@@ -310,6 +310,28 @@ async def test_a_killed_runs_claim_cleared_by_another_run_still_counts_where_the
     assert second.possible_double_charges == 1
 
 
+async def test_an_orphan_record_is_kept_until_every_job_it_names_is_done(
+    tmp_path: Path,
+) -> None:
+    m, job, storage = await r1_failed_then_claimed_by_a_killed_run(tmp_path)
+    assert done_index.load_done(storage).orphaned == {job}
+    # A record naming a job done and one not: kept while any of its jobs may still be edited.
+    done_job = min(done_index.list_sidecars(storage))  # r0's or r2's
+    storage.put_bytes(f"{done_index.ORPHANS_PREFIX}mixed.txt", f"{job}\n{done_job}".encode())
+    (record,) = [k for k in storage.list_keys(done_index.ORPHANS_PREFIX) if "mixed" not in k]
+    assert done_index.load_done(storage).orphaned == {job}  # read again: both still there
+    assert len(list(storage.list_keys(done_index.ORPHANS_PREFIX))) == 2
+    second = await run(m, tmp_path / "out", ScriptedAPI(ok))
+    assert second.possible_double_charges == 1  # the record did its work first
+    assert done_index.load_done(storage).orphaned == set()
+    assert list(storage.list_keys(done_index.ORPHANS_PREFIX)) == []
+    assert not storage.exists(record)
+
+
+def ok(i: int, r: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, json=answer())
+
+
 async def test_a_store_that_ignores_conditional_writes_is_refused_unless_exclusive(
     tmp_path: Path, aws_credentials: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

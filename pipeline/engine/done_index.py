@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -259,16 +259,30 @@ def _recover_dead(
     return recovered, orphaned
 
 
-def _recorded_orphans(storage: Storage) -> set[str]:
-    """Every job a cleared dead claim left without a result, as recorded under ORPHANS_PREFIX."""
-    jobs: set[str] = set()
+def _recorded_orphans(storage: Storage) -> dict[str, set[str]]:
+    """Every job a cleared dead claim left without a result, as recorded under ORPHANS_PREFIX,
+    by the record naming it."""
+    records: dict[str, set[str]] = {}
     for key in storage.list_keys(ORPHANS_PREFIX):
         try:
             text = storage.get_bytes(key).decode("utf-8", "replace")
-        except StorageNotFound:
+        except StorageNotFound:  # pruned by another run meanwhile
             continue
-        jobs.update(j for j in text.split() if layout.is_job_key(j))
-    return jobs
+        records[key] = {j for j in text.split() if layout.is_job_key(j)}
+    return records
+
+
+def _prune_orphan_records(
+    storage: Storage, records: Mapping[str, set[str]], done: DoneKeys
+) -> None:
+    """Delete the records whose every job is done: a done job is never edited again, so what
+    they warn of (a possible double charge) can no longer happen. Without this every run
+    would read every record an output ever had."""
+    spent = [key for key, jobs in records.items() if all(job in done for job in jobs)]
+    try:
+        _delete_all(storage, spent)
+    except StorageError as exc:  # read again next time: slower, never wrong
+        log.warning("cannot remove %d spent orphan records: %s", len(spent), exc)
 
 
 def _write_root(storage: Storage, how: str) -> None:
@@ -324,7 +338,9 @@ def load_done(storage: Storage, *, claims: bool = True, compact_later: bool = Fa
             log.info("an index segment went away while read (merged by another run); again")
     found = _classify(storage, markers)
     recovered, orphaned = _recover_dead(storage, found.dead) if claims else (set(), set())
-    orphaned |= _recorded_orphans(storage)
+    records = _recorded_orphans(storage)
+    for jobs in records.values():
+        orphaned |= jobs
     check = bool(found.legacy) or (not claims and bool(found.dead or found.live))
     others = len(found.live) + len(found.legacy) + (0 if claims else len(found.dead))
     if not rooted:
@@ -335,6 +351,7 @@ def load_done(storage: Storage, *, claims: bool = True, compact_later: bool = Fa
             write_segment(storage, segment_key(_new_segment_name("listing")), new)
         _write_root(storage, "listing")
         _add_all(indexed, listed | recovered)
+        _prune_orphan_records(storage, records, indexed)
         return DoneJobs(
             indexed, check, "listing", others, len(recovered), _not_in(orphaned, indexed)
         )
@@ -346,6 +363,7 @@ def load_done(storage: Storage, *, claims: bool = True, compact_later: bool = Fa
         else:
             _compact(storage, segments, indexed)
     _add_all(indexed, recovered)
+    _prune_orphan_records(storage, records, indexed)
     orphans = _not_in(orphaned, indexed)
     return DoneJobs(indexed, check, "index", others, len(recovered), orphans, merge)
 
