@@ -1,4 +1,4 @@
-"""Arrow's memory stays bounded however many threads do Arrow work.
+"""Memory stays bounded: Arrow's in many threads, glibc's heap over a long run.
 
 pyarrow's default pool (mimalloc) keeps a heap per thread. A done-index segment encoded in
 one of a run's 128 I/O threads every flush left its freed pages in that thread's heap: RSS
@@ -23,6 +23,7 @@ import pytest
 
 from pipeline.engine import done_index, results
 from pipeline.errors import StorageError
+from pipeline.io import heap
 from pipeline.io.arrow_memory import POOL_ENV
 from pipeline.io.local_storage import LocalStorage
 
@@ -192,3 +193,48 @@ def test_importing_imgedit_makes_the_system_pool_arrows_allocator(module: str) -
 
 def test_a_pool_chosen_in_the_environment_is_left_alone() -> None:
     assert _run(_POOL_AFTER_IMPORT, "flows.cli", pool="mimalloc") == "mimalloc"
+
+
+# A large block freed, then one of the same size taken and held: is it mapped (glibc's heap
+# left alone) or carved from the heap? Prints how much more is mapped while it is held.
+_MAPPED_AGAIN = textwrap.dedent(
+    """
+    import ctypes, importlib, sys
+    if sys.argv[1] != "-":
+        importlib.import_module(sys.argv[1])
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+        ).split()]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = Info
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 1 << 20
+    libc.free(libc.malloc(size))  # glibc's default raises its threshold past `size` here
+    before = libc.mallinfo2().hblkhd
+    held = libc.malloc(size)
+    print(libc.mallinfo2().hblkhd - before)
+    libc.free(held)
+    """
+)
+
+needs_glibc = pytest.mark.skipif(not heap.is_glibc(), reason="the threshold set is glibc's")
+
+
+@needs_glibc
+@pytest.mark.parametrize("module", ["pipeline", "flows.cli"])
+def test_importing_imgedit_keeps_large_blocks_out_of_glibcs_heap(module: str) -> None:
+    assert int(_run(_MAPPED_AGAIN, "-")) == 0  # glibc's default: from the heap
+    assert int(_run(_MAPPED_AGAIN, module)) >= 1 << 20
+
+
+@needs_glibc
+def test_a_threshold_chosen_in_the_environment_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(heap.ENV, str(1 << 22))  # above the block: glibc takes it from the heap
+    assert int(_run(_MAPPED_AGAIN, "pipeline")) == 0
+    assert not heap.fix_mmap_threshold()
