@@ -219,8 +219,9 @@ def read_parquet_bytes(data: bytes) -> pa.Table:
 # Rows per row group of a merged results table. A row group per part (1,000 rows) made the
 # writer hold the metadata and statistics of a thousand row groups for a million rows (tens
 # of MB until it closed); parts are gathered into groups of this many rows instead. Not
-# more: the writer buffers a whole group (64k-row groups cost 40 MB more at 100k rows).
-MERGED_ROW_GROUP_ROWS = 16 * 1024
+# more: the writer buffers a whole group (64k-row groups cost 40 MB more at 100k rows; 16k
+# ones were the runner's peak, 15-20 MB above the rest of its run).
+MERGED_ROW_GROUP_ROWS = 8 * 1024
 
 
 def merge_tables_to_file(tables: Iterable[pa.Table], path: Path) -> int:
