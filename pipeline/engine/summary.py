@@ -224,7 +224,7 @@ class SummaryTotals:
         status = table.column("status")
         self.rows += table.num_rows
         for s in STATUSES:
-            self.by_status[s] += _count(pc.equal(status, s))
+            self.by_status[s] += _sum(pc.equal(status, s))
         # Columns filtered one at a time, never the whole table (a copy of every column).
         is_skipped = pc.equal(status, "skipped")
         reasons = pc.value_counts(table.column("reason").filter(is_skipped).fill_null("unknown"))
@@ -248,11 +248,11 @@ class SummaryTotals:
         )
         unpriced = pc.and_(pc.is_valid(n_outputs), pc.is_null(table.column("cost")))
         self.unpriced_images += _sum(n_outputs.filter(unpriced))
-        self.distrusted_costs += _count(pc.is_valid(table.column("cost_raw")))
-        self.claims_waited += _count(pc.is_valid(table.column("claim_wait_s")))
+        self.distrusted_costs += _sum(pc.is_valid(table.column("cost_raw")))
+        self.claims_waited += _sum(pc.is_valid(table.column("claim_wait_s")))
         codes = table.column("error_code")
-        self.abandoned += _count(pc.equal(codes, "abandoned"))
-        self.storage_failures += _count(pc.equal(codes, "storage_error"))
+        self.abandoned += _sum(pc.equal(codes, "abandoned"))
+        self.storage_failures += _sum(pc.equal(codes, "storage_error"))
         return self
 
     def result(self, price_per_image_usd: float = spec.PRICE_PER_IMAGE_USD) -> dict[str, Any]:
@@ -327,9 +327,6 @@ def summarize(
     return SummaryTotals().add(table).result(price_per_image_usd)
 
 
-def _sum(column: pa.ChunkedArray) -> int:
+def _sum(column: pa.ChunkedArray | pa.Array) -> int:
+    """The sum of an integer column, or the count of True in a mask."""
     return int(pc.sum(column).as_py() or 0)
-
-
-def _count(mask: pa.ChunkedArray | pa.Array) -> int:
-    return int(pc.sum(mask).as_py() or 0)
